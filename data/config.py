@@ -1,0 +1,44 @@
+"""Data section of the experiment config."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from trainers.options import opt
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the shards are and how multi-crop views are made (BYOL/DINO augmentations).
+
+    ``path`` is a directory (local path or pyarrow/fsspec URI, e.g. ``s3://bucket/fmnist``) holding
+    ``train/*.parquet``, ``test/*.parquet`` and ``meta.json`` as written by ``bamray data prepare``.
+    Empty ``path`` means ``<data_root>/<dataset>``.
+    """
+
+    dataset: str = opt("fashion-mnist", help="name of a prepared data set under data_root")
+    data_root: str = opt(".bamray/data", help="where `bamray data prepare` writes shards")
+    path: str = opt("", help="explicit shard directory or URI (overrides dataset/data_root)")
+    channels: int = opt(1, choices=(1, 3), help="1 = grayscale, 3 = RGB")
+    mean: tuple[float, ...] = opt((0.2860,), help="per-channel normalisation mean")
+    std: tuple[float, ...] = opt((0.3530,), help="per-channel normalisation std")
+    global_crops: int = opt(2, ge=1, le=8)
+    global_crop_size: int = opt(28, ge=8, le=1024)
+    global_crop_scale: tuple[float, float] = opt((0.25, 1.0))
+    local_crops: int = opt(6, ge=0, le=16)
+    local_crop_size: int = opt(12, ge=4, le=1024)
+    local_crop_scale: tuple[float, float] = opt((0.05, 0.25))
+    color_jitter_p: float = opt(0.8, ge=0.0, le=1.0)
+    color_jitter: tuple[float, float, float, float] = opt((0.4, 0.4, 0.2, 0.1), help="brightness, contrast, saturation, hue")
+    grayscale_p: float = opt(0.2, ge=0.0, le=1.0)
+    blur_p: tuple[float, float, float] = opt((1.0, 0.1, 0.5), help="Gaussian blur p: global 1, global 2, locals")
+    solarize_p: float = opt(0.2, ge=0.0, le=1.0, help="solarisation of the second global view")
+    flip_p: float = opt(0.5, ge=0.0, le=1.0)
+    train_limit: int = opt(0, ge=0, help="use only the first N train images (0 = all)")
+    val_limit: int = opt(0, ge=0, help="use only the first N validation images (0 = all)")
+    local_shuffle_buffer: int = opt(1024, ge=0, help="Ray Data local shuffle buffer (0 = off)")
+    prefetch_batches: int = opt(2, ge=0)
+
+    @property
+    def num_crops(self) -> int:
+        return self.global_crops + self.local_crops

@@ -1,0 +1,1 @@
+"""bamray orchestrator: CLI, config, Ray Train / Tune wiring, MLflow tracking, cluster files."""

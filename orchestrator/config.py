@@ -1,0 +1,193 @@
+"""Typed, validated experiment config: YAML file + ``--set key=value`` overrides.
+
+Every field declares its range (``trainers.options.opt``); ``load_config`` checks all of them plus the
+cross-field rules (crops fit the image and the patch grid, top-k within the targets, known timm model,
+known method) and raises ``ConfigError`` naming the field, before any Ray job starts. The CLI turns
+that into exit code 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data.config import DataConfig
+from trainers.backbones import ModelConfig, check_backbone_name
+from trainers.evaluation import EvalConfig
+from trainers.methods import get_method
+from trainers.optim import OptimConfig
+from trainers.options import ConfigError, from_dict, opt, to_dict
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """How the run is distributed and made fault tolerant (Ray Train)."""
+
+    workers: int = opt(2, ge=0, le=1024, help="Ray Train workers (0 = run the loop in-process, no Ray)")
+    gpus_per_worker: float = opt(0.0, ge=0.0, le=8.0)
+    cpus_per_worker: float = opt(1.0, gt=0.0, le=256.0)
+    precision: str = opt("auto", choices=("auto", "fp32", "bf16", "fp16"), help="auto = bf16 on GPU, fp32 on CPU")
+    checkpoint_freq: int = opt(1, ge=1, help="report a checkpoint every N epochs")
+    keep_checkpoints: int = opt(2, ge=1)
+    max_failures: int = opt(3, ge=0, help="worker failures Ray Train recovers from (restart from checkpoint)")
+    storage_path: str = opt(".bamray/ray_results", help="Ray Train storage (local path or s3:// / gs:// URI)")
+    address: str = opt("", help="Ray cluster address (empty: RAY_ADDRESS or a local Ray)")
+    fail_at_step: int = opt(-1, ge=-1, help="test hook: raise once in rank 0 at this global step")
+    nan_at_step: int = opt(-1, ge=-1, help="test hook: make the loss NaN at this global step")
+
+
+@dataclasses.dataclass
+class TrackingConfig:
+    """MLflow."""
+
+    tracking_uri: str = opt("", help="MLflow tracking URI (empty: MLFLOW_TRACKING_URI or the local store)")
+    experiment: str = opt("bamray", help="MLflow experiment name")
+    run_name: str = opt("", help="MLflow run name (default: the config name)")
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    name: str = opt("bam-fmnist", help="experiment / run name")
+    seed: int = opt(0, ge=0)
+    method_name: str = "bam"
+    method: Any = None  # the method's own Options dataclass instance
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict; round-trips through ``config_from_dict``."""
+        d = {f.name: to_dict(getattr(self, f.name)) if dataclasses.is_dataclass(getattr(self, f.name))
+             else getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["method"] = {"name": d.pop("method_name"), **(d["method"] or {})}
+        return d
+
+    @property
+    def world_size(self) -> int:
+        return max(self.train.workers, 1)
+
+
+def _parse_scalar(text: str) -> Any:
+    """``--set`` values are YAML scalars/lists: ``0.1``, ``true``, ``[0.2, 1.0]``, ``resnet18``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError("--set", f"cannot parse value {text!r}: {err}") from err
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides to a nested dict (a copy)."""
+    raw = copy.deepcopy(raw)
+    items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
+    for key, value in items:
+        parts = key.split(".")
+        node = raw
+        for p in parts[:-1]:
+            if not isinstance(node.get(p, {}), dict):
+                raise ConfigError(key, f"{p!r} is not a section")
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return raw
+
+
+def _split(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError("--set", f"expected key=value, got {item!r}")
+    key, value = item.split("=", 1)
+    return key.strip(), _parse_scalar(value)
+
+
+def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
+    """Build and fully validate an ExperimentConfig from a nested dict."""
+    raw = copy.deepcopy(raw or {})
+    method_raw = dict(raw.pop("method", {}) or {})
+    method_name = method_raw.pop("name", "bam")
+    if not isinstance(method_name, str):
+        raise ConfigError("method.name", f"expected a method name, got {method_name!r}")
+    method_cls = get_method(method_name)
+    base = dataclasses.replace(ExperimentConfig())  # defaults
+    fields = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"method_name", "method"}
+    unknown = set(raw) - fields
+    if unknown:
+        raise ConfigError(sorted(unknown)[0], f"unknown section; known: {sorted(fields | {'method'})}")
+    top = {k: v for k, v in raw.items() if k in ("name", "seed")}
+    sections = {k: v for k, v in raw.items() if k not in ("name", "seed")}
+    cfg = from_dict(ExperimentConfig, {**top, **sections})
+    cfg.method_name = method_name
+    cfg.method = from_dict(method_cls.Options, method_raw, prefix="method.")
+    del base
+    validate_cross_fields(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> ExperimentConfig:
+    """Load a YAML config (a path, or the name of a shipped config such as ``bam_fmnist``)."""
+    raw: dict[str, Any] = {}
+    if path:
+        p = resolve_config_path(path)
+        with open(p) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(str(path), "the config file must be a YAML mapping")
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return config_from_dict(raw)
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    p = Path(path)
+    if p.exists():
+        return p
+    shipped = CONFIG_DIR / f"{p.stem if p.suffix else p.name}.yaml"
+    if shipped.exists():
+        return shipped
+    names = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError("--config", f"no such file {str(path)!r}; shipped configs: {names}")
+
+
+def validate_cross_fields(cfg: ExperimentConfig) -> None:
+    """Rules that involve several fields."""
+    d, m = cfg.data, cfg.model
+    check_backbone_name(m.backbone)
+    for name in ("global_crop_scale", "local_crop_scale"):
+        lo, hi = getattr(d, name)
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ConfigError(f"data.{name}", f"got ({lo}, {hi}); need 0 < min <= max <= 1")
+    if d.local_crops and d.local_crop_size > d.global_crop_size:
+        raise ConfigError("data.local_crop_size",
+                          f"got {d.local_crop_size}; must be <= data.global_crop_size ({d.global_crop_size})")
+    if len(d.mean) < d.channels or len(d.std) < d.channels:
+        raise ConfigError("data.mean", f"need {d.channels} values for data.channels={d.channels}")
+    if any(s <= 0 for s in d.std):
+        raise ConfigError("data.std", "all values must be > 0")
+    img = m.img_size or d.global_crop_size
+    if m.img_size is not None and m.img_size != d.global_crop_size:
+        raise ConfigError("model.img_size", f"got {m.img_size}; must equal data.global_crop_size ({d.global_crop_size})")
+    if m.patch_size is not None:
+        sizes = [("data.global_crop_size", d.global_crop_size)]
+        if d.local_crops:
+            sizes.append(("data.local_crop_size", d.local_crop_size))
+        for field, size in sizes:
+            if size % m.patch_size:
+                raise ConfigError(field, f"got {size}; must be a multiple of model.patch_size ({m.patch_size})")
+    del img
+    if cfg.optim.min_lr > cfg.optim.lr * 1e3:
+        raise ConfigError("optim.min_lr", "must not exceed the peak lr")
+    ctx = {
+        "batch_size": cfg.optim.batch_size,
+        "world_size": cfg.world_size,
+        "num_global_crops": d.global_crops,
+        "num_local_crops": d.local_crops,
+        "image_size": d.global_crop_size,
+        "patch_size": m.patch_size or 0,
+    }
+    get_method(cfg.method_name).check(cfg.method, ctx)

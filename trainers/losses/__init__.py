@@ -1,0 +1,1 @@
+"""Losses: pure ``nn.Module``s / functions, one file each."""

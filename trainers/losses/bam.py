@@ -1,0 +1,188 @@
+"""BAM: Balanced Self-Attention Matching (Shalam & Korman, ECCV 2024, arXiv 2408.02014).
+
+Each view's *self-attention vector* -- the softmax of its similarities to every target crop in the
+(global) batch -- is matched to a *balanced* target attention obtained from the target crops' own
+similarities by a few Sinkhorn iterations with entropy regularisation ``reg``.
+
+Semantics follow the official code (``bam/bam_loss.py``), see ``shared/BAM_NOTES.md``:
+
+- ``z``: every crop's projection, crop-major ``(num_crops * B, D)``, global crops first; L2-normalised here.
+- targets: the first ``num_target_crops`` crops, all-gathered across workers, crop-major over the
+  global batch (column ``t * W * B + rank * B + i``); gradients flow through the gather.
+- positive masking: row ``(v, i)`` ignores the columns of image ``i``'s own target views.
+- target ``P``: Sinkhorn on ``exp(S / reg)`` over *all* crops' rows (locals take part in balancing),
+  uniform marginals; only the global-crop rows are kept; each row sums to 1. With ``top_k_sink``
+  the top-k columns of the global-view average are kept for every global view, then renormalised.
+- source: ``log_softmax(S / temperature)`` with positives masked.
+- loss: mean over global targets ``g`` of the mean over views ``v != g`` of
+  ``mean_i(-sum_j P_g[i, j] log Q_v[i, j])``.
+
+Differences from the official code, all deliberate:
+
+- Sinkhorn runs in the log domain (the official code exponentiates after subtracting one global max,
+  so a row far below that max underflows to all zeros and divides by zero at small ``reg``).
+- The official row marginal is ``1 / (K - num_target_crops)``: a uniform constant, which the following
+  column normalisation cancels exactly, so uniform ``1 / K`` gives the identical ``P``.
+- The top-k path runs (the official one raises: ``masking_fn`` is never set), and the positive mask is
+  rebuilt per batch size (the official one is cached for the first batch size).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainers import distributed as D
+
+
+def positive_mask(
+    num_crops: int, batch_size: int, num_target_crops: int, world_size: int = 1, rank: int = 0,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Boolean ``(num_crops*B, num_target_crops*W*B)``: True where column shows the row's own image."""
+    rows = torch.arange(num_crops * batch_size, device=device) % batch_size  # image index i of row (v, i)
+    cols = torch.arange(num_target_crops * world_size * batch_size, device=device)
+    col_rank = (cols // batch_size) % world_size
+    col_img = cols % batch_size
+    return (col_img[None, :] == rows[:, None]) & (col_rank[None, :] == rank)
+
+
+@torch.no_grad()
+def sinkhorn(log_scores: torch.Tensor, num_iters: int) -> torch.Tensor:
+    """Balanced attention from ``log_scores`` (``(n_local_rows, K)``, ``-inf`` = masked).
+
+    Alternates (as the official code) scaling every *target column* to mass ``1/K`` -- summed over the
+    source rows of all workers -- and every *source row* to mass ``1/N`` (``N`` rows in the global
+    batch). Returns the plan with rows renormalised to sum to 1 (an attention distribution per row).
+    """
+    log_p = log_scores.float()
+    n_local, k = log_p.shape
+    n_total = n_local * D.world_size()
+    log_col_mass = -math.log(k)
+    log_row_mass = -math.log(n_total)
+    for _ in range(num_iters):
+        log_p = log_p - D.global_logsumexp(log_p, dim=0)[None, :] + log_col_mass
+        log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True) + log_row_mass
+    return torch.softmax(log_p, dim=1)  # rows sum to 1
+
+
+def keep_top_k(p: torch.Tensor, num_views: int, k: int) -> torch.Tensor:
+    """Keep, for every view, the top-k columns of the view-averaged target; renormalise rows."""
+    b = p.shape[0] // num_views
+    avg = p.view(num_views, b, -1).mean(0)
+    idx = avg.topk(k, dim=-1).indices
+    keep = torch.zeros_like(avg, dtype=torch.bool).scatter_(-1, idx, True)
+    p = p * keep.repeat(num_views, 1)
+    return p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+
+
+class BAMLoss(nn.Module):
+    """Balanced Self-Attention Matching loss. ``forward(z)`` returns the scalar loss.
+
+    Args:
+        num_crops: views per image in ``z`` (global + local).
+        num_global_crops: leading crops used as targets of the loss (rows of ``P`` kept).
+        num_target_crops: leading crops that form the attention columns (gathered over workers).
+        reg: Sinkhorn entropy regularisation (smaller -> sharper target).
+        temperature: softmax temperature of the source attention.
+        num_sink_iter: Sinkhorn iterations.
+        top_k_sink: keep only the top-k target entries (0 = all).
+        positive_masking: ignore each image's own views.
+        gather_distributed: all-gather targets over ``torch.distributed`` workers when initialised.
+    """
+
+    def __init__(
+        self,
+        num_crops: int,
+        num_global_crops: int,
+        num_target_crops: int = 2,
+        reg: float = 0.05,
+        temperature: float = 0.1,
+        num_sink_iter: int = 3,
+        top_k_sink: int = 0,
+        positive_masking: bool = True,
+        gather_distributed: bool = True,
+    ):
+        super().__init__()
+        if not 1 <= num_global_crops <= num_crops:
+            raise ValueError(f"num_global_crops must be in [1, num_crops={num_crops}], got {num_global_crops}")
+        if not 1 <= num_target_crops <= num_crops:
+            raise ValueError(f"num_target_crops must be in [1, num_crops={num_crops}], got {num_target_crops}")
+        if reg <= 0 or temperature <= 0 or num_sink_iter < 1 or top_k_sink < 0:
+            raise ValueError("need reg > 0, temperature > 0, num_sink_iter >= 1, top_k_sink >= 0")
+        self.num_crops = num_crops
+        self.num_global_crops = num_global_crops
+        self.num_target_crops = num_target_crops
+        self.reg = reg
+        self.temperature = temperature
+        self.num_sink_iter = num_sink_iter
+        self.top_k_sink = top_k_sink
+        self.positive_masking = positive_masking
+        self.gather_distributed = gather_distributed
+
+    def _gather_targets(self, t: torch.Tensor, differentiable: bool) -> torch.Tensor:
+        """Local ``(T*B, D)`` crop-major -> global ``(T*W*B, D)`` crop-major."""
+        if not (self.gather_distributed and D.is_dist()):
+            return t
+        parts = D.all_gather_grad(t) if differentiable else D.all_gather_nograd(t)
+        per_rank = [p.chunk(self.num_target_crops) for p in parts]
+        return torch.cat([per_rank[r][c] for c in range(self.num_target_crops) for r in range(len(parts))])
+
+    def forward(self, z: torch.Tensor, z_teacher: torch.Tensor | None = None, reg: float | None = None) -> torch.Tensor:
+        """``z``: student projections ``(num_crops*B, D)``; ``z_teacher``: optional teacher
+        projections of the same crops (targets and the Sinkhorn input then come from the teacher);
+        ``reg``: overrides the regularisation (for a warm-up schedule)."""
+        reg = self.reg if reg is None else reg
+        n = z.shape[0]
+        if n % self.num_crops:
+            raise ValueError(f"z has {n} rows, not a multiple of num_crops={self.num_crops}")
+        b = n // self.num_crops
+        num_t, num_g = self.num_target_crops, self.num_global_crops
+        z = F.normalize(z.float(), dim=-1)
+        gather = self.gather_distributed and D.is_dist()
+        world, rank = (D.world_size(), D.rank()) if gather else (1, 0)
+
+        if z_teacher is None:
+            targets = self._gather_targets(z[: b * num_t], differentiable=True)
+            sink_in = (z @ targets.t()).detach()
+        else:
+            zt = F.normalize(z_teacher.detach().float(), dim=-1)
+            targets = self._gather_targets(zt[: b * num_t], differentiable=False)
+            sink_in = zt @ targets.t()
+        sim = z @ targets.t()  # (V*B, T*W*B)
+
+        if self.positive_masking:
+            mask = positive_mask(self.num_crops, b, num_t, world, rank, device=z.device)
+        else:
+            mask = torch.zeros_like(sim, dtype=torch.bool)
+
+        with torch.no_grad():
+            p = sinkhorn((sink_in / reg).masked_fill(mask, float("-inf")), self.num_sink_iter)[: b * num_g]
+            if self.top_k_sink > 0:
+                p = keep_top_k(p, num_g, min(self.top_k_sink, p.shape[1]))
+
+        log_q = F.log_softmax((sim / self.temperature).masked_fill(mask, float("-inf")), dim=-1)
+        log_q = log_q.masked_fill(mask, 0.0)  # P is 0 there; avoids 0 * -inf
+
+        p_views = p.chunk(num_g)
+        log_q_views = log_q.chunk(self.num_crops)
+        loss = z.new_zeros(())
+        for g in range(num_g):
+            terms = [
+                -(p_views[g] * log_q_views[v]).sum(dim=-1).mean()
+                for v in range(self.num_crops)
+                if v != g or self.num_crops == 1
+            ]
+            loss = loss + torch.stack(terms).mean()
+        return loss / num_g
+
+
+def reg_schedule(reg: float, reg_final: float | None, warmup_epochs: int, epoch: float) -> float:
+    """Linear warm-up of ``reg`` to ``reg_final`` over ``warmup_epochs`` (official: 30), then constant."""
+    if reg_final is None or warmup_epochs <= 0:
+        return reg
+    t = min(max(epoch / warmup_epochs, 0.0), 1.0)
+    return reg + t * (reg_final - reg)

@@ -1,0 +1,89 @@
+"""BAM method: backbone + 3-layer GELU projector, optional EMA teacher, BAM loss.
+
+Every published BAM script uses the teacher variant: the Sinkhorn input is teacher-vs-teacher
+similarities and the source is student-vs-teacher; the teacher (backbone + projector) processes all
+crops and follows a cosine momentum schedule from ``momentum`` to 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from trainers.heads import MLPHead
+from trainers.losses.bam import BAMLoss, reg_schedule
+from trainers.methods.base import Method, MethodContext, forward_by_resolution, make_teacher
+from trainers.options import ConfigError, opt
+
+
+@dataclasses.dataclass
+class BAMOptions:
+    reg: float = opt(0.05, gt=0.0, le=10.0, help="Sinkhorn entropy regularisation (smaller = sharper target)")
+    reg_final: float | None = opt(None, gt=0.0, le=10.0, help="end of the linear reg warm-up (None = constant)")
+    reg_warmup_epochs: int = opt(30, ge=0, help="epochs of the reg warm-up (official: 30)")
+    temperature: float = opt(0.1, gt=0.0, le=10.0, help="softmax temperature of the source attention")
+    num_sink_iter: int = opt(3, ge=1, le=100)
+    top_k_sink: int = opt(0, ge=0, help="keep the top-k target entries (0 = all); <= targets in the global batch")
+    positive_masking: bool = opt(True)
+    num_target_crops: int = opt(2, ge=1, help="leading crops that form the attention columns")
+    teacher: bool = opt(True, help="targets from an EMA teacher (every published BAM run)")
+    momentum: float = opt(0.995, ge=0.0, le=1.0, help="teacher EMA momentum start (cosine to 1)")
+    proj_hidden_dim: int = opt(1024, ge=1, help="published: 4096")
+    proj_out_dim: int = opt(256, ge=1, help="published: 4096")
+    proj_layers: int = opt(3, ge=1)
+
+
+class BAM(Method):
+    name = "bam"
+    Options = BAMOptions
+
+    def __init__(self, options: BAMOptions, ctx: MethodContext):
+        super().__init__(options, ctx)
+        o = options
+        self.backbone = ctx.backbone
+        self.projector = MLPHead(ctx.feat_dim, o.proj_hidden_dim, o.proj_out_dim, num_layers=o.proj_layers)
+        if o.teacher:
+            self.teacher_backbone = make_teacher(self.backbone)
+            self.teacher_projector = make_teacher(self.projector)
+        self.criterion = BAMLoss(
+            num_crops=ctx.num_crops,
+            num_global_crops=ctx.num_global_crops,
+            num_target_crops=o.num_target_crops,
+            reg=o.reg,
+            temperature=o.temperature,
+            num_sink_iter=o.num_sink_iter,
+            top_k_sink=o.top_k_sink,
+            positive_masking=o.positive_masking,
+        )
+
+    def training_step(self, crops: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        o = self.options
+        z = self.projector(forward_by_resolution(self.backbone, crops))
+        z_teacher = None
+        if o.teacher:
+            with torch.no_grad():
+                z_teacher = self.teacher_projector(forward_by_resolution(self.teacher_backbone, crops))
+        reg = reg_schedule(o.reg, o.reg_final, o.reg_warmup_epochs, step / max(self.ctx.steps_per_epoch, 1))
+        loss = self.criterion(z, z_teacher, reg=reg)
+        return loss, {"reg": reg}
+
+    def momentum_pairs(self):
+        if not self.options.teacher:
+            return []
+        return [(self.backbone, self.teacher_backbone), (self.projector, self.teacher_projector)]
+
+    def eval_backbone(self):
+        return self.teacher_backbone if self.options.teacher else self.backbone
+
+    @classmethod
+    def check(cls, options: BAMOptions, ctx: dict[str, int]) -> None:
+        num_crops = ctx["num_global_crops"] + ctx["num_local_crops"]
+        if options.num_target_crops > num_crops:
+            raise ConfigError("method.num_target_crops",
+                              f"got {options.num_target_crops}; must be in [1, {num_crops}] (global + local crops)")
+        targets = options.num_target_crops * ctx["batch_size"] * ctx["world_size"]
+        if options.top_k_sink > targets:
+            raise ConfigError("method.top_k_sink",
+                              f"got {options.top_k_sink}; must be in [0, {targets}] (num_target_crops x batch_size"
+                              f" x workers = targets in the global batch)")

@@ -1,0 +1,134 @@
+"""The one interface every self-supervised method implements (pure PyTorch).
+
+A method is an ``nn.Module`` that owns its backbone, heads, teacher copies and loss. The training loop
+(``trainers.engine``) only ever calls:
+
+- ``loss, logs = method(crops, step)``: ``crops`` is a list of float image batches, global crops
+  first, each ``(B, C, H, W)`` and already normalised; crops of one size are forwarded together;
+- ``method.update_teacher(step)`` after the optimiser step (EMA of every ``momentum_pairs`` pair);
+- ``method.eval_backbone()`` for k-NN / linear probe features (the teacher's backbone when there is one).
+
+Calling the module itself (``forward``) keeps DDP's gradient hooks working when Ray's
+``prepare_model`` wraps it. Teacher parameters have ``requires_grad=False`` so neither the optimiser
+nor DDP touch them. Schedules use the *global* step, so a resumed run continues them (the official BAM
+code restarts its teacher-momentum schedule on resume).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclasses.dataclass
+class MethodContext:
+    """What a method needs to know about the run, besides its own options."""
+
+    backbone: nn.Module
+    feat_dim: int
+    num_global_crops: int = 2
+    num_local_crops: int = 0
+    batch_size: int = 64  # per worker
+    world_size: int = 1
+    steps_per_epoch: int = 1
+    epochs: int = 1
+    in_chans: int = 3
+    image_size: int = 32  # global crop size
+
+    @property
+    def num_crops(self) -> int:
+        return self.num_global_crops + self.num_local_crops
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, self.steps_per_epoch * self.epochs)
+
+
+class Method(nn.Module):
+    """Base class; subclasses set ``name``, ``Options`` and implement ``training_step``."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = type(None)
+    #: crops the method consumes; "multi" = global + local, "global" = the global crops only,
+    #: "single" = just the first global crop (MAE).
+    crop_usage: ClassVar[str] = "multi"
+
+    def __init__(self, options: Any, ctx: MethodContext):
+        super().__init__()
+        self.options = options
+        self.ctx = ctx
+
+    # ------------------------------------------------------------------ interface
+    def training_step(self, crops: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def forward(self, crops: list[torch.Tensor], step: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.training_step(crops, step)
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """``(online, target)`` module pairs that ``update_teacher`` EMA-updates."""
+        return []
+
+    def teacher_momentum(self, step: int) -> float:
+        """Cosine schedule from ``options.momentum`` to 1 over the run (BYOL, DINO, BAM teacher)."""
+        base = float(getattr(self.options, "momentum", 0.996))
+        progress = min(max(step / self.ctx.total_steps, 0.0), 1.0)
+        return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
+
+    @torch.no_grad()
+    def update_teacher(self, step: int) -> float | None:
+        """EMA-update every target from its online twin; returns the momentum used (or None)."""
+        pairs = self.momentum_pairs()
+        if not pairs:
+            return None
+        m = self.teacher_momentum(step)
+        for online, target in pairs:
+            ema_update(online, target, m)
+        return m
+
+    def eval_backbone(self) -> nn.Module:
+        """The network whose features are evaluated (teacher backbone when the method has one)."""
+        return self.backbone  # type: ignore[attr-defined]
+
+    @classmethod
+    def check(cls, options: Any, ctx: dict[str, int]) -> None:
+        """Cross-field validation before launch (ctx: batch_size, world_size, num_global_crops,
+        num_local_crops, image_size). Raise ``trainers.options.ConfigError``."""
+
+
+def make_teacher(module: nn.Module) -> nn.Module:
+    """A frozen deep copy (the EMA target)."""
+    teacher = copy.deepcopy(module)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def ema_update(online: nn.Module, target: nn.Module, momentum: float) -> None:
+    """``target = m * target + (1 - m) * online`` for parameters; buffers (BN stats) are copied."""
+    online_params = [p.detach() for p in online.parameters()]
+    target_params = list(target.parameters())
+    torch._foreach_mul_(target_params, momentum)
+    torch._foreach_add_(target_params, online_params, alpha=1.0 - momentum)
+    for b_t, b_o in zip(target.buffers(), online.buffers()):
+        b_t.copy_(b_o)
+
+
+def forward_by_resolution(module: nn.Module, crops: list[torch.Tensor]) -> torch.Tensor:
+    """One forward pass per run of same-size crops (DINO's MultiCropWrapper); outputs concatenated
+    crop-major: rows ``[v*B:(v+1)*B]`` belong to crop ``v``."""
+    outputs = []
+    start = 0
+    while start < len(crops):
+        end = start + 1
+        while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+            end += 1
+        outputs.append(module(torch.cat(crops[start:end])))
+        start = end
+    return torch.cat(outputs)

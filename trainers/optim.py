@@ -1,0 +1,103 @@
+"""Optimisers (AdamW / LARS / SGD) with DINO-style parameter groups and scheduled lr / weight decay."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from trainers.options import opt
+from trainers.schedules import cosine_schedule
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """Optimisation section. ``lr`` is per 256 images: the applied peak lr is ``lr * global_batch / 256``."""
+
+    optimizer: str = opt("adamw", choices=("adamw", "lars", "sgd"))
+    lr: float = opt(5e-4, gt=0.0, le=10.0, help="peak lr per 256 images (linear scaling rule)")
+    min_lr: float = opt(1e-6, ge=0.0, help="final lr of the cosine schedule")
+    warmup_epochs: float = opt(1.0, ge=0.0, help="linear lr warm-up")
+    weight_decay: float = opt(0.04, ge=0.0, help="start of the cosine weight-decay schedule")
+    weight_decay_end: float = opt(0.4, ge=0.0, help="end of the cosine weight-decay schedule")
+    momentum: float = opt(0.9, ge=0.0, lt=1.0, help="SGD / LARS momentum")
+    clip_grad: float = opt(3.0, ge=0.0, help="max gradient norm (0 = off)")
+    batch_size: int = opt(128, ge=2, help="images per worker per step")
+    epochs: int = opt(10, ge=1)
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al.) with the usual exclusions: no adaptation / decay for biases and 1-D params."""
+
+    def __init__(self, params, lr: float = 0.1, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim > 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    param_norm, update_norm = torch.norm(p), torch.norm(dp)
+                    q = torch.where(
+                        (param_norm > 0) & (update_norm > 0),
+                        g["trust_coefficient"] * param_norm / update_norm, torch.ones_like(param_norm))
+                    dp = dp.mul(q)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+        return loss
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Weight decay only on >1-D weights (no decay on biases / norms / tokens), as DINO and BAM."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") or "token" in name or "pos_embed" in name
+         else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "no_weight_decay": True}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return LARS(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+
+@dataclasses.dataclass
+class Schedules:
+    """lr and weight decay per iteration; applied to the optimiser's groups by ``apply``."""
+
+    lr: object
+    weight_decay: object
+
+    @classmethod
+    def build(cls, cfg: OptimConfig, steps_per_epoch: int, global_batch: int) -> Schedules:
+        peak = cfg.lr * global_batch / 256.0
+        return cls(
+            lr=cosine_schedule(peak, cfg.min_lr, cfg.epochs, steps_per_epoch, cfg.warmup_epochs),
+            weight_decay=cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, steps_per_epoch),
+        )
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> tuple[float, float]:
+        i = min(max(step, 0), len(self.lr) - 1)
+        lr, wd = float(self.lr[i]), float(self.weight_decay[i])
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+            g["weight_decay"] = 0.0 if g.get("no_weight_decay") else wd
+        return lr, wd

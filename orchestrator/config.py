@@ -114,7 +114,6 @@ def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     if not isinstance(method_name, str):
         raise ConfigError("method.name", f"expected a method name, got {method_name!r}")
     method_cls = get_method(method_name)
-    base = dataclasses.replace(ExperimentConfig())  # defaults
     fields = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"method_name", "method"}
     unknown = set(raw) - fields
     if unknown:
@@ -124,7 +123,6 @@ def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     cfg = from_dict(ExperimentConfig, {**top, **sections})
     cfg.method_name = method_name
     cfg.method = from_dict(method_cls.Options, method_raw, prefix="method.")
-    del base
     validate_cross_fields(cfg)
     return cfg
 
@@ -169,7 +167,6 @@ def validate_cross_fields(cfg: ExperimentConfig) -> None:
         raise ConfigError("data.mean", f"need {d.channels} values for data.channels={d.channels}")
     if any(s <= 0 for s in d.std):
         raise ConfigError("data.std", "all values must be > 0")
-    img = m.img_size or d.global_crop_size
     if m.img_size is not None and m.img_size != d.global_crop_size:
         raise ConfigError("model.img_size", f"got {m.img_size}; must equal data.global_crop_size ({d.global_crop_size})")
     if m.patch_size is not None:
@@ -179,9 +176,6 @@ def validate_cross_fields(cfg: ExperimentConfig) -> None:
         for field, size in sizes:
             if size % m.patch_size:
                 raise ConfigError(field, f"got {size}; must be a multiple of model.patch_size ({m.patch_size})")
-    del img
-    if cfg.optim.min_lr > cfg.optim.lr * 1e3:
-        raise ConfigError("optim.min_lr", "must not exceed the peak lr")
     ctx = {
         "batch_size": cfg.optim.batch_size,
         "world_size": cfg.world_size,

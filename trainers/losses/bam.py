@@ -92,6 +92,7 @@ class BAMLoss(nn.Module):
         top_k_sink: keep only the top-k target entries (0 = all).
         positive_masking: ignore each image's own views.
         gather_distributed: all-gather targets over ``torch.distributed`` workers when initialised.
+        vectorized: one fused reduction over views (default) instead of the per-view loop.
     """
 
     def __init__(
@@ -105,6 +106,7 @@ class BAMLoss(nn.Module):
         top_k_sink: int = 0,
         positive_masking: bool = True,
         gather_distributed: bool = True,
+        vectorized: bool = True,
     ):
         super().__init__()
         if not 1 <= num_global_crops <= num_crops:
@@ -122,6 +124,7 @@ class BAMLoss(nn.Module):
         self.top_k_sink = top_k_sink
         self.positive_masking = positive_masking
         self.gather_distributed = gather_distributed
+        self.vectorized = vectorized
 
     def _gather_targets(self, t: torch.Tensor, differentiable: bool) -> torch.Tensor:
         """Local ``(T*B, D)`` crop-major -> global ``(T*W*B, D)`` crop-major."""
@@ -167,17 +170,33 @@ class BAMLoss(nn.Module):
         log_q = F.log_softmax((sim / self.temperature).masked_fill(mask, float("-inf")), dim=-1)
         log_q = log_q.masked_fill(mask, 0.0)  # P is 0 there; avoids 0 * -inf
 
-        p_views = p.chunk(num_g)
-        log_q_views = log_q.chunk(self.num_crops)
-        loss = z.new_zeros(())
-        for g in range(num_g):
-            terms = [
-                -(p_views[g] * log_q_views[v]).sum(dim=-1).mean()
-                for v in range(self.num_crops)
-                if v != g or self.num_crops == 1
-            ]
-            loss = loss + torch.stack(terms).mean()
-        return loss / num_g
+        if self.vectorized:
+            return cross_view_loss(p, log_q, num_g, self.num_crops)
+        return cross_view_loss_loop(p, log_q, num_g, self.num_crops)
+
+
+def cross_view_loss_loop(p: torch.Tensor, log_q: torch.Tensor, num_global: int, num_crops: int) -> torch.Tensor:
+    """Straightforward form (as the official code): mean over global targets ``g`` of the mean over
+    views ``v != g`` of ``mean_i(-sum_j P_g[i, j] log Q_v[i, j])``."""
+    p_views, log_q_views = p.chunk(num_global), log_q.chunk(num_crops)
+    loss = log_q.new_zeros(())
+    for g in range(num_global):
+        terms = [-(p_views[g] * log_q_views[v]).sum(dim=-1).mean()
+                 for v in range(num_crops) if v != g or num_crops == 1]
+        loss = loss + torch.stack(terms).mean()
+    return loss / num_global
+
+
+def cross_view_loss(p: torch.Tensor, log_q: torch.Tensor, num_global: int, num_crops: int) -> torch.Tensor:
+    """Same value as :func:`cross_view_loss_loop` with one reduction instead of ``G x V`` products:
+    ``sum_{v != g} log Q_v = sum_v log Q_v - log Q_g``, so each target multiplies one summed matrix."""
+    b = log_q.shape[0] // num_crops
+    log_q_views = log_q.view(num_crops, b, -1)
+    p_views = p.view(num_global, b, -1)
+    if num_crops == 1:
+        return -(p_views[0] * log_q_views[0]).sum(-1).mean()
+    others = log_q_views.sum(0, keepdim=True) - log_q_views[:num_global]  # (G, B, K)
+    return -(p_views * others).sum(-1).mean() / (num_crops - 1)
 
 
 def reg_schedule(reg: float, reg_final: float | None, warmup_epochs: int, epoch: float) -> float:

@@ -1,0 +1,54 @@
+# bamray: two commands on a fresh machine.
+#   make run    set up (.venv, Fashion-MNIST) and train BAM on Fashion-MNIST with 2 local Ray workers
+#   make test   set up and run the test suite (what .ci/run runs)
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.bamray-installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+export RAY_USAGE_STATS_ENABLED := 0
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup data run test lint bench ui clean
+
+setup: $(STAMP) $(FMNIST)
+
+# Reinstall only when pyproject.toml changed; the venv is reused when present.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test,sweep]'
+	@touch $(STAMP)
+
+# Fashion-MNIST ships as a Debian package (original IDX files, MIT licence).
+$(FMNIST):
+	@if command -v apt-get >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+	  echo "Fashion-MNIST: no apt-get here. Put the 4 IDX .gz files in a folder and run:"; \
+	  echo "  $(BIN)/bamray data prepare fashion-mnist --src <folder>"; exit 1; \
+	fi
+
+data: setup
+	$(BIN)/bamray data prepare fashion-mnist
+
+run: setup
+	$(BIN)/bamray train --config bam_fmnist
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python -m bench
+
+ui: setup
+	$(BIN)/bamray ui
+
+clean:
+	rm -rf .bamray

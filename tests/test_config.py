@@ -1,0 +1,134 @@
+"""Config validation: every bad-field class is refused with the field name and the allowed range."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from orchestrator.config import (
+    CONFIG_DIR,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+)
+from trainers.options import ConfigError, flatten
+
+
+@pytest.mark.parametrize(
+    "override, field, allowed",
+    [
+        ("method.reg=0", "method.reg", "> 0.0"),
+        ("method.reg=-0.1", "method.reg", "> 0.0"),
+        ("method.temperature=0", "method.temperature", "> 0.0"),
+        ("method.temperature=-2", "method.temperature", "> 0.0"),
+        ("method.num_sink_iter=0", "method.num_sink_iter", ">= 1"),
+        ("method.top_k_sink=-1", "method.top_k_sink", ">= 0"),
+        ("method.top_k_sink=513", "method.top_k_sink", "[0, 512]"),  # 2 targets x 128 x 2 workers
+        ("method.name=swav", "method.name", "allowed"),
+        ("model.backbone=resnet_does_not_exist", "model.backbone", "unknown timm model"),
+        ("data.local_crop_size=32", "data.local_crop_size", "<= data.global_crop_size"),
+        ("model.patch_size=5", "data.global_crop_size", "multiple of model.patch_size"),
+        ("data.global_crop_scale=[0.9, 0.2]", "data.global_crop_scale", "0 < min <= max <= 1"),
+        ("data.global_crop_size=4", "data.global_crop_size", ">= 8"),
+        ("optim.optimizer=adam", "optim.optimizer", "one of ['adamw', 'lars', 'sgd']"),
+        ("optim.lr=0", "optim.lr", "> 0.0"),
+        ("optim.batch_size=1", "optim.batch_size", ">= 2"),
+        ("optim.epochs=0", "optim.epochs", ">= 1"),
+        ("eval.knn_train_fraction=1.5", "eval.knn_train_fraction", "<= 1.0"),
+        ("train.precision=fp8", "train.precision", "one of"),
+        ("train.workers=-1", "train.workers", ">= 0"),
+        ("method.reg=.nan", "method.reg", "finite"),
+        ("method.momentum=1.5", "method.momentum", "<= 1.0"),
+    ],
+)
+def test_bad_values_name_field_and_range(override, field, allowed):
+    with pytest.raises(ConfigError) as err:
+        load_config("bam_fmnist", [override])
+    assert err.value.field == field, str(err.value)
+    assert allowed in str(err.value)
+
+
+def test_top_k_limit_scales_with_batch_and_workers():
+    # 2 target crops x 32 per worker x 1 worker = 64 targets
+    load_config("bam_fmnist", ["optim.batch_size=32", "train.workers=1", "method.top_k_sink=64"])
+    with pytest.raises(ConfigError, match=r"\[0, 64\]"):
+        load_config("bam_fmnist", ["optim.batch_size=32", "train.workers=1", "method.top_k_sink=65"])
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("method.reg=abc", "method.reg"),
+        ("optim.batch_size=3.5", "optim.batch_size"),
+        ("method.positive_masking=maybe", "method.positive_masking"),
+        ("data.global_crop_scale=0.5", "data.global_crop_scale"),
+    ],
+)
+def test_wrong_types(override, field):
+    with pytest.raises(ConfigError) as err:
+        load_config("bam_fmnist", [override])
+    assert err.value.field == field
+
+
+def test_unknown_fields_and_sections():
+    with pytest.raises(ConfigError) as err:
+        load_config("bam_fmnist", ["method.regg=0.1"])
+    assert err.value.field == "method.regg"
+    with pytest.raises(ConfigError) as err:
+        load_config("bam_fmnist", ["optim.lrr=0.1"])
+    assert err.value.field == "optim.lrr"
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"optimiser": {"lr": 1}})
+    assert err.value.field == "optimiser"
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_config("bam_fmnist", ["method.reg=0.2", "method.num_sink_iter=5", "data.global_crop_scale=[0.3, 1.0]",
+                                     "model.backbone=resnet18", "model.patch_size=null", "method.teacher=false"])
+    assert cfg.method.reg == pytest.approx(0.2)
+    assert cfg.method.num_sink_iter == 5 and isinstance(cfg.method.num_sink_iter, int)
+    assert cfg.data.global_crop_scale == (0.3, 1.0)
+    assert cfg.model.backbone == "resnet18" and cfg.model.patch_size is None
+    assert cfg.method.teacher is False
+    # int given for a float field is accepted and becomes a float
+    assert isinstance(load_config("bam_fmnist", ["method.reg=1"]).method.reg, float)
+
+
+def test_round_trip_through_dict_and_yaml(tmp_path):
+    cfg = load_config("bam_fmnist", ["method.reg=0.07"])
+    text = yaml.safe_dump(cfg.to_dict())
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    again = load_config(str(path))
+    assert again.to_dict() == cfg.to_dict()
+    flat = flatten(cfg.to_dict())
+    assert flat["method.reg"] == pytest.approx(0.07) and flat["method.name"] == "bam"
+
+
+def test_missing_config_file_lists_shipped_configs():
+    with pytest.raises(ConfigError, match="bam_fmnist"):
+        load_config("no_such_config.yaml")
+
+
+def test_apply_overrides_does_not_mutate_input():
+    raw = {"method": {"reg": 0.1}}
+    out = apply_overrides(raw, ["method.reg=0.3", "optim.lr=0.01"])
+    assert raw == {"method": {"reg": 0.1}}
+    assert out["method"]["reg"] == 0.3 and out["optim"]["lr"] == 0.01
+
+
+def test_every_shipped_config_is_valid():
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    assert "bam_fmnist" in names
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.method_name in name
+
+
+def test_published_bam_defaults():
+    """Our BAM defaults are the BAM README's (reg 0.05, temperature 0.1, 3 iterations, masking on, 2 targets)."""
+    cfg = config_from_dict({"method": {"name": "bam"}})
+    m = cfg.method
+    assert (m.reg, m.temperature, m.num_sink_iter, m.top_k_sink, m.positive_masking, m.num_target_crops) == (
+        0.05, 0.1, 3, 0, True, 2)
+    assert m.teacher is True

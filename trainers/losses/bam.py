@@ -51,7 +51,7 @@ def positive_mask(
 
 
 @torch.no_grad()
-def sinkhorn(log_scores: torch.Tensor, num_iters: int) -> torch.Tensor:
+def sinkhorn(log_scores: torch.Tensor, num_iters: int, distributed: bool = True) -> torch.Tensor:
     """Balanced attention from ``log_scores`` (``(n_local_rows, K)``, ``-inf`` = masked).
 
     Alternates (as the official code) scaling every *target column* to mass ``1/K`` -- summed over the
@@ -64,7 +64,8 @@ def sinkhorn(log_scores: torch.Tensor, num_iters: int) -> torch.Tensor:
     log_col_mass = -math.log(k)
     log_row_mass = -math.log(n_total)
     for _ in range(num_iters):
-        log_p = log_p - D.global_logsumexp(log_p, dim=0)[None, :] + log_col_mass
+        col = D.global_logsumexp(log_p, dim=0) if distributed else torch.logsumexp(log_p, dim=0)
+        log_p = log_p - col[None, :] + log_col_mass
         log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True) + log_row_mass
     return torch.softmax(log_p, dim=1)  # rows sum to 1
 
@@ -144,9 +145,17 @@ class BAMLoss(nn.Module):
             raise ValueError(f"z has {n} rows, not a multiple of num_crops={self.num_crops}")
         b = n // self.num_crops
         num_t, num_g = self.num_target_crops, self.num_global_crops
-        z = F.normalize(z.float(), dim=-1)
         gather = self.gather_distributed and D.is_dist()
         world, rank = (D.world_size(), D.rank()) if gather else (1, 0)
+        if self.positive_masking and b * world < 2:
+            raise ValueError("BAM with positive masking needs >= 2 images in the global batch (every column "
+                             "of a single image is its own positive)")
+        # Similarities in fp32 even under bf16 autocast: bf16 matmuls shift the Sinkhorn target by ~2 %.
+        with torch.autocast(z.device.type, enabled=False):
+            return self._loss(z, z_teacher, reg, b, num_t, num_g, gather, world, rank)
+
+    def _loss(self, z, z_teacher, reg, b, num_t, num_g, gather, world, rank) -> torch.Tensor:
+        z = F.normalize(z.float(), dim=-1)
 
         if z_teacher is None:
             targets = self._gather_targets(z[: b * num_t], differentiable=True)
@@ -163,7 +172,8 @@ class BAMLoss(nn.Module):
             mask = torch.zeros_like(sim, dtype=torch.bool)
 
         with torch.no_grad():
-            p = sinkhorn((sink_in / reg).masked_fill(mask, float("-inf")), self.num_sink_iter)[: b * num_g]
+            log_scores = (sink_in / reg).masked_fill(mask, float("-inf"))
+            p = sinkhorn(log_scores, self.num_sink_iter, distributed=gather)[: b * num_g]
             if self.top_k_sink > 0:
                 p = keep_top_k(p, num_g, min(self.top_k_sink, p.shape[1]))
 

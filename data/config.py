@@ -38,6 +38,16 @@ class DataConfig:
     val_limit: int = opt(0, ge=0, help="use only the first N validation images (0 = all)")
     local_shuffle_buffer: int = opt(1024, ge=0, help="Ray Data local shuffle buffer (0 = off)")
     prefetch_batches: int = opt(2, ge=0)
+    blur_sigma: tuple[float, float] = opt(
+        (0.1, 2.0), help="Gaussian blur sigma range in pixels of a 224-px view (DINO's values); scaled by "
+        "global_crop_size / 224, so at 28 px it is (0.0125, 0.25) px: set e.g. (0.8, 16.0) for a visible blur")
+    map_workers: int = opt(1, ge=1, le=1024,
+                           help="Ray Data augmentation actors or concurrent tasks (keep small: Train takes CPUs too)")
+    map_cpus: float = opt(1.0, gt=0.0, le=64.0, help="logical CPUs each augmentation actor reserves (may be < 1)")
+    map_batch_size: int = opt(256, ge=1, le=65536, help="rows per augmentation call (amortises per-call overhead)")
+    map_compute: str = opt("tasks", choices=("tasks", "actors"),
+                           help="Ray Data augmentation as tasks (reuse warm worker processes) or as an actor pool "
+                           "(a fresh pool, i.e. processes importing torch, on every epoch's execution)")
 
     @property
     def num_crops(self) -> int:

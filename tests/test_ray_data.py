@@ -1,0 +1,149 @@
+"""The Ray Data streams on a real local Ray over real Fashion-MNIST shards: the batch contract, corrupt
+rows skipped and counted, the epoch clock, bit-for-bit agreement with the torch Dataset twin, and the
+class-balanced evaluation subsets."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from data.config import DataConfig
+from data.pipeline import (
+    CleanTorchDataset,
+    MultiCropTorchDataset,
+    build_eval_datasets,
+    build_train_dataset,
+    collate_batch,
+    configure_data_context,
+    corrupt_count,
+    get_epoch_clock,
+    select_eval_indices,
+)
+from data.sources import prepare_fashion_mnist, read_split_table
+
+pytestmark = pytest.mark.ray
+
+N_TRAIN, N_TEST = 300, 100
+LIMIT = 150  # train_limit of the epoch-clock test: rows 0..149 span the first two shard files
+CORRUPT = {5: b"\x89PNG\r\n\x1a\n truncated", 150: b"garbage, not an image"}  # index -> bad bytes
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, fmnist_src) -> Path:
+    """300 / 100 real images in shards of 100; two train rows (in different shards) made corrupt."""
+    out = tmp_path_factory.mktemp("shards") / "fashion-mnist"
+    prepare_fashion_mnist(out, src_dir=fmnist_src, shard_size=100, limit=N_TRAIN, test_limit=N_TEST)
+    for part in sorted((out / "train").glob("part-*.parquet")):
+        table = pq.read_table(part)
+        images = table.column("image").to_pylist()
+        index = table.column("index").to_pylist()
+        if not CORRUPT.keys() & set(index):
+            continue
+        images = [CORRUPT.get(i, b) for i, b in zip(index, images)]
+        table = table.set_column(0, "image", pa.array(images, pa.binary()))
+        pq.write_table(table, part)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cfg(shards, ray_local) -> DataConfig:
+    ctx = configure_data_context(cpus=3)
+    before = ctx.execution_options.resource_limits
+    yield DataConfig(path=str(shards), map_batch_size=64)
+    ctx.execution_options.resource_limits = before
+
+
+def _collect(ds) -> dict[str, np.ndarray]:
+    batches = list(ds.iter_batches(batch_size=100, batch_format="numpy"))
+    out = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    order = np.argsort(out["index"])
+    return {k: v[order] for k, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def epoch0(cfg) -> dict[str, np.ndarray]:
+    ds = build_train_dataset(cfg, seed=11, epoch_clock="test-clock", corrupt_counter="test-corrupt")
+    return _collect(ds)
+
+
+def test_train_stream_contract_and_corrupt_rows(cfg, epoch0):
+    assert set(epoch0) == {"global", "local", "label", "index"}
+    n = N_TRAIN - len(CORRUPT)
+    assert epoch0["global"].shape == (n, 2, 1, 28, 28) and epoch0["global"].dtype == np.uint8
+    assert epoch0["local"].shape == (n, 6, 1, 12, 12) and epoch0["local"].dtype == np.uint8
+    assert epoch0["label"].dtype == np.int64 and epoch0["index"].dtype == np.int64
+    assert epoch0["index"].tolist() == sorted(set(range(N_TRAIN)) - set(CORRUPT))  # each row once
+    labels = read_split_table(cfg.path, "train", columns=["label"]).column("label").to_numpy()
+    np.testing.assert_array_equal(epoch0["label"], labels[epoch0["index"]])
+    assert corrupt_count("test-corrupt") == len(CORRUPT)
+
+
+def test_ray_samples_equal_torch_dataset_bit_for_bit(cfg, epoch0):
+    twin = MultiCropTorchDataset(cfg, split="train", seed=11)
+    assert len(twin) == N_TRAIN
+    items = twin.__getitems__(list(range(N_TRAIN)))
+    assert [i for i, it in enumerate(items) if it is None] == sorted(CORRUPT)
+    assert twin.corrupt_skipped == len(CORRUPT)
+    batch = collate_batch(items)
+    np.testing.assert_array_equal(batch["index"].numpy(), epoch0["index"])
+    np.testing.assert_array_equal(batch["global"].numpy(), epoch0["global"])
+    np.testing.assert_array_equal(batch["local"].numpy(), epoch0["local"])
+    one = twin[42]  # single item path == batched path == Ray
+    k = int(np.flatnonzero(epoch0["index"] == 42)[0])
+    assert torch.equal(one["global"], torch.from_numpy(epoch0["global"][k]))
+    loader = torch.utils.data.DataLoader(twin, batch_size=50, collate_fn=collate_batch)
+    first = next(iter(loader))
+    assert first["global"].shape == (49, 2, 1, 28, 28) and first["label"].dtype == torch.int64  # index 5 dropped
+
+
+def test_epoch_clock_changes_views_and_limit_pushdown(cfg, epoch0):
+    # The actor-pool path (the other tests use tasks), small batches: views must not depend on either.
+    limited = DataConfig(path=cfg.path, map_batch_size=32, train_limit=LIMIT, map_compute="actors")
+    ds = build_train_dataset(limited, seed=11, epoch_clock="test-clock-2", corrupt_counter="test-corrupt-2")
+    get_epoch_clock("test-clock-2").set.remote(1)
+    got = _collect(ds)
+    assert got["index"].tolist() == [i for i in range(LIMIT) if i not in CORRUPT]
+    assert corrupt_count("test-corrupt-2") == 1  # only index 5 is below the limit
+    twin = MultiCropTorchDataset(limited, seed=11)
+    assert len(twin) == LIMIT
+    twin.set_epoch(1)
+    expected = collate_batch(twin.__getitems__(list(range(LIMIT))))
+    np.testing.assert_array_equal(got["global"], expected["global"].numpy())
+    np.testing.assert_array_equal(got["local"], expected["local"].numpy())
+    # Epoch 1 views differ from epoch 0 views of the same images.
+    same = [np.array_equal(got["global"][k], epoch0["global"][k]) for k in range(len(got["index"]))]
+    assert not any(same)
+
+
+def test_eval_datasets_sizes_balance_and_twin(cfg):
+    bank, val = build_eval_datasets(cfg, train_fraction=0.5, eval_fraction=1.0, seed=3,
+                                    corrupt_counter="test-corrupt-eval")
+    b, v = _collect_eval(bank), _collect_eval(val)
+    labels = read_split_table(cfg.path, "train", columns=["label"]).column("label").to_numpy()
+    chosen = select_eval_indices(cfg.path, "train", 0.5, 3)
+    expected_per_class = {c: max(1, round(0.5 * n)) for c, n in Counter(labels.tolist()).items()}
+    assert Counter(labels[chosen].tolist()) == expected_per_class  # class-balanced selection
+    corrupt_chosen = [i for i in CORRUPT if i in set(chosen.tolist())]
+    assert len(b["label"]) == len(chosen) - len(corrupt_chosen)
+    assert corrupt_count("test-corrupt-eval") == len(corrupt_chosen)
+    assert b["image"].shape[1:] == (1, 28, 28) and b["image"].dtype == np.uint8
+    assert v["image"].shape == (N_TEST, 1, 28, 28)
+    test_labels = read_split_table(cfg.path, "test", columns=["label"]).column("label").to_numpy()
+    assert sorted(v["label"].tolist()) == sorted(test_labels.tolist())
+    # The torch twin selects the same rows and produces the same clean images.
+    twin = CleanTorchDataset(cfg, split="train", fraction=0.5, seed=3)
+    t = collate_batch([twin[i] for i in range(len(twin))])
+    key = lambda img: img.tobytes()  # noqa: E731
+    assert sorted(map(key, t["image"].numpy())) == sorted(map(key, b["image"]))
+    assert select_eval_indices(cfg.path, "train", 0.5, 4).tolist() != chosen.tolist()  # seed matters
+
+
+def _collect_eval(ds) -> dict[str, np.ndarray]:
+    batches = list(ds.iter_batches(batch_size=100, batch_format="numpy"))
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}

@@ -1,0 +1,64 @@
+"""SimCLR (Chen et al., 2020): backbone + BN/ReLU MLP projector, NT-Xent over the two global crops.
+
+Negatives are every other view in the batch, so the batch is the method's dictionary: with
+``gather_distributed`` the loss sees the global batch of all workers (differentiable all-gather).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from trainers.heads import MLPHead
+from trainers.losses.simclr import NTXentLoss
+from trainers.methods.base import Method, MethodContext, forward_by_resolution
+from trainers.options import ConfigError, opt
+
+
+@dataclasses.dataclass
+class SimCLROptions:
+    temperature: float = opt(
+        0.2, gt=0.0, le=10.0, help="NT-Xent temperature (paper: 0.1 at batch 4096; 0.2-0.5 for small batches)"
+    )
+    proj_hidden_dim: int = opt(1024, ge=1, help="paper: 2048")
+    proj_out_dim: int = opt(128, ge=1, help="paper: 128")
+    proj_layers: int = opt(2, ge=1, le=8, help="paper v1: 2, v2: 3")
+    gather_distributed: bool = opt(
+        True, help="negatives from all workers' batches (all-gather with gradients)"
+    )
+
+
+class SimCLR(Method):
+    name = "simclr"
+    Options = SimCLROptions
+    crop_usage = "global"
+
+    def __init__(self, options: SimCLROptions, ctx: MethodContext):
+        super().__init__(options, ctx)
+        o = options
+        self.backbone = ctx.backbone
+        self.projector = MLPHead(
+            ctx.feat_dim,
+            o.proj_hidden_dim,
+            o.proj_out_dim,
+            num_layers=o.proj_layers,
+            batch_norm=True,
+            activation="relu",
+        )
+        self.criterion = NTXentLoss(o.temperature, o.gather_distributed)
+
+    def training_step(self, crops: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        z1, z2 = self.projector(forward_by_resolution(self.backbone, crops[:2])).chunk(2)
+        return self.criterion(z1, z2), {}
+
+    @classmethod
+    def check(cls, options: SimCLROptions, ctx: dict[str, int]) -> None:
+        if ctx["num_global_crops"] != 2:
+            raise ConfigError(
+                "data.global_crops", f"got {ctx['num_global_crops']}; SimCLR uses exactly 2 global views"
+            )
+        if ctx["batch_size"] * ctx["world_size"] < 2:
+            raise ConfigError(
+                "optim.batch_size", "NT-Xent needs >= 2 images in the (global) batch for negatives"
+            )

@@ -1,0 +1,5 @@
+"""``python -m orchestrator ...`` = ``bamray ...``."""
+
+from orchestrator.cli import main
+
+raise SystemExit(main())

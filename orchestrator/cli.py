@@ -1,0 +1,225 @@
+"""The ``bamray`` command line (also ``python -m orchestrator``).
+
+Heavy modules (Ray, MLflow, the data pipeline) are imported inside the commands, so a bad config is
+refused in a couple of seconds with exit code 2, naming the field, before anything starts.
+
+Exit codes: 0 success, 1 the run failed (MLflow run marked FAILED), 2 bad config / missing data / bad
+arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from trainers.options import ConfigError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+# ================================================================================================ helpers
+def _config_overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` items plus the dedicated flags, which win (applied last)."""
+    overrides = list(args.set or [])
+    if getattr(args, "workers", None) is not None:
+        overrides.append(f"train.workers={args.workers}")
+    if getattr(args, "gpus_per_worker", None) is not None:
+        overrides.append(f"train.gpus_per_worker={args.gpus_per_worker}")
+    if getattr(args, "cpus_per_worker", None) is not None:
+        overrides.append(f"train.cpus_per_worker={args.cpus_per_worker}")
+    if getattr(args, "address", None):
+        overrides.append(f"train.address={args.address}")
+    if getattr(args, "tracking_uri", None):
+        overrides.append(f"tracking.tracking_uri={args.tracking_uri}")
+    return overrides
+
+
+def _data_root() -> Path:
+    from orchestrator import tracking
+
+    return tracking.project_root() / ".bamray" / "data"
+
+
+def _resume_config_path(run_id: str, tracking_uri: str | None, dst: str) -> str:
+    """The ``config.yaml`` the original run logged (``--resume`` without ``--config``)."""
+    import mlflow.artifacts
+
+    from orchestrator import tracking
+
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    try:
+        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml", dst_path=dst,
+                                                   tracking_uri=uri)
+    except Exception as err:  # noqa: BLE001 - any MLflow error means the same thing to the user
+        raise ConfigError("--resume", f"cannot read config.yaml of MLflow run {run_id!r} in {uri}: {err}; "
+                                      "pass --config as well") from err
+
+
+# ================================================================================================ commands
+def cmd_train(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from orchestrator.config import load_config
+    from orchestrator.train import run_training
+
+    if not args.config and not args.resume:
+        raise ConfigError("--config", "required (a shipped name such as bam_fmnist, or a YAML path)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.config or _resume_config_path(args.resume, args.tracking_uri, tmp)
+        cfg = load_config(path, _config_overrides(args))
+    out = run_training(cfg, resume=args.resume)
+    return EXIT_OK if out.get("status") == "FINISHED" else EXIT_FAILED
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from data import sources
+
+    if args.source == "fashion-mnist":
+        out = args.out or str(_data_root() / "fashion-mnist")
+        kwargs = {"limit": args.limit} if args.limit else {}
+        if args.src:
+            kwargs["src_dir"] = args.src
+        summary = sources.prepare_fashion_mnist(out, **kwargs)
+        name = "fashion-mnist"
+    elif args.source == "folder":
+        out = args.out or str(_data_root() / args.name)
+        summary = sources.prepare_image_folder(args.root, out, name=args.name)
+        name = args.name
+    else:
+        out = args.out or str(_data_root() / args.name)
+        summary = sources.prepare_parquet(args.src, out, image_column=args.image_column,
+                                          label_column=args.label_column, name=args.name)
+        name = args.name
+    print(f"prepared {name} in {out}: {summary}")
+    if name != "fashion-mnist":
+        print(f"train on it with: bamray train --config bam_fmnist --set data.dataset={name} "
+              f"--set data.channels=<1|3>")
+    return EXIT_OK
+
+
+def cmd_eval_linear(args: argparse.Namespace) -> int:
+    from orchestrator.train import run_linear_eval
+
+    top1 = run_linear_eval(args.run, args.tracking_uri, artifact=args.artifact, epochs=args.epochs)
+    print(f"linear_top1 = {top1:.2f} % (logged to MLflow run {args.run})")
+    return EXIT_OK
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from orchestrator import tracking
+
+    return tracking.serve_ui(tracking.resolve_tracking_uri(args.tracking_uri), args.port)
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    from orchestrator.config import load_config
+
+    cfg = load_config(args.config, list(args.set or []))
+    sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return EXIT_OK
+
+
+def cmd_config_list(args: argparse.Namespace) -> int:
+    from orchestrator.config import CONFIG_DIR
+
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        first = path.read_text().splitlines()[:1]
+        desc = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+        print(f"{path.stem:20s} {desc}")
+    return EXIT_OK
+
+
+# ================================================================================================ parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bamray", description="Distributed self-supervised learning on Ray "
+                                "(BAM, BYOL, DINO, SimCLR, MAE) tracked in MLflow.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a method with Ray Train, tracked in MLflow")
+    t.add_argument("--config", help="shipped config name (bamray config list) or YAML path")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. optim.lr=1e-3")
+    t.add_argument("--workers", type=int, help="Ray Train workers (train.workers)")
+    t.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (train.gpus_per_worker)")
+    t.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (train.cpus_per_worker)")
+    t.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    t.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else .bamray/mlflow.db)")
+    t.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("data", help="prepare data sets as Parquet shards")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    prep = dsub.add_parser("prepare", help="write shards + meta.json")
+    psub = prep.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    f = psub.add_parser("fashion-mnist", help="from the IDX files of the Debian package dataset-fashion-mnist")
+    f.add_argument("--out", help="default: .bamray/data/fashion-mnist")
+    f.add_argument("--src", help="IDX folder (default: /usr/share/datasets/fashion-mnist)")
+    f.add_argument("--limit", type=int, help="first N images per split (quick experiments)")
+    f.set_defaults(func=cmd_data_prepare)
+    fo = psub.add_parser("folder", help="an ImageFolder tree ROOT/<split>/<class>/*.png|jpg or ROOT/<class>/...")
+    fo.add_argument("root")
+    fo.add_argument("--name", required=True, help="data set name (data.dataset)")
+    fo.add_argument("--out", help="default: .bamray/data/<name>")
+    fo.set_defaults(func=cmd_data_prepare)
+    pq = psub.add_parser("parquet", help="a Parquet file/folder with encoded images and labels")
+    pq.add_argument("src")
+    pq.add_argument("--name", required=True, help="data set name (data.dataset)")
+    pq.add_argument("--image-column", default="image")
+    pq.add_argument("--label-column", default="label")
+    pq.add_argument("--out", help="default: .bamray/data/<name>")
+    pq.set_defaults(func=cmd_data_prepare)
+
+    e = sub.add_parser("eval", help="evaluate a trained backbone")
+    esub = e.add_subparsers(dest="eval_command", required=True, metavar="PROTOCOL")
+    lin = esub.add_parser("linear", help="linear probe on the frozen backbone of an MLflow run")
+    lin.add_argument("--run", required=True, metavar="RUN_ID")
+    lin.add_argument("--artifact", default="final", choices=("final", "best_knn"))
+    lin.add_argument("--epochs", type=int, help="default: eval.linear_epochs of the run's config")
+    lin.add_argument("--tracking-uri")
+    lin.set_defaults(func=cmd_eval_linear)
+
+    u = sub.add_parser("ui", help="MLflow UI on 127.0.0.1 for the tracking store")
+    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--tracking-uri")
+    u.set_defaults(func=cmd_ui)
+
+    c = sub.add_parser("config", help="inspect configs")
+    csub = c.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = csub.add_parser("show", help="print the resolved, validated config as YAML")
+    show.add_argument("--config", required=True)
+    show.add_argument("--set", action="append", metavar="KEY=VALUE")
+    show.set_defaults(func=cmd_config_show)
+    lst = csub.add_parser("list", help="shipped configs")
+    lst.set_defaults(func=cmd_config_list)
+
+    # Optional commands owned by other modules: registered when they are importable.
+    for module, name in (("orchestrator.sweep", "add_sweep_parser"), ("orchestrator.submit", "add_submit_parser")):
+        try:
+            mod = __import__(module, fromlist=[name])
+        except ImportError:
+            continue
+        hook = getattr(mod, name, None)
+        if hook is not None:
+            hook(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"bamray: config error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except FileNotFoundError as err:  # data.sources.DataMissingError is a FileNotFoundError
+        print(f"bamray: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,409 @@
+"""MLflow tracking: where the store is, who writes what, and how several runs share one SQLite file.
+
+One MLflow run per training run, and ONE writer per kind of data: the driver logs params, tags, status
+and artifacts; the rank-0 worker logs per-step metrics (buffered, sent with ``log_batch``). The
+embedded default store is ``sqlite:///<project>/.bamray/mlflow.db`` with artifacts in
+``<project>/.bamray/mlartifacts``; ``--tracking-uri`` / ``MLFLOW_TRACKING_URI`` select a server.
+
+Why several concurrent runs never see "database is locked" or lose metrics on the SQLite store:
+
+- schema creation (the racy part: two processes migrating a fresh file) and experiment creation run
+  under an exclusive ``fcntl`` lock on ``mlflow.db.lock``, once, in the driver before any worker starts;
+- metrics travel in batches (one transaction per ~50 metrics, not one per value), so writers hold the
+  database lock rarely and briefly; MLflow's own ``busy_timeout`` (20 s) absorbs ordinary contention;
+- every write goes through :func:`with_retry`, which retries MLflow's TEMPORARILY_UNAVAILABLE /
+  "database is locked" errors and connection errors with exponential backoff instead of dropping them.
+
+Restarts log every (metric, step) exactly once: a restarted worker reads the run's per-key
+high-water marks (:func:`logged_high_water_marks`) and skips steps that were already logged before the
+failure (the restarted epoch recomputes them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.metadata
+import logging
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+BAMRAY_DIR = ".bamray"
+DB_FILE = "mlflow.db"
+ARTIFACT_DIR = "mlartifacts"
+MAX_PARAM_LENGTH = 6000  # MLflow 3 param value limit
+MAX_TAG_LENGTH = 5000  # kept under MLflow's tag value limit
+PARAMS_PER_BATCH = 100  # MLflow log_batch limit for params
+METRICS_PER_BATCH = 1000  # MLflow log_batch limit for metrics
+TAG_RAY_RUN = "bamray.ray_run_name"
+TAG_STORAGE = "bamray.storage_path"
+TAG_FAILURE = "failure_reason"
+
+
+# ---------------------------------------------------------------------------------------------- where
+def project_root(start: str | os.PathLike | None = None) -> Path:
+    """``$BAMRAY_HOME``, else the nearest ancestor of ``start`` (cwd) holding ``.bamray`` or a
+    ``pyproject.toml``, else ``start``: runs started from a sub-folder land in the same store."""
+    env = os.environ.get("BAMRAY_HOME")
+    if env:
+        return Path(env).resolve()
+    here = Path(start or os.getcwd()).resolve()
+    for p in (here, *here.parents):
+        if (p / BAMRAY_DIR).is_dir() or (p / "pyproject.toml").is_file():
+            return p
+    return here
+
+
+def default_tracking_uri(root: str | os.PathLike | None = None) -> str:
+    """``sqlite:////abs/path/.bamray/mlflow.db`` (absolute, so Ray workers whose cwd is their trial
+    directory write to the same file)."""
+    base = Path(root).resolve() if root else project_root()
+    return f"sqlite:///{(base / BAMRAY_DIR / DB_FILE).as_posix()}"
+
+
+def resolve_tracking_uri(explicit: str | None = None) -> str:
+    """``explicit`` (``--tracking-uri`` / ``tracking.tracking_uri``), else ``MLFLOW_TRACKING_URI``,
+    else the embedded store. Relative sqlite paths are made absolute for the same reason as above."""
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    path = sqlite_path(uri)
+    if path is not None and not path.is_absolute():
+        uri = f"sqlite:///{path.resolve().as_posix()}"
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):])
+
+
+def artifact_root(uri: str) -> str | None:
+    """``file://`` URI of the artifact folder next to an SQLite store (None for servers, which decide)."""
+    path = sqlite_path(uri)
+    if path is None:
+        return None
+    return (path.parent / ARTIFACT_DIR).resolve().as_uri()
+
+
+# ---------------------------------------------------------------------------------------------- robustness
+def _is_transient(err: BaseException) -> bool:
+    text = str(err).lower()
+    if "database is locked" in text or "database table is locked" in text or "busy" in text:
+        return True
+    try:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE, ErrorCode
+
+        if isinstance(err, MlflowException) and err.error_code == ErrorCode.Name(TEMPORARILY_UNAVAILABLE):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import sqlite3
+
+        if isinstance(err, sqlite3.OperationalError):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import requests
+
+        if isinstance(err, (requests.ConnectionError, requests.Timeout)):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return False
+
+
+def with_retry(fn: Callable[..., T], *args: Any, attempts: int = 8, base_delay: float = 0.2, **kwargs: Any) -> T:
+    """Call ``fn`` and retry transient store errors (locked SQLite, server unreachable) with exponential
+    backoff (0.2 s, 0.4 s, ... capped at 10 s) rather than dropping the write."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - filtered below
+            if attempt == attempts - 1 or not _is_transient(err):
+                raise
+            delay = min(base_delay * 2**attempt, 10.0)
+            logger.warning("MLflow write failed (%s); retrying in %.1f s", err, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Exclusive inter-process lock for one-time store set-up on an SQLite file (no-op for servers)."""
+    path = sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(path) + ".lock", "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def client(uri: str):
+    """An ``MlflowClient`` for ``uri`` (imported lazily: the CLI's config checks must not pay for it)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """Create (or find) the experiment, with its artifacts under ``.bamray/mlartifacts`` for SQLite.
+
+    Runs under :func:`store_lock`, so concurrent first runs do not race the schema migration or
+    create the experiment twice."""
+    with store_lock(uri):
+        c = with_retry(client, uri)  # creating the store runs the schema migration on a fresh file
+        exp = with_retry(c.get_experiment_by_name, name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                with_retry(c.restore_experiment, exp.experiment_id)
+            return exp.experiment_id
+        root = artifact_root(uri)
+        location = f"{root}/{_safe_name(name)}" if root else None
+        return with_retry(c.create_experiment, name, artifact_location=location)
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "experiment"
+
+
+# ---------------------------------------------------------------------------------------------- driver side
+def git_commit(path: str | os.PathLike | None = None) -> str:
+    """``HEAD`` of the repository holding this package (``+dirty`` when modified), or ``unknown``."""
+    cwd = Path(path) if path else Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("torch", "ray", "timm", "mlflow", "torchvision", "numpy", "pyarrow"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "missing"
+    out["python"] = sys.version.split()[0]
+    return out
+
+
+def run_tags(method: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    tags = {"git_commit": git_commit(), "method": method}
+    tags.update({f"version.{k}": v for k, v in package_versions().items()})
+    tags.update(extra or {})
+    return tags
+
+
+def _param_value(v: Any) -> str:
+    s = str(v if not isinstance(v, (list, tuple)) else list(v))
+    return s if len(s) <= MAX_PARAM_LENGTH else s[: MAX_PARAM_LENGTH - 3] + "..."
+
+
+def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> list[str]:
+    """Log flattened params in batches; params already on the run are skipped (MLflow params are
+    immutable, a resumed run keeps its original values). Returns the keys whose value differs."""
+    from mlflow.entities import Param
+
+    c = client(uri)
+    existing = with_retry(c.get_run, run_id).data.params
+    new, changed = [], []
+    for k, v in params.items():
+        value = _param_value(v)
+        if k in existing:
+            if existing[k] != value:
+                changed.append(k)
+            continue
+        new.append(Param(k, value))
+    for i in range(0, len(new), PARAMS_PER_BATCH):
+        with_retry(c.log_batch, run_id, params=new[i:i + PARAMS_PER_BATCH])
+    return changed
+
+
+def log_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    items = [RunTag(k, str(v)[:MAX_TAG_LENGTH]) for k, v in tags.items()]
+    c = client(uri)
+    for i in range(0, len(items), PARAMS_PER_BATCH):
+        with_retry(c.log_batch, run_id, tags=items[i:i + PARAMS_PER_BATCH])
+
+
+def create_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str]) -> str:
+    exp_id = ensure_experiment(uri, experiment)
+    run = with_retry(client(uri).create_run, exp_id, run_name=run_name, tags=dict(tags))
+    return run.info.run_id
+
+
+def reopen_run(uri: str, run_id: str):
+    """Mark an existing run RUNNING again (``--resume``) and return it."""
+    c = client(uri)
+    run = with_retry(c.get_run, run_id)
+    with_retry(c.update_run, run_id, status="RUNNING")
+    return run
+
+
+def finish_run(uri: str, run_id: str, status: str, reason: str | None = None) -> None:
+    """Set the final status; a failure also gets the ``failure_reason`` tag (the UI shows it)."""
+    c = client(uri)
+    if reason:
+        with_retry(c.set_tag, run_id, TAG_FAILURE, reason[:MAX_TAG_LENGTH])
+    with_retry(c.set_terminated, run_id, status=status)
+
+
+def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    """Driver-side one-off metrics (final summary, linear probe)."""
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if _finite(v)]
+    if items:
+        with_retry(client(uri).log_batch, run_id, metrics=items)
+
+
+def log_artifacts(uri: str, run_id: str, local_dir: str | os.PathLike, artifact_path: str | None = None) -> None:
+    with_retry(client(uri).log_artifacts, run_id, str(local_dir), artifact_path)
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- worker side
+def logged_high_water_marks(uri: str, run_id: str) -> dict[str, int]:
+    """For each metric already on the run, the largest step logged (restart de-duplication)."""
+    c = client(uri)
+    run = with_retry(c.get_run, run_id)
+    marks = {}
+    for key in run.data.metrics:
+        history = with_retry(c.get_metric_history, run_id, key)
+        if history:
+            marks[key] = max(int(m.step) for m in history)
+    return marks
+
+
+class MetricLogger:
+    """Buffered per-step metric writer for the rank-0 worker (the run's only metric writer).
+
+    Metrics are kept in memory and sent with ``log_batch`` every ``flush_every`` values or
+    ``flush_secs`` seconds, and on :meth:`flush`. ``(key, step)`` pairs at or below the high-water mark
+    of a previous attempt are dropped, so a restart that recomputes an epoch does not log it twice.
+    Non-finite values are dropped (MLflow stores NaN, but a NaN point in a loss chart hides the rest).
+    """
+
+    def __init__(self, uri: str, run_id: str, *, flush_every: int = 200, flush_secs: float = 15.0,
+                 skip_upto: Mapping[str, int] | None = None):
+        self.uri = uri
+        self.run_id = run_id
+        self.flush_every = flush_every
+        self.flush_secs = flush_secs
+        self.skip_upto = dict(skip_upto or {})
+        self._buffer: list[Any] = []
+        self._last_flush = time.monotonic()
+        self._client = client(uri)
+        self.logged = 0
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        for k, v in metrics.items():
+            if not _finite(v) or step <= self.skip_upto.get(k, -1):
+                continue
+            self._buffer.append(Metric(k, float(v), ts, int(step)))
+        if len(self._buffer) >= self.flush_every or time.monotonic() - self._last_flush > self.flush_secs:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._buffer:
+            chunk = self._buffer[:METRICS_PER_BATCH]
+            with_retry(self._client.log_batch, self.run_id, metrics=chunk)
+            del self._buffer[:len(chunk)]
+            self.logged += len(chunk)
+        self._last_flush = time.monotonic()
+
+    def log_image(self, image: Any, artifact_file: str) -> None:
+        with_retry(self._client.log_image, self.run_id, image, artifact_file=artifact_file)
+
+
+# ---------------------------------------------------------------------------------------------- pictures
+def crop_grid(batch: Mapping[str, Any], max_images: int = 8, pad: int = 2):
+    """A PIL image: one row per image of the batch, its global crops then its local crops (upscaled
+    to the global size, nearest neighbour), so the augmentations can be eyeballed in the MLflow UI."""
+    from PIL import Image
+
+    g = np.asarray(batch["global"])[:max_images]  # (N, G, C, H, W) uint8
+    local = batch.get("local")
+    loc = np.asarray(local)[:max_images] if local is not None and np.asarray(local).shape[1] > 0 else None
+    n, num_g, c, h, w = g.shape
+    tiles_per_row = num_g + (loc.shape[1] if loc is not None else 0)
+    canvas = np.full((n * (h + pad) + pad, tiles_per_row * (w + pad) + pad, 3), 255, dtype=np.uint8)
+
+    def put(tile: np.ndarray, r: int, col: int) -> None:
+        t = np.transpose(tile, (1, 2, 0))
+        t = np.repeat(t, 3, axis=2) if t.shape[2] == 1 else t[..., :3]
+        if t.shape[0] != h or t.shape[1] != w:
+            t = np.asarray(Image.fromarray(t).resize((w, h), Image.NEAREST))
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        canvas[y:y + h, x:x + w] = t
+
+    for i in range(n):
+        for v in range(num_g):
+            put(g[i, v], i, v)
+        if loc is not None:
+            for v in range(loc.shape[1]):
+                put(loc[i, v], i, num_g + v)
+    img = Image.fromarray(canvas)
+    scale = max(1, 256 // max(canvas.shape[0], 1))
+    return img.resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST) if scale > 1 else img
+
+
+# ---------------------------------------------------------------------------------------------- UI
+def ui_command(uri: str, port: int = 5000, host: str = "127.0.0.1") -> list[str]:
+    """``mlflow ui`` on ``uri``, bound to localhost (never 0.0.0.0: the store is not for the network)."""
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    root = artifact_root(uri)
+    if root:
+        cmd += ["--default-artifact-root", root]
+    return cmd
+
+
+def serve_ui(uri: str, port: int = 5000) -> int:
+    """Run the MLflow UI in the foreground until Ctrl-C; returns its exit code."""
+    path = sqlite_path(uri)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = ui_command(uri, port)
+    print(f"MLflow UI for {uri}\n  open http://127.0.0.1:{port}  (Ctrl-C to stop)", flush=True)
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0

@@ -140,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
             # Other processes on the machine skew every figure: keep the load next to the numbers.
             res.derived["load_average_1min_before"] = load_before[0]
             res.derived["load_average_1min_after"] = os.getloadavg()[0]
+            busiest = max(load_before[0], res.derived["load_average_1min_after"])
+            if busiest > 1.5 * ctx.cpus and not res.error:
+                res.notes.append(f"MACHINE BUSY: 1-min load average up to {busiest:.1f} on {ctx.cpus} CPUs during "
+                                 "this section; other processes shaped these figures -- rerun it on an idle machine.")
             results[name] = res
             payload["sections"][name] = res.to_dict()
             payload["total_seconds"] = time.time() - started

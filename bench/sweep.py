@@ -79,8 +79,17 @@ def run(ctx: BenchContext) -> SectionResult:
         res.derived[f"{label} trials"] = [{"params": t["params"], "knn_top1": t["knn_top1"], "epochs": t["epochs"],
                                           "status": t["status"]} for t in out["trials"]]
         ctx.log(f"  sweep: {label}: best {best}, {out['total_trial_epochs']} trial-epochs")
-    for what in ("best k-NN top-1", "trial-epochs used", "wall time"):
-        res.compare(f"ASHA: {what}", f"grid: {what}")
+    broken = {label: [t["trial_id"] for t in out["trials"] if t["status"] in ("failed", "unfinished")]
+              for label, out in outs.items()}
+    res.derived["failed or unfinished trials"] = broken
+    if any(broken.values()):
+        # A sweep that lost trials (worker errors, OOM kills) spent a different budget for a reason that
+        # is not the scheduler's: comparing it would credit or blame ASHA for a crash.
+        res.notes.append(f"NOT COMPARABLE: trials failed or did not finish ({broken}); no ratios computed. "
+                         "See each trial's error in the sweep's Tune directory / MLflow child run.")
+    else:
+        for what in ("best k-NN top-1", "trial-epochs used", "wall time"):
+            res.compare(f"ASHA: {what}", f"grid: {what}")
     res.derived["grid full budget (trial-epochs)"] = grid_points * cfg.optim.epochs
     res.notes.append(f"ASHA and the grid search the same {grid_points}-point reg x temperature grid "
                      f"({cfg.optim.epochs} epochs each at most, 1 worker per trial, {concurrent} trials at once); "

@@ -65,22 +65,40 @@ def entrypoint(args: list[str], python: str = "python") -> str:
     return " ".join([shlex.quote(python), "-m", "orchestrator", *(shlex.quote(a) for a in args)])
 
 
+def job_client(address: str):
+    """A ``JobSubmissionClient`` that authenticates like ``ray start`` does.
+
+    Ray >= 2.5x turns token authentication on for clusters started where a token exists
+    (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN[_PATH]``), but a plain client process only sends the token
+    when ``RAY_AUTH_MODE=token``: without this every request to such a cluster fails with "Missing
+    authentication token". An explicit ``RAY_AUTH_MODE`` is respected."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    except ImportError:  # older/newer Ray without token auth helpers: nothing to do
+        pass
+    return JobSubmissionClient(address)
+
+
 def submit_job(args: list[str], address: str = DEFAULT_ADDRESS, *, runtime_env: dict[str, Any] | None = None,
                submission_id: str | None = None, python: str = "python", metadata: dict[str, str] | None = None) -> str:
     """Submit ``python -m orchestrator <args>``; returns the submission id."""
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(address)
+    client = job_client(address)
     return client.submit_job(entrypoint=entrypoint(args, python), runtime_env=runtime_env or build_runtime_env(),
                              submission_id=submission_id, metadata=metadata or {"bamray": "1"})
 
 
 def follow_logs(address: str, job_id: str) -> None:
     """Print the job's logs as they arrive until it ends (``tail_job_logs`` is an async generator)."""
-    from ray.job_submission import JobSubmissionClient
+    client = job_client(address)
 
     async def tail() -> None:
-        async for lines in JobSubmissionClient(address).tail_job_logs(job_id):
+        async for lines in client.tail_job_logs(job_id):
             sys.stdout.write(lines)
             sys.stdout.flush()
 
@@ -89,9 +107,7 @@ def follow_logs(address: str, job_id: str) -> None:
 
 def wait_for_job(address: str, job_id: str, timeout_s: float | None = None, poll_s: float = 2.0) -> str:
     """Poll until the job is SUCCEEDED / FAILED / STOPPED; returns that status (TimeoutError otherwise)."""
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(address)
+    client = job_client(address)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
         status = str(client.get_job_status(job_id).value)

@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -403,7 +404,21 @@ def serve_ui(uri: str, port: int = 5000) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
     cmd = ui_command(uri, port)
     print(f"MLflow UI for {uri}\n  open http://127.0.0.1:{port}  (Ctrl-C to stop)", flush=True)
+    proc = subprocess.Popen(cmd)
+
+    def stop(signum: int, frame: object) -> None:
+        # A SIGTERM to `bamray ui` must not orphan the server (it would keep the port and the store open).
+        proc.terminate()
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        return subprocess.call(cmd)
+        return proc.wait()
     except KeyboardInterrupt:
+        proc.terminate()
         return 0
+    finally:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        signal.signal(signal.SIGTERM, previous)

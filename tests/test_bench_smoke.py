@@ -1,0 +1,76 @@
+"""Smoke test of the performance suite: its smallest mode runs and writes a valid results file.
+
+Not a timing assertion (figures on a shared 2-core box are noise at this size): it checks that the
+suite runs end to end on real Ray and real Fashion-MNIST shards, that the JSON holds every raw repeat
+with consistent summaries, that BAM's fused loss was checked equal to the loop form, and that the
+markdown table is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # bench/ is a dev tool, not part of the installed bamray package
+    sys.path.insert(0, str(REPO))
+
+
+def test_cli_rejects_unknown_section_and_device():
+    from bench.runner import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--only", "loss,warp"])
+    with pytest.raises(SystemExit):
+        parse_args(["--device", "tpu"])
+    args = parse_args(["--only", "sweep", "--device", "cuda:1", "--quick"])
+    assert args.only == ["sweep"] and args.device == "cuda:1" and args.quick
+
+
+def test_quick_mode_writes_valid_json(tmp_path, fmnist_src):
+    out_dir = tmp_path / "results"
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", BAMRAY_FMNIST_SRC=str(fmnist_src))
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "loss,data", "--out", str(out_dir)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    files = list(out_dir.glob("*.json"))
+    assert len(files) == 1, files
+    name = files[0].name
+    assert name[:10].count("-") == 2 and name.endswith("cpu.json"), name  # <YYYY-MM-DD>-<host>-<N>cpu.json
+    doc = json.loads(files[0].read_text())
+    assert doc["quick"] is True and doc["device"] == "cpu"
+    assert set(doc["sections"]) == {"loss", "data"}
+    for sec_name, sec in doc["sections"].items():
+        assert sec["error"] is None and sec["skipped"] is None, (sec_name, sec["error"] or sec["skipped"])
+        assert sec["figures"], sec_name
+        for fig in sec["figures"]:
+            raw = fig["raw"]
+            assert raw and all(math.isfinite(v) and v >= 0 for v in raw), fig["name"]
+            assert fig["min"] == min(raw) and fig["max"] == max(raw), fig["name"]
+            assert fig["min"] <= fig["median"] <= fig["max"], fig["name"]
+            if fig["baseline"] is not None:
+                assert fig["ratio"] > 0 and any(f["name"] == fig["baseline"] for f in sec["figures"])
+
+    loss = doc["sections"]["loss"]
+    names = {f["name"] for f in loss["figures"]}
+    for kind in ("bam", "bam_loop", "dino", "simclr"):
+        assert any(n.startswith(f"{kind} fwd+bwd") for n in names), kind
+    # The fused BAM reduction was asserted equal to the loop form before being timed.
+    assert loss["derived"]["bam_fused_vs_loop_max_grad_rel_diff"] <= 1e-5
+    assert loss["derived"]["bam_fused_vs_loop_max_loss_abs_diff"] <= 1e-5
+    # Peak memory grows with the crops (8 views vs 2 at the same batch): the measurement sees torch.
+    mem = {f["name"]: f["median"] for f in loss["figures"] if "peak mem" in f["name"]}
+    assert mem["bam peak mem 2g+6l B=32"] > mem["bam peak mem 2g B=32"] > 0
+
+    data = doc["sections"]["data"]
+    assert any(f["name"].startswith("Ray Data multi-crop") and f["baseline"] for f in data["figures"])
+
+    assert "| section | figure | median | min | max |" in proc.stdout
+    assert str(files[0]) in proc.stdout

@@ -1,0 +1,256 @@
+"""`bamray train` end to end on a real local Ray cluster with a real MLflow SQLite store.
+
+Tiny but real: a 2-block ViT-Tiny (patch 4) on 16-px crops of 256 Fashion-MNIST images (plus one
+corrupt PNG row injected into the shards), batch 32, 2 epochs. In-process runs reuse the module's Ray
+(``ray_local``); the concurrency and killed-driver tests run ``python -m orchestrator train`` as separate
+driver processes connected to the same cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from orchestrator import checkpointing as ckpt
+from orchestrator import tracking
+from orchestrator.config import load_config
+from orchestrator.train import run_training
+from trainers.options import flatten
+
+pytestmark = pytest.mark.ray
+
+N_TRAIN, N_TEST, BATCH = 256, 128, 32
+
+
+def _overrides(shards: Path, storage: Path, uri: str, workers: int = 2, **extra) -> list[str]:
+    base = {
+        "data.path": str(shards), "model.backbone_kwargs": "{depth: 2}", "data.global_crop_size": 16,
+        "data.local_crop_size": 8, "data.local_crops": 2, "method.top_k_sink": 0, "method.proj_hidden_dim": 64,
+        "method.proj_out_dim": 32, "optim.batch_size": BATCH, "optim.epochs": 2, "train.workers": workers,
+        "data.map_cpus": 0.5, "data.map_batch_size": 64, "data.local_shuffle_buffer": 0,
+        "train.storage_path": str(storage), "tracking.tracking_uri": uri, "eval.linear_epochs": 5,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, fmnist_src) -> Path:
+    """Prepared shards plus one undecodable PNG row (index N_TRAIN) in an extra train part."""
+    from data.sources import SCHEMA, prepare_fashion_mnist
+
+    out = tmp_path_factory.mktemp("fmnist") / "fashion-mnist"
+    prepare_fashion_mnist(out, src_dir=str(fmnist_src), limit=N_TRAIN, test_limit=N_TEST)
+    bad = pa.table({"image": pa.array([b"\x89PNG\r\n\x1a\n-truncated-garbage"], pa.binary()),
+                    "label": pa.array([3], pa.int64()), "index": pa.array([N_TRAIN], pa.int64())}, schema=SCHEMA)
+    pq.write_table(bad, out / "train" / "part-09999.parquet")
+    return out
+
+
+@pytest.fixture(scope="module")
+def storage():
+    """Ray Train storage in a short /tmp path (socket / path length limits)."""
+    d = tempfile.mkdtemp(prefix="bt", dir="/tmp")
+    yield Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _history(c, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in c.get_metric_history(run_id, key))
+
+
+def _steps(c, run_id: str, key: str) -> list[int]:
+    return [s for s, _ in _history(c, run_id, key)]
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_local, shards, storage, tmp_path_factory):
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlf') / 'mlflow.db'}"
+    cfg = load_config("bam_fmnist", _overrides(shards, storage, uri))
+    out = run_training(cfg)
+    return cfg, out
+
+
+def test_two_worker_run_is_tracked_end_to_end(finished_run):
+    cfg, out = finished_run
+    assert out["status"] == "FINISHED", out.get("reason")
+    c = tracking.client(out["tracking_uri"])
+    run = c.get_run(out["run_id"])
+    assert run.info.status == "FINISHED"
+    # every resolved config value is a param; tags carry commit, versions, method
+    assert set(run.data.params) == set(flatten(cfg.to_dict()))
+    assert run.data.params["optim.batch_size"] == str(BATCH) and run.data.params["train.workers"] == "2"
+    assert run.data.tags["method"] == "bam" and run.data.tags["version.ray"] == "2.60.0"
+    assert run.data.tags["git_commit"] != "unknown" and run.data.tags["bamray.start_epoch"] == "0"
+
+    spe = N_TRAIN // (BATCH * 2)  # 4 steps per epoch: the corrupt row is dropped, not padded in
+    assert _steps(c, out["run_id"], "loss") == list(range(1, 2 * spe + 1))
+    assert all(np.isfinite(v) for _, v in _history(c, out["run_id"], "loss"))
+    for key in ("lr", "weight_decay", "teacher_momentum", "images_per_sec", "epoch"):
+        assert _steps(c, out["run_id"], key) == list(range(1, 2 * spe + 1)), key
+    # schedules: lr warms up over epoch 1 (linear from 0), teacher momentum rises towards 1
+    lrs = [v for _, v in _history(c, out["run_id"], "lr")]
+    assert lrs[0] == 0.0 and lrs[spe] == pytest.approx(cfg.optim.lr * BATCH * 2 / 256, rel=1e-6)
+    moms = [v for _, v in _history(c, out["run_id"], "teacher_momentum")]
+    assert moms[0] == pytest.approx(0.995) and all(b >= a for a, b in zip(moms, moms[1:]))
+
+    # one k-NN per epoch, computed over the whole (all-gathered) bank: well above chance (10 %)
+    knn = _history(c, out["run_id"], "knn_top1")
+    assert [s for s, _ in knn] == [spe, 2 * spe]
+    assert all(20.0 < v <= 100.0 for _, v in knn)
+    assert [v for _, v in _history(c, out["run_id"], "knn_top5")] >= [v for _, v in knn]
+    # the corrupt row was counted, and the run went on
+    assert _history(c, out["run_id"], "data_corrupt_skipped")[-1] == (2 * spe, 1.0)
+
+    names = {a.path for a in c.list_artifacts(out["run_id"], "final")}
+    assert names == {"final/backbone.safetensors", "final/config.yaml"}
+    assert {a.path for a in c.list_artifacts(out["run_id"], "best_knn")} == {"best_knn/backbone.safetensors",
+                                                                             "best_knn/config.yaml"}
+    assert [a.path for a in c.list_artifacts(out["run_id"], "crops")] == ["crops/first_batch.png"]
+    assert c.get_metric_history(out["run_id"], "best_knn_top1")[0].value == max(v for _, v in knn)
+
+    # the final checkpoint: loadable with weights_only, points back at the MLflow run
+    state = ckpt.load_training_state(out["checkpoint"])
+    assert state["epoch"] == 2 and state["engine"]["step"] == 2 * spe and state["mlflow_run_id"] == out["run_id"]
+    assert ckpt.load_rng_state(out["checkpoint"], 0) is not None and ckpt.load_rng_state(out["checkpoint"], 1)
+
+
+def test_exported_backbone_rebuilds_and_linear_eval_cli_logs(finished_run, tmp_path):
+    import mlflow.artifacts
+
+    cfg, out = finished_run
+    local = mlflow.artifacts.download_artifacts(run_id=out["run_id"], artifact_path="final", dst_path=str(tmp_path),
+                                                tracking_uri=out["tracking_uri"])
+    model, rcfg = ckpt.load_backbone(local)
+    assert rcfg.model.backbone == cfg.model.backbone
+    with torch.no_grad():
+        feats = model(torch.zeros(2, 1, 16, 16))
+    assert feats.shape == (2, model.num_features)
+
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "eval", "linear", "--run", out["run_id"],
+                           "--tracking-uri", out["tracking_uri"], "--epochs", "5"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    c = tracking.client(out["tracking_uri"])
+    top1 = c.get_metric_history(out["run_id"], "linear_top1")
+    assert len(top1) == 1 and 10.0 < top1[0].value <= 100.0  # 10 classes: chance is 10 %
+    assert len(c.get_metric_history(out["run_id"], "linear_val_top1")) == 5
+    assert top1[0].value == max(m.value for m in c.get_metric_history(out["run_id"], "linear_val_top1"))
+
+
+def test_worker_failure_restarts_from_last_checkpoint(ray_local, shards, storage, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spe = N_TRAIN // (BATCH * 2)
+    fail_at = spe + 2  # the middle of epoch 2, after the epoch-1 checkpoint
+    cfg = load_config("bam_fmnist", _overrides(shards, storage, uri, **{"train.fail_at_step": fail_at,
+                                                                         "train.max_failures": 1}))
+    out = run_training(cfg)
+    assert out["status"] == "FINISHED", out.get("reason")
+    assert (Path(out["ray_run_dir"]) / ".fail_at_step.fired").read_text().startswith(f"fired at step {fail_at}")
+    assert out["worker_result"]["start_epoch"] == 1  # the restarted group resumed from the epoch-1 checkpoint
+    c = tracking.client(uri)
+    # every step and every epoch metric exactly once, although epoch 2 was partly run twice
+    assert _steps(c, out["run_id"], "loss") == list(range(1, 2 * spe + 1))
+    assert _steps(c, out["run_id"], "knn_top1") == [spe, 2 * spe]
+    assert _steps(c, out["run_id"], "epoch_loss") == [spe, 2 * spe]
+    assert c.get_run(out["run_id"]).data.tags["bamray.start_epoch"] == "1"
+    state = ckpt.load_training_state(out["checkpoint"])
+    assert state["epoch"] == 2 and state["engine"]["step"] == 2 * spe
+
+
+def test_nan_loss_fails_the_run_and_keeps_the_last_good_checkpoint(ray_local, shards, storage, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spe = N_TRAIN // (BATCH * 2)
+    nan_at = spe + 1
+    cfg = load_config("bam_fmnist", _overrides(shards, storage, uri, **{"train.nan_at_step": nan_at,
+                                                                         "train.max_failures": 2}))
+    out = run_training(cfg)
+    assert out["status"] == "FAILED"
+    c = tracking.client(uri)
+    run = c.get_run(out["run_id"])
+    assert run.info.status == "FAILED"
+    assert "non-finite loss" in run.data.tags[tracking.TAG_FAILURE] and f"step {nan_at}" in run.data.tags[
+        tracking.TAG_FAILURE]
+    assert _history(c, out["run_id"], "nan_detected") == [(nan_at, 1.0)]
+    # not retried: one attempt, steps logged up to the NaN step and never again
+    assert out["worker_result"]["start_epoch"] == 0
+    assert _steps(c, out["run_id"], "loss") == list(range(1, nan_at + 1))
+    assert not c.list_artifacts(out["run_id"], "final")
+    # the epoch-1 checkpoint is still there, loadable, with finite weights
+    state = ckpt.load_training_state(out["checkpoint"])
+    assert state["epoch"] == 1 and state["engine"]["step"] == spe
+    assert all(torch.isfinite(t).all() for t in state["engine"]["method"].values() if t.is_floating_point())
+
+
+def _driver_env(ray_local, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "RAY_USAGE_STATS_ENABLED": "0"})
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(extra or {})
+    return env
+
+
+def _train_cmd(overrides: list[str], *extra: str) -> list[str]:
+    cmd = [sys.executable, "-m", "orchestrator", "train", *extra]
+    for o in overrides:
+        cmd += ["--set", o]
+    return cmd
+
+
+def test_two_concurrent_runs_share_one_fresh_store(ray_local, shards, storage, tmp_path):
+    """Two drivers start at the same moment on a fresh SQLite store (schema creation race) and log at
+    the same time: both FINISHED, no metric missing or doubled, no 'database is locked'."""
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    ov = _overrides(shards, storage, uri, workers=1)
+    procs = [subprocess.Popen(_train_cmd(ov, "--config", "bam_fmnist"), env=_driver_env(ray_local),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+        assert "database is locked" not in log
+    c = tracking.client(uri)
+    runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    spe = N_TRAIN // BATCH
+    for r in runs:
+        assert _steps(c, r.info.run_id, "loss") == list(range(1, 2 * spe + 1))
+        assert _steps(c, r.info.run_id, "knn_top1") == [spe, 2 * spe]
+        assert len(r.data.params) == len(flatten(load_config("bam_fmnist", ov).to_dict()))
+
+
+def test_resume_after_killed_driver_continues_the_same_run(ray_local, shards, storage, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ov = _overrides(shards, storage, uri, workers=1)
+    first = subprocess.run(_train_cmd(ov, "--config", "bam_fmnist"), capture_output=True, text=True, timeout=600,
+                           env=_driver_env(ray_local, {"BAMRAY_TEST_EXIT_DRIVER_AFTER_EPOCHS": "1"}))
+    assert first.returncode == 17, (first.stdout + first.stderr)[-4000:]  # killed after the epoch-1 checkpoint
+    c = tracking.client(uri)
+    (run,) = c.search_runs([e.experiment_id for e in c.search_experiments()])
+    run_id = run.info.run_id
+    assert run.info.status == "RUNNING"  # nobody marked it: the driver died
+    spe = N_TRAIN // BATCH
+    assert _steps(c, run_id, "knn_top1") == [spe]
+
+    # --resume without --config: the run's own config.yaml artifact; Ray/MLflow locations on the line
+    second = subprocess.run([sys.executable, "-m", "orchestrator", "train", "--resume", run_id,
+                             "--tracking-uri", uri], capture_output=True, text=True, timeout=600,
+                            env=_driver_env(ray_local))
+    assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
+    runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
+    assert [r.info.run_id for r in runs] == [run_id]  # one MLflow run, continued
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["bamray.start_epoch"] == "1"  # Ray Train resumed from the epoch-1 checkpoint
+    assert _steps(c, run_id, "knn_top1") == [spe, 2 * spe]
+    assert _steps(c, run_id, "loss") == list(range(1, 2 * spe + 1))
+    assert {a.path for a in c.list_artifacts(run_id, "final")} == {"final/backbone.safetensors", "final/config.yaml"}

@@ -22,7 +22,6 @@ import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from data.config import DataConfig
+from trainers.fileio import atomic_write
 
 FORMAT = "bamray-shards-v1"
 SPLITS = ("train", "test")
@@ -151,7 +151,7 @@ class ShardWriter:
             schema=SCHEMA,
         )
         name = f"part-{len(self._parts):05d}.parquet"
-        _atomic_write(self.dir / name, lambda tmp: pq.write_table(table, tmp, compression="none"))
+        atomic_write(self.dir / name, lambda tmp: pq.write_table(table, tmp, compression="none"))
         self._parts.append(name)
         self.count += n
         self._images, self._labels = [], []
@@ -162,18 +162,6 @@ class ShardWriter:
             if old.name not in self._parts:
                 old.unlink()
         return self.count
-
-
-def _atomic_write(dest: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _begin(out_dir: str | Path) -> Path:
@@ -213,7 +201,7 @@ def _finish(out: Path, name: str, class_names: list[str], writers: dict[str, Sha
         with open(tmp, "w") as f:
             f.write(text + "\n")
 
-    _atomic_write(out / "meta.json", write)
+    atomic_write(out / "meta.json", write)
     return meta
 
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,8 @@ import torch
 import yaml
 from safetensors.torch import load_model, save_model
 from torch import nn
+
+from trainers.fileio import atomic_write  # noqa: F401 - re-exported: checkpoints are written through it
 
 STATE_FILE = "state.pt"
 BACKBONE_FILE = "backbone.safetensors"
@@ -43,22 +43,7 @@ def rng_file(rank: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- atomic io
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` then ``os.replace`` it onto ``path`` (same directory, so same filesystem)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
+# atomic_write (trainers.fileio) is re-exported here: checkpoints are written through it.
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 

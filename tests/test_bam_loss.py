@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 
 import pytest
 import torch
@@ -484,6 +485,10 @@ def _bam_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         torch.save(results, f"{out_dir}/bam_rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    # Skip interpreter teardown: after an autograd all_gather, torch 2.14's static destructors abort
+    # ("terminate called without an active exception") in about 1 run in 5 on this machine and in CI.
+    # Results are already saved; a failure above still raises and exits non-zero.
+    os._exit(0)
 
 
 def test_two_workers_of_batch_4_equal_one_worker_of_batch_8(tmp_path):
@@ -510,6 +515,10 @@ def _local_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         torch.save((z, loss.item()), f"{out_dir}/local_rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    # Skip interpreter teardown: after an autograd all_gather, torch 2.14's static destructors abort
+    # ("terminate called without an active exception") in about 1 run in 5 on this machine and in CI.
+    # Results are already saved; a failure above still raises and exits non-zero.
+    os._exit(0)
 
 
 

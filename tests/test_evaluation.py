@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -264,6 +265,10 @@ def _knn_worker(rank: int, world: int, init_file: str, shards: list, num_classes
         torch.save({"res": res, "gathered": gathered}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    # Skip interpreter teardown: after an autograd all_gather, torch 2.14's static destructors abort
+    # ("terminate called without an active exception") in about 1 run in 5 on this machine and in CI.
+    # Results are already saved; a failure above still raises and exits non-zero.
+    os._exit(0)
 
 
 def test_knn_evaluate_two_gloo_processes_equal_single_process(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -324,6 +325,10 @@ def _dist_worker(
         )
     finally:
         dist.destroy_process_group()
+    # Skip interpreter teardown: after an autograd all_gather, torch 2.14's static destructors abort
+    # ("terminate called without an active exception") in about 1 run in 5 on this machine and in CI.
+    # Results are already saved; a failure above still raises and exits non-zero.
+    os._exit(0)
 
 
 def test_two_workers_match_one_worker(tmp_path):

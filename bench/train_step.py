@@ -70,16 +70,16 @@ def bare_run(ctx: BenchContext, overrides: dict[str, Any], steps: int) -> list[t
     return out
 
 
-def bare_loop(cfg, device: str, max_steps: int, on_step: Callable[[int, float, float], None] | None = None) -> dict:
-    """The plain alternative: model + Engine + DataLoader in one process, no Ray, no MLflow.
-
-    ``on_step(step, seconds_since_previous_step_end, seconds_waiting_for_data)`` after every step."""
+def build_bare(cfg, device: str) -> dict[str, Any]:
+    """Model + ``Engine`` + ``DataLoader`` for ``cfg`` in this process (no Ray, no MLflow): the plain
+    alternative shared by the step bench and ``bench.knn_gain``. Returns ``dataset, method, engine, loader,
+    batch, steps_per_epoch, device``."""
     from torch.utils.data import DataLoader
 
     from data.pipeline import MultiCropTorchDataset, collate_batch
     from orchestrator.train import resolve_precision
     from trainers.backbones import build_backbone
-    from trainers.engine import Engine, crops_from_batch
+    from trainers.engine import Engine
     from trainers.methods import MethodContext, get_method
 
     dev = torch.device(device)
@@ -98,8 +98,20 @@ def bare_loop(cfg, device: str, max_steps: int, on_step: Callable[[int, float, f
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=collate_batch,
                         drop_last=True, pin_memory=dev.type == "cuda",
                         prefetch_factor=max(cfg.data.prefetch_batches, 1) if workers > 0 else None)
+    return {"dataset": dataset, "method": method, "engine": engine, "loader": loader, "batch": batch,
+            "steps_per_epoch": steps, "device": dev}
+
+
+def bare_loop(cfg, device: str, max_steps: int, on_step: Callable[[int, float, float], None] | None = None) -> dict:
+    """The plain alternative: model + Engine + DataLoader in one process, no Ray, no MLflow.
+
+    ``on_step(step, seconds_since_previous_step_end, seconds_waiting_for_data)`` after every step."""
+    from trainers.engine import crops_from_batch
+
+    bare = build_bare(cfg, device)
+    method, engine, dev = bare["method"], bare["engine"], bare["device"]
     t_prev = time.perf_counter()
-    it = iter(loader)
+    it = iter(bare["loader"])
     for i in range(max_steps):
         b = next(it)
         t_data = time.perf_counter()
@@ -111,7 +123,7 @@ def bare_loop(cfg, device: str, max_steps: int, on_step: Callable[[int, float, f
         if on_step is not None:
             on_step(i + 1, now - t_prev, t_data - t_prev)
         t_prev = now
-    return {"steps": max_steps, "batch": batch}
+    return {"steps": max_steps, "batch": bare["batch"]}
 
 
 def ray_run(ctx: BenchContext, cfg, uri: str) -> dict[str, list[float]]:

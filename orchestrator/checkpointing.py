@@ -33,6 +33,8 @@ from torch import nn
 from trainers.fileio import atomic_write  # noqa: F401 - re-exported: checkpoints are written through it
 
 STATE_FILE = "state.pt"
+#: the epoch a checkpoint was written after, readable without loading the weights (PBT tags, listings)
+EPOCH_FILE = "epoch.json"
 BACKBONE_FILE = "backbone.safetensors"
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_FORMAT = 1
@@ -106,7 +108,16 @@ def save_training_state(
         "config": config,
         "extra": dict(extra or {}),
     }
-    return atomic_torch_save(state, Path(directory) / STATE_FILE)
+    out = atomic_torch_save(state, Path(directory) / STATE_FILE)
+    atomic_write(Path(directory) / EPOCH_FILE, lambda tmp: Path(tmp).write_text(f'{{"epoch": {int(epoch)}}}\n'))
+    return out
+
+
+def read_checkpoint_epoch(directory: str | os.PathLike) -> int:
+    """Completed epochs of the checkpoint in ``directory`` (from its small ``epoch.json``)."""
+    import json
+
+    return int(json.loads((Path(directory) / EPOCH_FILE).read_text())["epoch"])
 
 
 def save_rng_state(directory: str | os.PathLike, rank: int) -> Path:

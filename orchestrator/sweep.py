@@ -25,7 +25,18 @@ settings, parent run id) is stored in ``<storage>/<NAME>/bamray_sweep.json``.
 ASHA stops a trial at ``grace_period * reduction_factor**k`` epochs when its ``knn_top1`` is below the
 rung's ``1 - 1/reduction_factor`` quantile; ``stop_last_trials=False`` lets a trial that reaches
 ``max_t = epochs`` finish on its own (so its driver logs the final artifacts) instead of being killed
-on its last report. PBT is refused before launch: see :func:`_check_scheduler`.
+on its last report.
+
+PBT (``--scheduler pbt``, synchronous ``PopulationBasedTraining``): every ``--perturbation-interval``
+epochs the whole population pauses; the bottom ``--quantile-fraction`` of trials (by ``knn_top1``) take
+a copy of a top trial's checkpoint and continue with mutated params (continuous params x 0.8 / 1.2 or
+resampled, clipped to the space's range; discrete ones moved to a neighbouring value or resampled). For
+that the driver relays every Train checkpoint to Tune (``ray.tune.report(..., checkpoint=...)``, see
+:func:`_fit_relaying_checkpoints`), and a restarted driver (``ray.tune.get_checkpoint()`` set) starts a
+NEW Train run named ``train-<trial_id>-<hash of that checkpoint>`` whose workers load it as their initial
+state (``init_checkpoint``), with the trial's new params and its own MLflow run. Only params that keep
+the weights' shapes may be perturbed (``model.*``, ``data.*`` and ``*_dim`` are refused). Each
+perturbation restarts every trial's Train run: worth it when epochs are long, not for toy runs.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -74,6 +86,8 @@ class SweepSettings:
     max_concurrent: int = 2
     grace_period: int = 1
     reduction_factor: float = 2.0
+    perturbation_interval: int = 1
+    quantile_fraction: float = 0.25
     driver_cpus: float = 0.25
     seed: int | None = None
     storage_path: str = ""
@@ -140,15 +154,30 @@ def _trial_overrides(sampled: dict[str, Any], base: dict[str, Any], space: Searc
 def _check_scheduler(scheduler: str) -> None:
     if scheduler not in SCHEDULERS:
         raise ConfigError("--scheduler", f"got {scheduler!r}; allowed: {list(SCHEDULERS)}")
-    if scheduler == "pbt":
-        raise ConfigError(
-            "--scheduler",
-            "pbt is not available: Population Based Training clones a good trial's Tune checkpoint into a "
-            "worse trial and continues it with mutated params. That needs (1) Tune-level checkpoints from "
-            "the trial driver (ray.tune.report(..., checkpoint=...)) and (2) a Train run that STARTS from a "
-            "donor checkpoint; Ray Train V2 removed resume_from_checkpoint and "
-            "orchestrator.train.build_trainer has no initial-checkpoint argument, so (2) is missing. "
-            "Use --scheduler asha (early stopping) or fifo.")
+
+
+#: PBT copies weights between trials, so it may only perturb params that keep every tensor's shape.
+PBT_REFUSED_PREFIXES = ("model.", "data.", "train.workers", "optim.batch_size", "optim.epochs")
+
+
+def check_pbt(space: SearchSpace, cfg: ExperimentConfig, search: str, perturbation_interval: int,
+              quantile_fraction: float) -> None:
+    """PBT-specific checks, before launch: the search, the space's params, the intervals."""
+    if search == "optuna":
+        raise ConfigError("--search", "pbt chooses the next params itself (exploit + explore); use random or grid")
+    for key in space.params:
+        if key.startswith(PBT_REFUSED_PREFIXES) or key.endswith("_dim"):
+            raise ConfigError(f"space.{key}", "pbt cannot perturb it: a trial continues from another trial's "
+                                              "weights, which must keep their shapes and data layout")
+    epochs, freq = cfg.optim.epochs, cfg.train.checkpoint_freq
+    if not 1 <= perturbation_interval < epochs:
+        raise ConfigError("--perturbation-interval", f"got {perturbation_interval}; must be in [1, optim.epochs - 1 = "
+                                                     f"{epochs - 1}]")
+    if perturbation_interval % freq:
+        raise ConfigError("--perturbation-interval", f"got {perturbation_interval}; must be a multiple of "
+                                                     f"train.checkpoint_freq={freq} (PBT clones checkpoints)")
+    if not 0 < quantile_fraction <= 0.5:
+        raise ConfigError("--quantile-fraction", f"got {quantile_fraction}; must be in (0, 0.5]")
 
 
 def _trial_epochs(trial_config: dict[str, Any], base: dict[str, Any]) -> int:
@@ -215,7 +244,11 @@ def trial_driver(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     params, merged = _trial_overrides(config, ctx["base"], space)
     cfg = config_from_dict(merged)  # a bad combination errors this trial with the field named
     uri, parent = ctx["tracking_uri"], ctx["parent_run_id"]
-    train_name = f"train-{trial_id}"
+    relay = bool(ctx.get("relay_checkpoints"))
+    init = tune.get_checkpoint() if relay else None
+    # A Tune-level restart (PBT exploit/pause, trial retry) starts a NEW Train run from the Tune checkpoint:
+    # reusing the old name would make Ray Train resume that run's own latest checkpoint instead.
+    train_name = f"train-{trial_id}" + (f"-{hashlib.sha1(init.path.encode()).hexdigest()[:8]}" if init else "")
 
     existing = _child_runs(uri, ctx["experiment_id"], parent).get(trial_id)
     if existing is not None:
@@ -229,10 +262,22 @@ def trial_driver(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         tracking.log_params(uri, run_id, flatten(cfg.to_dict()))
         tracking.log_tags(uri, run_id, {"bamray.sampled": json.dumps(params, sort_keys=True)})
         _log_config_artifact(uri, run_id, cfg)
+    if relay:
+        # MLflow params are immutable: PBT's changing params are a tag per Train run + a curve per param.
+        epoch = _checkpoint_epoch(init)
+        tracking.log_tags(uri, run_id, {TAG_RAY_RUN_PREFIX + train_name: json.dumps(
+            {"params": params, "from_epoch": epoch, "init_checkpoint": init.path if init else None}, sort_keys=True),
+            tracking.TAG_RAY_RUN: train_name})
+        numeric = {f"param.{k}": float(v) for k, v in params.items() if isinstance(v, (int, float))}
+        if numeric:
+            tracking.log_metrics(uri, run_id, numeric, step=epoch)
     try:
-        trainer = build_trainer(cfg, run_name=train_name, storage_path=ctx["train_storage"], mlflow_run_id=run_id,
-                                tracking_uri=uri, callbacks=[TuneReportCallback()])
-        result = trainer.fit()
+        if relay:
+            result = _fit_relaying_checkpoints(cfg, train_name, ctx, run_id, init)
+        else:
+            trainer = build_trainer(cfg, run_name=train_name, storage_path=ctx["train_storage"], mlflow_run_id=run_id,
+                                    tracking_uri=uri, callbacks=[TuneReportCallback()])
+            result = trainer.fit()
         ret = result.return_value or {}
         if ret.get("status") == "nan":
             raise NonFiniteTrialError(ret.get("reason", "non-finite loss"))
@@ -251,6 +296,75 @@ def trial_driver(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             tracking.log_tags(uri, run_id, {TAG_TRIAL_STATUS: "failed"})
             tracking.finish_run(uri, run_id, "FAILED", f"{type(err).__name__}: {err}")
         raise
+
+
+TAG_RAY_RUN_PREFIX = "bamray.pbt.train_run."
+
+
+def _checkpoint_epoch(checkpoint: Any) -> int:
+    """The epoch a Train checkpoint was written after (0 for none); read from its ``state.json``."""
+    if checkpoint is None:
+        return 0
+    from orchestrator import checkpointing as ckpt
+
+    with checkpoint.as_directory() as d:
+        return int(ckpt.read_checkpoint_epoch(d))
+
+
+def _relay_callback_cls():
+    """Built lazily (Ray import). Runs in the Train controller: forwards each report's rank-0 metrics AND
+    its checkpoint to the trial driver, which hands both to Tune (PBT clones Tune-level checkpoints;
+    ``TuneReportCallback`` forwards metrics only)."""
+    from ray.train import UserCallback
+
+    class TuneCheckpointRelay(UserCallback):
+        def __init__(self, queue: Any):
+            self.queue = queue
+
+        def after_report(self, run_context: Any, metrics: list, checkpoint: Any) -> None:
+            item = dict(metrics[0])
+            if checkpoint is not None:
+                item["checkpoint_path"] = checkpoint.path
+            self.queue.put((item, checkpoint))
+
+    return TuneCheckpointRelay
+
+
+def _fit_relaying_checkpoints(cfg: ExperimentConfig, train_name: str, ctx: dict[str, Any], run_id: str,
+                              init: Any) -> Any:
+    """``trainer.fit()`` in a thread while this (the trial's) thread reports every relayed epoch to Tune
+    with its checkpoint: ``ray.tune.report`` must run in the trial's own thread, and it blocks until Tune
+    has taken the result, which must not stall training."""
+    import threading
+
+    from ray import tune
+    from ray.util.queue import Queue
+
+    from orchestrator.train import build_trainer
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    trainer = build_trainer(cfg, run_name=train_name, storage_path=ctx["train_storage"], mlflow_run_id=run_id,
+                            tracking_uri=ctx["tracking_uri"], callbacks=[_relay_callback_cls()(queue)],
+                            init_checkpoint=init)
+    box: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the trial's thread below
+            box["error"] = err
+        finally:
+            queue.put(None)
+
+    thread = threading.Thread(target=fit, name="bamray-train-fit", daemon=True)
+    thread.start()
+    while (item := queue.get()) is not None:
+        metrics, checkpoint = item
+        tune.report(metrics, checkpoint=checkpoint)
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 # ================================================================================================ Tune callback
@@ -295,12 +409,41 @@ def _tune_callback_cls():
 
 
 # ================================================================================================ Tune objects
-def _scheduler(settings: SweepSettings, epochs: int):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def _pbt_mutations(space: SearchSpace) -> dict[str, Any]:
+    """PBT's ``hyperparam_mutations``: continuous params resample from their domain, discrete ones from
+    their values (PBT then moves them to a neighbouring value or resamples)."""
+    out: dict[str, Any] = {}
+    for key, p in space.params.items():
+        out[key] = p.grid_values() if p.discrete else p.to_tune("random")
+    return out
+
+
+def _pbt_explore(space: SearchSpace):
+    """PBT's ``custom_explore_fn``: keep perturbed values (x 0.8 / x 1.2) inside the space's range, so a
+    trial never fails validation because of an exploration step."""
+    def explore(config: dict[str, Any]) -> dict[str, Any]:
+        for key, p in space.params.items():
+            if key in config and not p.discrete:
+                config[key] = float(min(max(config[key], p.low), p.high))
+        return config
+    return explore
+
+
+def _scheduler(settings: SweepSettings, epochs: int, space: SearchSpace | None = None):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     _check_scheduler(settings.scheduler)
     if settings.scheduler == "fifo":
         return FIFOScheduler()
+    if settings.scheduler == "pbt":
+        assert space is not None
+        # synch=True: the whole population is compared at the same epoch, so decisions do not depend on
+        # which trial happened to report first (asynchronous PBT skips exploits whose donor has not been
+        # checkpointed yet).
+        return PopulationBasedTraining(time_attr=TIME_ATTR, perturbation_interval=settings.perturbation_interval,
+                                       hyperparam_mutations=_pbt_mutations(space),
+                                       quantile_fraction=settings.quantile_fraction,
+                                       custom_explore_fn=_pbt_explore(space), synch=True)
     if settings.grace_period > epochs:
         raise ConfigError("--grace-period", f"got {settings.grace_period}; must be in [1, optim.epochs={epochs}]")
     return ASHAScheduler(time_attr=TIME_ATTR, max_t=epochs, grace_period=settings.grace_period,
@@ -339,7 +482,7 @@ def _driver_context(base: dict[str, Any], space: SearchSpace, settings: SweepSet
                     experiment_id: str, exp_path: str) -> dict[str, Any]:
     return {"base": base, "space": space.to_dict(), "name": settings.name, "tracking_uri": settings.tracking_uri,
             "experiment": settings.experiment, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
-            "train_storage": exp_path}
+            "train_storage": exp_path, "relay_checkpoints": settings.scheduler == "pbt"}
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -561,6 +704,8 @@ def run_sweep(
     *,
     grace_period: int = 1,
     reduction_factor: float = 2.0,
+    perturbation_interval: int = 1,
+    quantile_fraction: float = 0.25,
     driver_cpus: float = 0.25,
     seed: int | None = None,
     resume_errored: bool = False,
@@ -601,6 +746,8 @@ def run_sweep(
         overrides["train.gpus_per_worker"] = gpus_per_trial / max(workers, 1)
     cfg = config_from_dict(apply_overrides(base_cfg.to_dict(), overrides)) if overrides else base_cfg
     space = validate_space(space, cfg) if isinstance(space, SearchSpace) else load_space(space, cfg)
+    if scheduler == "pbt":
+        check_pbt(space, cfg, search, perturbation_interval, quantile_fraction)
 
     from orchestrator.train import prepare_data, steps_per_epoch
 
@@ -616,7 +763,8 @@ def run_sweep(
     uri = tracking.resolve_tracking_uri(tracking_uri or cfg.tracking.tracking_uri)
     settings = SweepSettings(name=name, trials=trials, scheduler=scheduler, search=search,
                              max_concurrent=max_concurrent, grace_period=grace_period,
-                             reduction_factor=reduction_factor, driver_cpus=driver_cpus, seed=seed,
+                             reduction_factor=reduction_factor, perturbation_interval=perturbation_interval,
+                             quantile_fraction=quantile_fraction, driver_cpus=driver_cpus, seed=seed,
                              storage_path=storage, tracking_uri=uri, experiment=cfg.tracking.experiment)
     base = cfg.to_dict()
     experiment_id = tracking.ensure_experiment(uri, settings.experiment)
@@ -627,6 +775,8 @@ def run_sweep(
         "num_samples": num_samples(space, trials, search), "max_concurrent": max_concurrent,
         "workers_per_trial": cfg.train.workers, "gpus_per_worker": cfg.train.gpus_per_worker,
         "grace_period": grace_period, "reduction_factor": reduction_factor, "seed": seed, "metric": METRIC,
+        **({"perturbation_interval": perturbation_interval, "quantile_fraction": quantile_fraction}
+           if scheduler == "pbt" else {}),
         "base_config": cfg.name, "epochs": cfg.optim.epochs})
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "space.yaml").write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
@@ -676,7 +826,7 @@ def _fit(meta_doc: dict[str, Any], exp_path: str, address: str | None, restore: 
                 trainable,
                 param_space=space.to_tune(settings.search),
                 tune_config=tune.TuneConfig(
-                    metric=METRIC, mode=MODE, scheduler=_scheduler(settings, cfg.optim.epochs),
+                    metric=METRIC, mode=MODE, scheduler=_scheduler(settings, cfg.optim.epochs, space),
                     search_alg=_search_alg(settings), num_samples=num_samples(space, settings.trials, settings.search),
                     # random/grid: the limit lives in the BasicVariantGenerator (see _search_alg);
                     # optuna: Tune wraps the Searcher in a ConcurrencyLimiter.
@@ -757,7 +907,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                         max_concurrent=args.max_concurrent, workers_per_trial=args.workers_per_trial,
                         gpus_per_trial=args.gpus_per_trial, storage_path=args.storage_path, name=args.name,
                         tracking_uri=args.tracking_uri, grace_period=args.grace_period,
-                        reduction_factor=args.reduction_factor, seed=args.seed, address=args.address)
+                        reduction_factor=args.reduction_factor, perturbation_interval=args.perturbation_interval,
+                        quantile_fraction=args.quantile_fraction, seed=args.seed, address=args.address)
     return 0 if (out["best_config"] is not None and not out["interrupted"]) else 1
 
 
@@ -772,7 +923,8 @@ def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--space", help="search space: shipped name (bam_sinkhorn, dino, byol, simclr, mae) or YAML path")
     s.add_argument("--trials", type=int, default=8, help="trials (grid search: repeats of the grid to reach it)")
     s.add_argument("--scheduler", choices=SCHEDULERS, default="asha",
-                   help="asha = early stopping on knn_top1 per epoch; fifo = none; pbt: refused, see the error")
+                   help="asha = early stopping on knn_top1 per epoch; pbt = population based training "
+                        "(synchronous; bottom trials clone top trials' checkpoints, params perturbed); fifo = none")
     s.add_argument("--search", choices=SEARCHES, default="random",
                    help="random sampling, optuna TPE, or grid over the discrete params")
     s.add_argument("--max-concurrent", type=int, default=2, help="trials running at once")
@@ -780,6 +932,10 @@ def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, split over its workers")
     s.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
     s.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: keep the top 1/rf at each rung")
+    s.add_argument("--perturbation-interval", type=int, default=1,
+                   help="PBT: epochs between exploit/explore steps (a multiple of train.checkpoint_freq)")
+    s.add_argument("--quantile-fraction", type=float, default=0.25,
+                   help="PBT: share of trials that clone a top trial (and of top trials they clone from)")
     s.add_argument("--seed", type=int, help="seed of the search algorithm (reproducible sampled params)")
     s.add_argument("--storage-path", help="Tune/Train storage: local path or s3:// / gs:// URI "
                                           "(default: train.storage_path of the config)")

@@ -38,6 +38,7 @@ import torch
 from orchestrator import checkpointing as ckpt
 from orchestrator import tracking
 from orchestrator.config import ExperimentConfig, config_from_dict
+from trainers.engine import normalise_uint8
 from trainers.options import ConfigError, flatten
 
 FMNIST_SRC = os.environ.get("BAMRAY_FMNIST_SRC", "/usr/share/datasets/fashion-mnist")
@@ -143,8 +144,13 @@ def build_trainer(
     mlflow_run_id: str | None,
     tracking_uri: str,
     callbacks: list | None = None,
+    init_checkpoint: Any = None,
 ):
     """A ``ray.train.torch.TorchTrainer`` for ``cfg`` (Ray must be initialised).
+
+    ``init_checkpoint`` (a ``ray.train.Checkpoint``, e.g. PBT's donor): the workers start from its
+    weights, optimiser and epoch when the run has no checkpoint of its own; the MLflow run and every
+    hyper-parameter come from ``cfg`` / ``mlflow_run_id``, not from the checkpoint.
 
     Datasets: ``train`` (multi-crop stream) and, for the online k-NN, ``knn_train`` / ``knn_val`` (clean
     centre crops); Ray splits each across the workers. ``callbacks`` go to ``RunConfig`` (a Tune trial
@@ -194,6 +200,7 @@ def build_trainer(
         "run_dir": run_dir,
         "knn": "knn_train" in datasets,
         "knn_prefetch": knn_cache_bytes(cfg, meta) <= KNN_CACHE_BYTES,
+        "init_checkpoint": init_checkpoint,
     }
     resources: dict[str, float] = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.gpus_per_worker > 0:
@@ -274,14 +281,6 @@ def _make_loss_hook(cfg: ExperimentConfig, world: int, rank: int):
     return hook
 
 
-def _normalise_images(images: torch.Tensor, mean, std, device: torch.device) -> torch.Tensor:
-    x = torch.as_tensor(images).to(device, non_blocking=True).float() / 255.0
-    c = x.shape[1]
-    m = torch.tensor(list(mean)[:c], device=device).view(1, c, 1, 1)
-    s = torch.tensor(list(std)[:c], device=device).view(1, c, 1, 1)
-    return (x - m) / s
-
-
 class EvalCache:
     """This worker's clean k-NN images (uint8, host memory), loaded once by a background thread that
     starts with training.
@@ -345,7 +344,7 @@ def _online_knn(method, cfg: ExperimentConfig, num_classes: int, device: torch.d
     model = method.eval_backbone()
 
     def features(name: str):
-        batches = ((_normalise_images(x, cfg.data.mean, cfg.data.std, device), y)
+        batches = ((normalise_uint8(x, cfg.data.mean, cfg.data.std, device), y)
                    for x, y in cache.batches(name, ray.train.get_dataset_shard(name)))
         return extract_features(model, batches, device)
 
@@ -423,6 +422,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         run_id = state["mlflow_run_id"] or run_id
         if rng is not None:
             ckpt.set_rng_state(rng)
+    elif config.get("init_checkpoint") is not None:
+        # Another run's state (PBT exploit): its weights, optimiser, step and epoch; this run's params,
+        # MLflow run and RNG streams.
+        with config["init_checkpoint"].as_directory() as d:
+            state = ckpt.load_training_state(d)
+        engine.load_state_dict(state["engine"])
+        start_epoch = int(state["epoch"])
 
     log = None
     uri = config.get("tracking_uri")
@@ -759,7 +765,7 @@ def run_linear_eval(
         ds = CleanTorchDataset(cfg.data, split=split, fraction=1.0, seed=cfg.seed)
         loader = DataLoader(ds, batch_size=cfg.eval.linear_batch_size, shuffle=False, num_workers=0,
                             collate_fn=collate_batch)
-        batches = ((_normalise_images(b["image"], cfg.data.mean, cfg.data.std, dev), b["label"])
+        batches = ((normalise_uint8(b["image"], cfg.data.mean, cfg.data.std, dev), b["label"])
                    for b in loader if b)
         return extract_features(model, batches, dev)
 

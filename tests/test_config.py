@@ -23,7 +23,7 @@ from trainers.options import ConfigError, flatten
         ("method.temperature=-2", "method.temperature", "> 0.0"),
         ("method.num_sink_iter=0", "method.num_sink_iter", ">= 1"),
         ("method.top_k_sink=-1", "method.top_k_sink", ">= 0"),
-        ("method.top_k_sink=513", "method.top_k_sink", "[0, 512]"),  # 2 targets x 128 x 2 workers
+        ("method.top_k_sink=257", "method.top_k_sink", "[0, 256]"),  # 2 targets x 64 x 2 workers
         ("method.name=swav", "method.name", "allowed"),
         ("model.backbone=resnet_does_not_exist", "model.backbone", "unknown timm model"),
         ("data.local_crop_size=32", "data.local_crop_size", "<= data.global_crop_size"),

@@ -107,7 +107,8 @@ def test_submitted_sweep_succeeds_with_lineage(job_server, tiny_data, tmp_path):
             "--tracking-uri", uri]
     for kv in ("optim.batch_size=32", "train.workers=1", "train.cpus_per_worker=0.5", "data.map_cpus=0.5",
                "method.top_k_sink=0", "optim.epochs=1", "method.proj_hidden_dim=128", "method.proj_out_dim=64",
-               "data.local_crops=2", f"data.path={tiny_data}", "tracking.experiment=submit-test"):
+               "data.local_crops=2", "model.backbone=vit_tiny_patch16_224", "model.patch_size=4",
+               "model.backbone_kwargs={depth: 2}", f"data.path={tiny_data}", "tracking.experiment=submit-test"):
         args += ["--set", kv]
     job_id = submit.submit_job(args, job_server)
     status = submit.wait_for_job(job_server, job_id, timeout_s=900)

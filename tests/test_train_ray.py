@@ -34,7 +34,8 @@ N_TRAIN, N_TEST, BATCH = 256, 128, 32
 
 def _overrides(shards: Path, storage: Path, uri: str, workers: int = 2, **extra) -> list[str]:
     base = {
-        "data.path": str(shards), "model.backbone_kwargs": "{depth: 2}", "data.global_crop_size": 16,
+        "data.path": str(shards), "model.backbone": "vit_tiny_patch16_224", "model.patch_size": 4,
+        "model.backbone_kwargs": "{depth: 2}", "data.global_crop_size": 16,
         "data.local_crop_size": 8, "data.local_crops": 2, "method.top_k_sink": 0, "method.proj_hidden_dim": 64,
         "method.proj_out_dim": 32, "optim.batch_size": BATCH, "optim.epochs": 2, "train.workers": workers,
         "data.map_cpus": 0.5, "data.map_batch_size": 64, "data.local_shuffle_buffer": 0,

@@ -26,6 +26,19 @@ class NonFiniteLossError(FloatingPointError):
         self.value = value
 
 
+def normalise_uint8(
+    images: torch.Tensor, mean: Sequence[float], std: Sequence[float], device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """uint8 ``(..., C, H, W)`` -> ``(x / 255 - mean) / std`` in ``dtype`` on ``device`` (the first C
+    channels of ``mean``/``std``). Done on the device so the data stream stays compact uint8."""
+    x = torch.as_tensor(images).to(device, non_blocking=True)
+    c = x.shape[-3]
+    m = torch.tensor(list(mean)[:c], device=device, dtype=dtype).view(c, 1, 1)
+    s = torch.tensor(list(std)[:c], device=device, dtype=dtype).view(c, 1, 1)
+    return (x.to(dtype) / 255.0 - m) / s
+
+
 def crops_from_batch(
     batch: dict[str, torch.Tensor], mean: Sequence[float], std: Sequence[float], device: torch.device | str,
     crop_usage: str = "multi", dtype: torch.dtype = torch.float32,
@@ -35,17 +48,13 @@ def crops_from_batch(
     ``batch['global']`` is ``(B, G, C, H, W)`` uint8, ``batch['local']`` (optional) ``(B, L, C, h, w)``.
     Normalising on the device keeps the data stream in compact uint8.
     """
-    g = torch.as_tensor(batch["global"]).to(device, non_blocking=True)
-    groups = [g]
+    groups = [batch["global"]]
     if crop_usage == "multi" and "local" in batch and batch["local"] is not None and batch["local"].shape[1] > 0:
-        groups.append(torch.as_tensor(batch["local"]).to(device, non_blocking=True))
-    c = g.shape[2]
-    m = torch.tensor(list(mean)[:c], device=device, dtype=dtype).view(1, c, 1, 1)
-    s = torch.tensor(list(std)[:c], device=device, dtype=dtype).view(1, c, 1, 1)
+        groups.append(batch["local"])
     crops = []
     for grp in groups:
-        for v in range(grp.shape[1]):
-            crops.append((grp[:, v].to(dtype) / 255.0 - m) / s)
+        grp = normalise_uint8(grp, mean, std, device, dtype)
+        crops.extend(grp[:, v] for v in range(grp.shape[1]))
     if crop_usage == "single":
         return crops[:1]
     return crops

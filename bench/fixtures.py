@@ -64,7 +64,7 @@ def tracking_uri(ctx: BenchContext, name: str) -> str:
 def train_overrides(ctx: BenchContext, data_path: Path, **extra: Any) -> dict[str, Any]:
     """Overrides of ``bam_fmnist`` for the step / start-up / sweep sections.
 
-    CPU: the shipped tiny ViT (patch 4) at 28 px, 2 global + 2 local crops, as ``bam_fmnist`` trains.
+    CPU: the shipped ResNet-18 at 28 px, 2 global + 2 local crops, as ``bam_fmnist`` trains.
     CUDA: ViT-S/16 at 224 px, 2 x 224 + 6 x 96 crops, batch 256, bf16 -- the published BAM crops on
     one GPU (the Fashion-MNIST images are upscaled by the random resized crop)."""
     o: dict[str, Any] = {

@@ -1,6 +1,6 @@
 """Section 3 -- training step: images/s of BAM under Ray Train (1 and 2 workers) vs a bare PyTorch loop.
 
-Same model (the shipped tiny ViT, patch 4, 28 px, 2 global + 2 local crops), same global batch, same
+Same model (the shipped ResNet-18, 28 px, 2 global + 2 local crops), same global batch, same
 seed, same step (``trainers.engine.Engine.train_step`` on ``crops_from_batch``), same CPU count:
 
 - bare loop: a fresh process (``python -m bench.bare_run``), torch on all ``cpus`` threads, a
@@ -12,7 +12,7 @@ seed, same step (``trainers.engine.Engine.train_step`` on ``crops_from_batch``),
   ended, so data waits count), read back from the run's MLflow history.
 
 A repeat is one optimiser step after the warm-up steps (2 warm-up + 8 timed; global batch 64 on CPU,
-where one tiny-ViT step is ~2 s on 2 idle cores). The data-wait share is measured in the bare loop
+where one ResNet-18 step is ~0.3 s on 2 idle cores). The data-wait share is measured in the bare loop
 (time blocked in the iterator's ``next()`` / step time) and, where the Ray loop logs ``data_wait_s``, in
 the Ray worker; otherwise the Ray step's overhead over the bare loop's compute time is reported.
 """
@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def step_overrides(ctx: BenchContext, data_path, steps: int, workers: int, uri: str) -> dict[str, Any]:
     """Overrides of ``bam_fmnist`` giving one epoch of exactly ``steps`` steps at the section's global batch
-    (64 on CPU: a tiny-ViT step at batch 64 is ~6 s on 2 cores; 256 on CUDA)."""
+    (64 on CPU; 256 on CUDA)."""
     batch = 16 if ctx.quick else (256 if ctx.cuda else 64)
     per_worker = batch // max(workers, 1)
     o = train_overrides(ctx, data_path, **{

@@ -225,7 +225,8 @@ class NonFiniteTrialError(RuntimeError):
 
 
 def trial_driver(config: dict[str, Any], ctx: dict[str, Any]) -> None:
-    """One Tune trial: child MLflow run + one Ray Train run (``train-<trial_id>``) fitted to the end.
+    """One Tune trial: child MLflow run + one Ray Train run (``train-<trial_id>``) fitted to the end (PBT: one
+    Train run per stretch between perturbation points, see :func:`_pbt_segments`).
 
     Runs inside the trial's actor (cwd = the trial directory, hence absolute paths everywhere).
     ``ctx`` is plain data (see :func:`_driver_context`), identical on resume."""
@@ -246,9 +247,7 @@ def trial_driver(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     uri, parent = ctx["tracking_uri"], ctx["parent_run_id"]
     relay = bool(ctx.get("relay_checkpoints"))
     init = tune.get_checkpoint() if relay else None
-    # A Tune-level restart (PBT exploit/pause, trial retry) starts a NEW Train run from the Tune checkpoint:
-    # reusing the old name would make Ray Train resume that run's own latest checkpoint instead.
-    train_name = f"train-{trial_id}" + (f"-{hashlib.sha1(init.path.encode()).hexdigest()[:8]}" if init else "")
+    train_name = _train_run_name(trial_id, init)
 
     existing = _child_runs(uri, ctx["experiment_id"], parent).get(trial_id)
     if existing is not None:
@@ -262,18 +261,9 @@ def trial_driver(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         tracking.log_params(uri, run_id, flatten(cfg.to_dict()))
         tracking.log_tags(uri, run_id, {"bamray.sampled": json.dumps(params, sort_keys=True)})
         _log_config_artifact(uri, run_id, cfg)
-    if relay:
-        # MLflow params are immutable: PBT's changing params are a tag per Train run + a curve per param.
-        epoch = _checkpoint_epoch(init)
-        tracking.log_tags(uri, run_id, {TAG_RAY_RUN_PREFIX + train_name: json.dumps(
-            {"params": params, "from_epoch": epoch, "init_checkpoint": init.path if init else None}, sort_keys=True),
-            tracking.TAG_RAY_RUN: train_name})
-        numeric = {f"param.{k}": float(v) for k, v in params.items() if isinstance(v, (int, float))}
-        if numeric:
-            tracking.log_metrics(uri, run_id, numeric, step=epoch)
     try:
         if relay:
-            result = _fit_relaying_checkpoints(cfg, train_name, ctx, run_id, init)
+            result = _pbt_segments(cfg, trial_id, params, ctx, run_id, init)
         else:
             trainer = build_trainer(cfg, run_name=train_name, storage_path=ctx["train_storage"], mlflow_run_id=run_id,
                                     tracking_uri=uri, callbacks=[TuneReportCallback()])
@@ -299,6 +289,37 @@ def trial_driver(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 
 
 TAG_RAY_RUN_PREFIX = "bamray.pbt.train_run."
+
+
+def _train_run_name(trial_id: str, init: Any) -> str:
+    """``train-<trial>`` from scratch; a run started from a Tune checkpoint gets that checkpoint's hash:
+    reusing a name would make Ray Train resume that run's own latest checkpoint instead."""
+    return f"train-{trial_id}" + (f"-{hashlib.sha1(init.path.encode()).hexdigest()[:8]}" if init else "")
+
+
+def _pbt_segments(cfg: ExperimentConfig, trial_id: str, params: dict[str, Any], ctx: dict[str, Any], run_id: str,
+                  init: Any) -> Any:
+    """A PBT trial: one Train run per stretch between perturbation points, each ending WITH the epoch
+    PBT decides on. Training never runs past a decision, so an exploited trial has no abandoned epochs
+    in its curves. If Tune lets the trial go on, the next stretch starts from the checkpoint just made;
+    if it pauses it (synchronous PBT always does), the actor is stopped while reporting, and Tune restarts
+    the driver later from whichever checkpoint PBT chose (:func:`trial_driver`)."""
+    uri, interval = ctx["tracking_uri"], int(ctx["perturbation_interval"])
+    while True:
+        start = _checkpoint_epoch(init)
+        stop = min(cfg.optim.epochs, (start // interval + 1) * interval)
+        name = _train_run_name(trial_id, init)
+        # MLflow params are immutable: the params each Train run used are a tag + one curve per param.
+        tracking.log_tags(uri, run_id, {TAG_RAY_RUN_PREFIX + name: json.dumps(
+            {"params": params, "from_epoch": start, "init_checkpoint": init.path if init else None}, sort_keys=True),
+            tracking.TAG_RAY_RUN: name})
+        numeric = {f"param.{k}": float(v) for k, v in params.items() if isinstance(v, (int, float))}
+        if numeric:
+            tracking.log_metrics(uri, run_id, numeric, step=start)
+        result = _fit_relaying_checkpoints(cfg, name, ctx, run_id, init, stop)
+        if stop >= cfg.optim.epochs or (result.return_value or {}).get("status") != "finished":
+            return result
+        init = result.checkpoint
 
 
 def _checkpoint_epoch(checkpoint: Any) -> int:
@@ -331,7 +352,7 @@ def _relay_callback_cls():
 
 
 def _fit_relaying_checkpoints(cfg: ExperimentConfig, train_name: str, ctx: dict[str, Any], run_id: str,
-                              init: Any) -> Any:
+                              init: Any, stop_after_epoch: int) -> Any:
     """``trainer.fit()`` in a thread while this (the trial's) thread reports every relayed epoch to Tune
     with its checkpoint: ``ray.tune.report`` must run in the trial's own thread, and it blocks until Tune
     has taken the result, which must not stall training."""
@@ -345,7 +366,7 @@ def _fit_relaying_checkpoints(cfg: ExperimentConfig, train_name: str, ctx: dict[
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = build_trainer(cfg, run_name=train_name, storage_path=ctx["train_storage"], mlflow_run_id=run_id,
                             tracking_uri=ctx["tracking_uri"], callbacks=[_relay_callback_cls()(queue)],
-                            init_checkpoint=init)
+                            init_checkpoint=init, stop_after_epoch=stop_after_epoch)
     box: dict[str, Any] = {}
 
     def fit() -> None:
@@ -482,7 +503,8 @@ def _driver_context(base: dict[str, Any], space: SearchSpace, settings: SweepSet
                     experiment_id: str, exp_path: str) -> dict[str, Any]:
     return {"base": base, "space": space.to_dict(), "name": settings.name, "tracking_uri": settings.tracking_uri,
             "experiment": settings.experiment, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
-            "train_storage": exp_path, "relay_checkpoints": settings.scheduler == "pbt"}
+            "train_storage": exp_path, "relay_checkpoints": settings.scheduler == "pbt",
+            "perturbation_interval": settings.perturbation_interval}
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -835,6 +857,9 @@ def _fit(meta_doc: dict[str, Any], exp_path: str, address: str | None, restore: 
                 run_config=tune.RunConfig(
                     name=settings.name, storage_path=settings.storage_path,
                     failure_config=tune.FailureConfig(max_failures=0),
+                    # Tune-level checkpoints exist only under PBT (copies of Train checkpoints). Ray warns that
+                    # <= 2 can delete a donor's checkpoint before a slower trial has cloned it.
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
                     callbacks=[_tune_callback_cls()(uri, experiment_id, parent, base)]),
             )
         t0 = time.perf_counter()

@@ -145,12 +145,15 @@ def build_trainer(
     tracking_uri: str,
     callbacks: list | None = None,
     init_checkpoint: Any = None,
+    stop_after_epoch: int | None = None,
 ):
     """A ``ray.train.torch.TorchTrainer`` for ``cfg`` (Ray must be initialised).
 
     ``init_checkpoint`` (a ``ray.train.Checkpoint``, e.g. PBT's donor): the workers start from its
     weights, optimiser and epoch when the run has no checkpoint of its own; the MLflow run and every
     hyper-parameter come from ``cfg`` / ``mlflow_run_id``, not from the checkpoint.
+    ``stop_after_epoch``: end the run after that epoch (with a checkpoint and a k-NN figure), schedules
+    unchanged: one segment of a PBT trial, which Tune may continue, pause or re-seed from another trial.
 
     Datasets: ``train`` (multi-crop stream) and, for the online k-NN, ``knn_train`` / ``knn_val`` (clean
     centre crops); Ray splits each across the workers. ``callbacks`` go to ``RunConfig`` (a Tune trial
@@ -201,6 +204,7 @@ def build_trainer(
         "knn": "knn_train" in datasets,
         "knn_prefetch": knn_cache_bytes(cfg, meta) <= KNN_CACHE_BYTES,
         "init_checkpoint": init_checkpoint,
+        "stop_after_epoch": stop_after_epoch,
     }
     resources: dict[str, float] = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.gpus_per_worker > 0:
@@ -451,7 +455,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if config.get("knn") and config.get("knn_prefetch"):
         eval_cache.prefetch({n: ray.train.get_dataset_shard(n) for n in ("knn_train", "knn_val")})
 
-    for epoch in range(start_epoch, cfg.optim.epochs):
+    end_epoch = min(cfg.optim.epochs, int(config.get("stop_after_epoch") or cfg.optim.epochs))
+    for epoch in range(start_epoch, end_epoch):
         if clock is not None:
             if rank == 0:
                 ray.get(clock.set.remote(epoch))
@@ -503,7 +508,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                                    "epoch_time_s": elapsed, "first_batch_wait_s": first_batch_s or 0.0}
         if rank == 0:
             metrics["data_corrupt_skipped"] = _corrupt_count(config.get("corrupt_counter") or "")
-        if (epoch + 1) in knn_epochs and config.get("knn"):
+        if ((epoch + 1) in knn_epochs or epoch + 1 == end_epoch) and config.get("knn"):
             t_knn = time.perf_counter()
             metrics.update(_online_knn(method, cfg, num_classes, device, eval_cache))
             metrics["knn_time_s"] = time.perf_counter() - t_knn
@@ -521,7 +526,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                   f"after {metrics['first_batch_wait_s']:.1f} s), loss {mean_loss:.4f}"
                   + (f", knn top-1 {metrics['knn_top1']:.2f} % ({metrics['knn_time_s']:.1f} s)"
                      if "knn_top1" in metrics else ""), flush=True)
-        last = epoch + 1 == cfg.optim.epochs
+        last = epoch + 1 == end_epoch
         if (epoch + 1) % cfg.train.checkpoint_freq == 0 or last:
             with tempfile.TemporaryDirectory(prefix="bamray-ckpt-") as tmp:
                 if rank == 0:

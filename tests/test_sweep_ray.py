@@ -195,6 +195,11 @@ def _tune_trial_state(exp: Path, trial_id: str) -> dict:
     return {"status": trial.status, "last_result": dict(trial.last_result)}
 
 
+def _history(client, run_id: str, key: str) -> list:
+    """A metric's points in step order (MLflow does not promise any order)."""
+    return sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+
+
 def _children(client, parent) -> dict:
     runs = client.search_runs([parent.info.experiment_id],
                               filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
@@ -265,7 +270,7 @@ def test_asha_sweep_stops_bad_trials_and_records_lineage(ray_local, tiny_data, t
         row = rows[trial_id]
         assert float(run.data.params["optim.lr"]) == row["params"]["optim.lr"]
         assert run.data.tags["bamray.sweep"] == "asha-test"
-        knn = client.get_metric_history(run.info.run_id, "knn_top1")
+        knn = _history(client, run.info.run_id, "knn_top1")
         if row["status"] == "completed":
             assert run.info.status == "FINISHED" and run.data.tags["bamray.trial_status"] == "completed"
             assert len(knn) == EPOCHS  # one point per epoch, curves written by the rank-0 worker
@@ -305,14 +310,14 @@ def test_pbt_clones_the_better_trial_into_the_worse_one(ray_local, tiny_data, tm
         assert run.info.status == "FINISHED"
         runs = [json.loads(v) for k, v in run.data.tags.items() if k.startswith(sweep_mod.TAG_RAY_RUN_PREFIX)]
         starts[trial_id] = sorted((r["from_epoch"], _donor(r["init_checkpoint"], rows)) for r in runs)
-        knn = client.get_metric_history(run.info.run_id, "knn_top1")
+        knn = _history(client, run.info.run_id, "knn_top1")
         assert len(knn) == 3  # one point per epoch, none repeated across the restart
         assert knn[-1].value == pytest.approx(rows[trial_id]["knn_top1"])
     by_lr = {r["params"]["optim.lr"]: r["trial_id"] for r in rows.values()}
     good, bad = by_lr[GOOD_LR], by_lr[BAD_LRS[0]]
     assert starts[good] == [(0, None), (2, good)], starts  # paused at the sync point, resumed from its own
     assert starts[bad] == [(0, None), (2, good)], starts  # exploited: the good trial's weights
-    lr_curve = client.get_metric_history(children[bad].info.run_id, "param.optim.lr")
+    lr_curve = _history(client, children[bad].info.run_id, "param.optim.lr")
     assert sorted(m.step for m in lr_curve) == [0, 2]  # the params it ran with, from each start epoch
     assert (tmp_path / "ray" / "pbt-test" / "pbt_global.txt").exists()  # Tune's own record of the exploit
 
@@ -352,7 +357,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, 
     client = _mlflow(uri)
     parent = client.get_run(first["parent_run_id"])
     assert parent.info.status == "KILLED" and parent.data.tags["bamray.sweep_status"] == "interrupted"
-    knn_before = client.get_metric_history(_children(client, parent)[finished_id].info.run_id, "knn_top1")
+    knn_before = _history(client, _children(client, parent)[finished_id].info.run_id, "knn_top1")
     assert len(knn_before) == 2
 
     # a new sweep under the same name is refused: it would silently mix two experiments
@@ -375,7 +380,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, 
     children = _children(client, parent)
     assert set(children) == set(statuses)  # one child per trial: the resumed trial re-opened its run
     assert all(r.info.status == "FINISHED" for r in children.values())
-    knn_after = client.get_metric_history(children[finished_id].info.run_id, "knn_top1")
+    knn_after = _history(client, children[finished_id].info.run_id, "knn_top1")
     assert [(m.step, m.value) for m in knn_after] == [(m.step, m.value) for m in knn_before]
     assert second["total_trial_epochs"] == 4
     assert os.path.exists(exp / "bamray_sweep.json")

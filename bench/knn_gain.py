@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+METHOD_ORDER = ["bam", "byol", "dino", "simclr", "mae"]
 DEFAULT_SET: list[str] = []  # the shipped configs as they are (global batch = batch_size x workers)
 
 
@@ -109,7 +110,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.knn_gain", description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", default="bam,byol,dino,simclr,mae")
+    p.add_argument("--methods", default=",".join(METHOD_ORDER))
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--train-limit", type=int, default=10000, help="train images (the k-NN bank is these too)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -123,12 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     out = Path(args.out) / f"{time.strftime('%Y-%m-%d')}-{platform.node()}-knn-gain.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    for name in args.methods.split(","):
+    # Rows of methods not measured now stay (a rerun of one method updates its row only).
+    kept = json.loads(out.read_text())["rows"] if out.exists() else []
+    names = [n.strip() for n in args.methods.split(",")]
+    kept = [r for r in kept if r["method"] not in names]
+    for name in names:
         print(f"== {name}", flush=True)
-        rows.append(measure(name.strip(), overrides))
-        out.write_text(json.dumps({"rows": rows, "torch": torch.__version__, "cpus": torch.get_num_threads()}, indent=1))
+        rows.append(measure(name, overrides))
+        merged = sorted(kept + rows, key=lambda r: METHOD_ORDER.index(r["method"]) if r["method"] in METHOD_ORDER else 99)
+        out.write_text(json.dumps({"rows": merged, "torch": torch.__version__, "cpus": torch.get_num_threads()}, indent=1))
         print(table(rows[-1:]), flush=True)
-    print(table(rows))
+    print(table(merged))
     print(f"written: {out}")
     return 0
 

@@ -279,13 +279,22 @@ def trial_driver(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         tracking.log_tags(uri, run_id, {TAG_TRIAL_STATUS: "completed"})
         tracking.finish_run(uri, run_id, "FINISHED")
     except Exception as err:
-        # A trial the scheduler stopped can surface here as an actor error while its actor is torn down;
-        # the sweep process has marked it KILLED / stopped_early by then, and that must stand.
-        current = tracking.with_retry(tracking.client(uri).get_run, run_id)
-        if current.data.tags.get(TAG_TRIAL_STATUS) != "stopped_early":
-            tracking.log_tags(uri, run_id, {TAG_TRIAL_STATUS: "failed"})
-            tracking.finish_run(uri, run_id, "FAILED", f"{type(err).__name__}: {err}")
+        # A trial the scheduler stopped (ASHA can stop one on its final report, when a rung falls on the last
+        # epoch) surfaces here as the Train controller dying with the trial's placement group, and this
+        # thread may still run after the sweep process recorded the trial's outcome: that outcome stands.
+        if not _torn_down_by_tune(err):
+            current = tracking.with_retry(tracking.client(uri).get_run, run_id)
+            if current.data.tags.get(TAG_TRIAL_STATUS) not in ("stopped_early", "completed"):
+                tracking.log_tags(uri, run_id, {TAG_TRIAL_STATUS: "failed"})
+                tracking.finish_run(uri, run_id, "FAILED", f"{type(err).__name__}: {err}")
         raise
+
+
+def _torn_down_by_tune(err: BaseException) -> bool:
+    """The trial's actors were removed by Tune (scheduler stop, sweep end), not a failure of the trial."""
+    from ray.exceptions import ActorDiedError
+
+    return isinstance(err, ActorDiedError) and "placement group was removed" in str(err)
 
 
 TAG_RAY_RUN_PREFIX = "bamray.pbt.train_run."
@@ -555,6 +564,11 @@ def _results(exp_path: str, base: dict[str, Any], space: SearchSpace, children: 
                      "mlflow_run_id": run.info.run_id if run is not None else None,
                      "checkpoint_path": last.get("checkpoint_path")})
     return rows
+
+
+def _has_artifact(uri: str, run_id: str, path: str) -> bool:
+    listed = tracking.with_retry(tracking.client(uri).list_artifacts, run_id)
+    return any(a.path == path for a in listed)
 
 
 def _log_final_artifacts(uri: str, run_id: str, checkpoint_path: str) -> None:
@@ -881,7 +895,7 @@ def _fit(meta_doc: dict[str, Any], exp_path: str, address: str | None, restore: 
         run = children.get(r["trial_id"])
         if run is None:
             continue
-        if r["status"] == "completed" and run.info.status != "FINISHED" and r["checkpoint_path"]:
+        if r["status"] == "completed" and r["checkpoint_path"] and not _has_artifact(uri, run.info.run_id, "final"):
             # ASHA may stop a trial on its LAST report when a rung falls on the final epoch: it trained its
             # whole budget but its driver was torn down before logging the exported backbone.
             _log_final_artifacts(uri, run.info.run_id, r["checkpoint_path"])

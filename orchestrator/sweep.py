@@ -37,6 +37,9 @@ NEW Train run named ``train-<trial_id>-<hash of that checkpoint>`` whose workers
 state (``init_checkpoint``), with the trial's new params and its own MLflow run. Only params that keep
 the weights' shapes may be perturbed (``model.*``, ``data.*`` and ``*_dim`` are refused). Each
 perturbation restarts every trial's Train run: worth it when epochs are long, not for toy runs.
+
+A trial Tune kills (ASHA stop, PBT pause) takes its Train controller with it but not the controller's
+worker placement group; :mod:`orchestrator.reaper` removes it, so stopped trials free their CPUs.
 """
 
 from __future__ import annotations
@@ -233,6 +236,7 @@ def trial_driver(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from orchestrator.reaper import watch_current_actor
     from orchestrator.train import (
         _best_checkpoint,
         _log_checkpoint_artifacts,
@@ -266,7 +270,8 @@ def trial_driver(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             result = _pbt_segments(cfg, trial_id, params, ctx, run_id, init)
         else:
             trainer = build_trainer(cfg, run_name=train_name, storage_path=ctx["train_storage"], mlflow_run_id=run_id,
-                                    tracking_uri=uri, callbacks=[TuneReportCallback()])
+                                    tracking_uri=uri, callbacks=[TuneReportCallback()],
+                                    pg_watch=watch_current_actor(ctx.get("reaper")))
             result = trainer.fit()
         ret = result.return_value or {}
         if ret.get("status") == "nan":
@@ -370,12 +375,14 @@ def _fit_relaying_checkpoints(cfg: ExperimentConfig, train_name: str, ctx: dict[
     from ray import tune
     from ray.util.queue import Queue
 
+    from orchestrator.reaper import watch_current_actor
     from orchestrator.train import build_trainer
 
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = build_trainer(cfg, run_name=train_name, storage_path=ctx["train_storage"], mlflow_run_id=run_id,
                             tracking_uri=ctx["tracking_uri"], callbacks=[_relay_callback_cls()(queue)],
-                            init_checkpoint=init, stop_after_epoch=stop_after_epoch)
+                            init_checkpoint=init, stop_after_epoch=stop_after_epoch,
+                            pg_watch=watch_current_actor(ctx.get("reaper")))
     box: dict[str, Any] = {}
 
     def fit() -> None:
@@ -513,7 +520,11 @@ def _driver_context(base: dict[str, Any], space: SearchSpace, settings: SweepSet
     return {"base": base, "space": space.to_dict(), "name": settings.name, "tracking_uri": settings.tracking_uri,
             "experiment": settings.experiment, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
             "train_storage": exp_path, "relay_checkpoints": settings.scheduler == "pbt",
-            "perturbation_interval": settings.perturbation_interval}
+            "perturbation_interval": settings.perturbation_interval, "reaper": _reaper_name(settings.name)}
+
+
+def _reaper_name(sweep: str) -> str:
+    return f"bamray-pg-reaper-{sweep}"
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -845,6 +856,8 @@ def _resume(storage: str, name: str, tracking_uri: str | None, resume_errored: b
 def _fit(meta_doc: dict[str, Any], exp_path: str, address: str | None, restore: dict | None) -> dict[str, Any]:
     from ray import tune
 
+    from orchestrator.reaper import start_reaper
+
     settings = SweepSettings(**meta_doc["settings"])
     base, parent, experiment_id = meta_doc["base"], meta_doc["parent_run_id"], meta_doc["experiment_id"]
     space = space_from_dict(meta_doc["space"])
@@ -852,6 +865,7 @@ def _fit(meta_doc: dict[str, Any], exp_path: str, address: str | None, restore: 
     uri = settings.tracking_uri
     ctx = _driver_context(base, space, settings, parent, experiment_id, exp_path)
     started = _connect_ray(address, cfg, settings)
+    reaper = start_reaper(ctx["reaper"])
     try:
         trainable = _trainable(ctx, cfg, settings)
         if restore is not None:
@@ -884,9 +898,11 @@ def _fit(meta_doc: dict[str, Any], exp_path: str, address: str | None, restore: 
         tracking.finish_run(uri, parent, "FAILED", f"{type(err).__name__}: {err}")
         raise
     finally:
-        if started:
-            import ray
+        import ray
 
+        ray.get(reaper.settle.remote())  # the groups of trials Tune killed on its way out
+        ray.kill(reaper)
+        if started:
             ray.shutdown()
 
     children = _child_runs(uri, experiment_id, parent)

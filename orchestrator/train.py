@@ -146,6 +146,7 @@ def build_trainer(
     callbacks: list | None = None,
     init_checkpoint: Any = None,
     stop_after_epoch: int | None = None,
+    pg_watch: tuple[Any, Any] | None = None,
 ):
     """A ``ray.train.torch.TorchTrainer`` for ``cfg`` (Ray must be initialised).
 
@@ -154,6 +155,8 @@ def build_trainer(
     hyper-parameter come from ``cfg`` / ``mlflow_run_id``, not from the checkpoint.
     ``stop_after_epoch``: end the run after that epoch (with a checkpoint and a k-NN figure), schedules
     unchanged: one segment of a PBT trial, which Tune may continue, pause or re-seed from another trial.
+    ``pg_watch``: ``(reaper, trial actor)`` from :func:`orchestrator.reaper.watch_current_actor`, so the
+    run's worker placement group is removed if a Tune scheduler kills the trial mid-run.
 
     Datasets: ``train`` (multi-crop stream) and, for the online k-NN, ``knn_train`` / ``knn_val`` (clean
     centre crops); Ray splits each across the workers. ``callbacks`` go to ``RunConfig`` (a Tune trial
@@ -205,6 +208,8 @@ def build_trainer(
         "knn_prefetch": knn_cache_bytes(cfg, meta) <= KNN_CACHE_BYTES,
         "init_checkpoint": init_checkpoint,
         "stop_after_epoch": stop_after_epoch,
+        # (reaper, trial actor): rank 0 hands its placement group over, see orchestrator/reaper.py
+        "pg_watch": pg_watch if workers > 0 else None,
     }
     resources: dict[str, float] = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.gpus_per_worker > 0:
@@ -385,6 +390,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     cfg = config_from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if rank == 0:
+        from orchestrator.reaper import register_current
+
+        register_current(config.get("pg_watch"))
     device = ray.train.torch.get_device()
     if isinstance(device, list):
         device = device[0]

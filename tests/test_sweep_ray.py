@@ -168,6 +168,49 @@ def test_cli_registers_sweep_with_a_handler():
 
 
 # ================================================================================================ real Ray
+def _live_placement_groups() -> list[str]:
+    from ray.util.placement_group import placement_group_table
+
+    return [k for k, v in placement_group_table().items() if v["state"] != "REMOVED"]
+
+
+@pytest.mark.ray
+def test_reaper_removes_a_dead_owners_placement_group_and_keeps_a_live_ones(ray_local):
+    """Tune kills a stopped trial's actor, which takes its Train controller down but not the worker
+    placement group (Train's own cleaner needs the dashboard). The reaper must remove the group of the
+    dead owner, and only that one."""
+    import time
+
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    from orchestrator.reaper import start_reaper
+
+    @ray.remote(num_cpus=0)
+    class Owner:
+        def hello(self) -> int:
+            return 1
+
+    doomed, alive = Owner.remote(), Owner.remote()
+    pg_doomed, pg_alive = placement_group([{"CPU": 0.5}]), placement_group([{"CPU": 0.5}])
+    ray.get([pg_doomed.ready(), pg_alive.ready(), doomed.hello.remote(), alive.hello.remote()])
+    reaper = start_reaper(interval_s=0.2)
+    ray.get([reaper.register.remote(doomed, pg_doomed), reaper.register.remote(alive, pg_alive)])
+    time.sleep(1.0)  # several rounds with both owners alive: nothing is touched
+    assert placement_group_table(pg_doomed)["state"] == "CREATED"
+    ray.kill(doomed)
+    deadline = time.monotonic() + 20
+    while placement_group_table(pg_doomed)["state"] != "REMOVED" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert placement_group_table(pg_doomed)["state"] == "REMOVED"
+    assert placement_group_table(pg_alive)["state"] == "CREATED"
+    assert ray.get(reaper.removed.remote()) == [pg_doomed.id.hex()]
+    assert ray.get(reaper.settle.remote(timeout_s=1.0)) == 1  # the live owner is still watched
+    remove_placement_group(pg_alive)
+    ray.kill(reaper)
+    ray.kill(alive)
+
+
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> str:
     from data.sources import prepare_fashion_mnist
@@ -282,6 +325,9 @@ def test_asha_sweep_stops_bad_trials_and_records_lineage(ray_local, tiny_data, t
     # each trial's Ray Train run lives beside the Tune experiment, named after the trial
     train_dirs = sorted(p.name for p in (tmp_path / "ray" / "asha-test").glob("train-*"))
     assert train_dirs == sorted(f"train-{t}" for t in rows)
+    # the stopped trials' Train runs gave their CPUs back (their worker placement groups were leaked before
+    # orchestrator.reaper, and the next sweep on this cluster waited for them forever)
+    assert _live_placement_groups() == []
 
 
 @pytest.mark.ray

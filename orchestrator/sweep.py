@@ -890,6 +890,10 @@ def _fit(meta_doc: dict[str, Any], exp_path: str, address: str | None, restore: 
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
                     callbacks=[_tune_callback_cls()(uri, experiment_id, parent, base)]),
             )
+        if settings.scheduler == "pbt" and settings.seed is not None:
+            import random
+
+            random.seed(settings.seed)  # Tune's PBT draws its exploit/explore choices from `random`
         t0 = time.perf_counter()
         tuner.fit()
         wall = time.perf_counter() - t0
@@ -991,7 +995,8 @@ def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="PBT: epochs between exploit/explore steps (a multiple of train.checkpoint_freq)")
     s.add_argument("--quantile-fraction", type=float, default=0.25,
                    help="PBT: share of trials that clone a top trial (and of top trials they clone from)")
-    s.add_argument("--seed", type=int, help="seed of the search algorithm (reproducible sampled params)")
+    s.add_argument("--seed", type=int,
+                   help="seed of the search algorithm and of PBT's choices (reproducible sampled params)")
     s.add_argument("--storage-path", help="Tune/Train storage: local path or s3:// / gs:// URI "
                                           "(default: train.storage_path of the config)")
     s.add_argument("--name", help="sweep name (default: <config name>-<space name>); must be new")

@@ -359,12 +359,18 @@ def test_pbt_clones_the_better_trial_into_the_worse_one(ray_local, tiny_data, tm
         knn = _history(client, run.info.run_id, "knn_top1")
         assert len(knn) == 3  # one point per epoch, none repeated across the restart
         assert knn[-1].value == pytest.approx(rows[trial_id]["knn_top1"])
-    by_lr = {r["params"]["optim.lr"]: r["trial_id"] for r in rows.values()}
+    # who started with which lr: the child runs' params (written once, at the start). The results table
+    # holds each trial's LAST params, and an exploited trial's lr is the donor's, explored (for a grid
+    # param: the same value, its neighbour, or a resample), so it may equal the good trial's.
+    by_lr = {float(run.data.params["optim.lr"]): trial_id for trial_id, run in children.items()}
     good, bad = by_lr[GOOD_LR], by_lr[BAD_LRS[0]]
     assert starts[good] == [(0, None), (2, good)], starts  # paused at the sync point, resumed from its own
     assert starts[bad] == [(0, None), (2, good)], starts  # exploited: the good trial's weights
     lr_curve = _history(client, children[bad].info.run_id, "param.optim.lr")
     assert sorted(m.step for m in lr_curve) == [0, 2]  # the params it ran with, from each start epoch
+    by_step = {m.step: m.value for m in lr_curve}
+    assert by_step[0] == BAD_LRS[0] and by_step[2] in (GOOD_LR, BAD_LRS[0])  # the space's grid values only
+    assert rows[bad]["params"]["optim.lr"] == pytest.approx(by_step[2])
     assert (tmp_path / "ray" / "pbt-test" / "pbt_global.txt").exists()  # Tune's own record of the exploit
 
 

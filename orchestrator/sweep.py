@@ -904,8 +904,11 @@ def _fit(meta_doc: dict[str, Any], exp_path: str, address: str | None, restore: 
     finally:
         import ray
 
-        ray.get(reaper.settle.remote())  # the groups of trials Tune killed on its way out
-        ray.kill(reaper)
+        try:
+            ray.get(reaper.settle.remote(), timeout=60)  # the groups of trials Tune killed on its way out
+            ray.kill(reaper)
+        except Exception as err:  # noqa: BLE001 - cleanup must not hide why the sweep ended
+            print(f"sweep {settings.name}: placement-group reaper: {type(err).__name__}: {err}", flush=True)
         if started:
             ray.shutdown()
 

@@ -116,8 +116,15 @@ def get_epoch_clock(name: str) -> ray.actor.ActorHandle:
     return handle
 
 
+# Ray Data's default 128 MiB blocks hold a whole epoch of 28 px multi-crop output (2.4 kB an image) in
+# one block: measured on full Fashion-MNIST (2 CPUs), the first batch came after 8.8 s of a 9.5 s pass
+# and one map task ran at a time. 4 MiB: first batch after 2.9 s, 6.8-8.3k img/s instead of 6.3k.
+TARGET_BLOCK_BYTES = 4 * 2**20
+
+
 def configure_data_context(
-    cpus: float | None = None, object_store_memory: float | None = None, progress_bars: bool = False
+    cpus: float | None = None, object_store_memory: float | None = None, progress_bars: bool = False,
+    target_block_bytes: int = TARGET_BLOCK_BYTES,
 ) -> DataContext:
     """Bound what Ray Data may use so it coexists with Ray Train on one node.
 
@@ -125,9 +132,11 @@ def configure_data_context(
     for the whole run, and on a small node Data may compute a zero budget and stall. An explicit
     ``cpus`` limit (e.g. node CPUs minus Train's) gives it a fixed, known budget. Call it in the driver
     before building datasets (a Dataset captures the current context). Progress bars are off by default:
-    they flood non-interactive logs.
+    they flood non-interactive logs. ``target_block_bytes``: see :data:`TARGET_BLOCK_BYTES` (smaller
+    blocks stream sooner and spread over more map tasks).
     """
     ctx = DataContext.get_current()
+    ctx.target_max_block_size = int(target_block_bytes)
     opts = ctx.execution_options
     opts.resource_limits = opts.resource_limits.copy(cpu=cpus, object_store_memory=object_store_memory)
     ctx.enable_progress_bars = progress_bars

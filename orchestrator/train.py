@@ -476,8 +476,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                                               prefetch_batches=cfg.data.prefetch_batches,
                                               local_shuffle_buffer_size=shuffle,
                                               local_shuffle_seed=(cfg.seed * 7919 + epoch) * 64 + rank):
+            t_batch = time.perf_counter()
             if first_batch_s is None:
-                first_batch_s = time.perf_counter() - t_epoch
+                first_batch_s = t_batch - t_epoch
             if log is not None and engine.step == 0:
                 log.log_image(tracking.crop_grid({k: v.cpu().numpy() for k, v in batch.items()}),
                               "crops/first_batch.png")
@@ -493,6 +494,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 break
             now = time.perf_counter()
             out["images_per_sec"] = global_batch / max(now - t_prev, 1e-9)
+            out["data_wait_s"] = t_batch - t_prev  # blocked on the stream: a step's share of it says data-bound
             out["epoch"] = epoch + (n_steps + 1) / steps
             t_prev = now
             loss_sum += out["loss"]

@@ -530,3 +530,26 @@ def test_gather_distributed_false_is_a_purely_local_loss(tmp_path):
         local = BAMLoss(num_crops=3, num_global_crops=2, num_target_crops=2)(z).item()
         assert dist_loss == pytest.approx(local, rel=1e-5)
         assert dist_loss == pytest.approx(official_bam_loss(z, None, 3, 2, 2, 0.05, 0.1, 3).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("num_global, num_crops", [(1, 1), (1, 4), (2, 2), (2, 3), (2, 4), (2, 5), (2, 8), (1, 8)])
+def test_cross_view_reduction_equals_the_loop_in_value_and_gradient(num_global, num_crops):
+    """Whichever form ``cross_view_loss`` picks for a crop count, it is the loop's value and gradient."""
+    from trainers.losses.bam import cross_view_loss, cross_view_loss_loop
+
+    b, k = 5, 12
+    g = torch.Generator().manual_seed(num_global * 10 + num_crops)
+    p = torch.softmax(torch.randn(num_global * b, k, generator=g), -1)
+    logits = torch.randn(num_crops * b, k, generator=g)
+    outs = []
+    for fn in (cross_view_loss, cross_view_loss_loop):
+        lq = torch.log_softmax(logits, -1).requires_grad_()
+        loss = fn(p, lq, num_global, num_crops)
+        loss.backward()
+        outs.append((loss.detach(), lq.grad))
+    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-6)
+    assert torch.allclose(outs[0][1], outs[1][1], atol=1e-7)
+    # hand value for one pair: G=1, V=1 is -mean_i sum_j P log Q of the same view
+    if num_crops == 1:
+        lq = torch.log_softmax(logits, -1)
+        assert torch.allclose(outs[0][0], -(p * lq).sum(-1).mean())

@@ -61,7 +61,7 @@ def resolve_shards(cfg: DataConfig) -> str:
     Local paths are made absolute because Ray workers do not share the driver's working directory.
     """
     path = cfg.path or f"{cfg.data_root.rstrip('/')}/{cfg.dataset}"
-    return path if _is_uri(path) else os.path.abspath(path)
+    return path if is_uri(path) else os.path.abspath(path)
 
 
 def read_meta(path: str) -> dict[str, Any]:
@@ -103,12 +103,13 @@ def read_split_table(path: str, split: str, columns: list[str] | None = None) ->
 
 def filesystem_and_path(path: str) -> tuple[pafs.FileSystem, str]:
     """pyarrow filesystem + path inside it; plain paths are local (made absolute)."""
-    if _is_uri(path):
+    if is_uri(path):
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
-def _is_uri(path: str) -> bool:
+def is_uri(path: str) -> bool:
+    """``scheme://...`` (s3, gs, file, ...), as opposed to a plain local path."""
     return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", str(path)))
 
 
@@ -166,7 +167,7 @@ class ShardWriter:
 
 def _begin(out_dir: str | Path) -> Path:
     out = Path(out_dir)
-    if _is_uri(str(out_dir)):
+    if is_uri(str(out_dir)):
         raise ValueError(f"out_dir must be a local directory (copy it to object storage afterwards), got {out_dir}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)  # incomplete until the new meta.json is written

@@ -60,6 +60,7 @@ from typing import Any
 
 import yaml
 
+from data.sources import is_uri
 from orchestrator import tracking
 from orchestrator.config import ExperimentConfig, apply_overrides, config_from_dict, load_config
 from search_spaces import SearchSpace, load_space, space_from_dict, validate_space
@@ -99,24 +100,20 @@ class SweepSettings:
 
 
 # ================================================================================================ helpers
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
 def _join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts]) if _is_uri(base) else os.path.join(base, *parts)
+    return "/".join([base.rstrip("/"), *parts]) if is_uri(base) else os.path.join(base, *parts)
 
 
 def _absolute(path: str) -> str:
     """Relative paths are anchored at the project root (trial drivers run in their trial directory)."""
-    if not path or _is_uri(path) or os.path.isabs(path):
+    if not path or is_uri(path) or os.path.isabs(path):
         return path
     return str((tracking.project_root() / path).resolve())
 
 
 def _write_text(path: str, text: str) -> None:
     """Atomic for local paths (temp file + os.replace); URIs go through pyarrow's filesystem."""
-    if _is_uri(path):
+    if is_uri(path):
         import pyarrow.fs
 
         fs, fs_path = pyarrow.fs.FileSystem.from_uri(path)
@@ -131,7 +128,7 @@ def _write_text(path: str, text: str) -> None:
 
 
 def _read_text(path: str) -> str | None:
-    if _is_uri(path):
+    if is_uri(path):
         import pyarrow.fs
 
         fs, fs_path = pyarrow.fs.FileSystem.from_uri(path)
@@ -841,7 +838,7 @@ def _resume(storage: str, name: str, tracking_uri: str | None, resume_errored: b
     exp_path = _join(storage, name)
     text = _read_text(_join(exp_path, META_FILE))
     if text is None:
-        known = sorted(p.parent.name for p in Path(storage).glob(f"*/{META_FILE}")) if not _is_uri(storage) else []
+        known = sorted(p.parent.name for p in Path(storage).glob(f"*/{META_FILE}")) if not is_uri(storage) else []
         raise ConfigError("--resume", f"no sweep named {name!r} in {storage}; known sweeps: {known}")
     meta_doc = json.loads(text)
     if tracking_uri:

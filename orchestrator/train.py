@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from data.sources import is_uri
 from orchestrator import checkpointing as ckpt
 from orchestrator import tracking
 from orchestrator.config import ExperimentConfig, config_from_dict
@@ -78,13 +79,9 @@ def steps_per_epoch(cfg: ExperimentConfig, meta: dict[str, Any]) -> int:
     return steps
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
 def _absolute(path: str, root: Path) -> str:
     """Relative paths are anchored at the project root: Ray workers run in their trial directory."""
-    if not path or _is_uri(path) or os.path.isabs(path):
+    if not path or is_uri(path) or os.path.isabs(path):
         return path
     return str((root / path).resolve())
 
@@ -122,7 +119,7 @@ def prepare_data(cfg: ExperimentConfig) -> tuple[ExperimentConfig, dict[str, Any
                 print(f"Fashion-MNIST shards not found: preparing them from {src} into {path} (once)", flush=True)
                 prepare_fashion_mnist(path, src_dir=str(src))
                 meta = read_meta(path)
-    if not _is_uri(str(path)):
+    if not is_uri(str(path)):
         path = str(Path(path).resolve())
     data_cfg = dataclasses.replace(data_cfg, path=str(path))
     if int(meta.get("channels", cfg.data.channels)) != cfg.data.channels:
@@ -173,7 +170,7 @@ def build_trainer(
 
     from data.pipeline import build_eval_datasets, build_train_dataset, configure_data_context
 
-    if not cfg.data.path or (not _is_uri(cfg.data.path) and not os.path.isabs(cfg.data.path)):
+    if not cfg.data.path or (not is_uri(cfg.data.path) and not os.path.isabs(cfg.data.path)):
         cfg, meta = prepare_data(cfg)
     else:
         from data.sources import read_meta
@@ -194,7 +191,7 @@ def build_trainer(
         datasets.update({"knn_train": knn_train, "knn_val": knn_val})
 
     storage_path = _absolute(storage_path, tracking.project_root())
-    run_dir = None if _is_uri(storage_path) else os.path.join(storage_path, run_name)
+    run_dir = None if is_uri(storage_path) else os.path.join(storage_path, run_name)
     loop_config = {
         "cfg": cfg.to_dict(),
         "meta": {"num_classes": int(meta["num_classes"]), "counts": dict(meta["counts"])},
@@ -683,7 +680,7 @@ def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[st
         tracking.log_tags(uri, run_id, {"resume_changed_params": ",".join(sorted(changed))})
     if not resume:
         _log_config_artifact(uri, run_id, cfg)
-    ray_run_dir = storage if _is_uri(storage) else os.path.join(storage, ray_run_name)
+    ray_run_dir = storage if is_uri(storage) else os.path.join(storage, ray_run_name)
     print(f"MLflow run {run_id} ({uri}); Ray Train run {ray_run_dir}", flush=True)
 
     started = False

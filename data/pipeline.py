@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from ray.data import DataContext, Dataset, FileShuffleConfig
+from ray.data import ActorPoolStrategy, DataContext, Dataset, FileShuffleConfig, TaskPoolStrategy
 from ray.data.expressions import col
 
 from data.augment import MultiCropAugment, clean_transform, decode_image
@@ -252,11 +252,12 @@ def _map(ds: Dataset, cfg: DataConfig, fn_class: type, kwargs: dict[str, Any]) -
     """``map_batches`` with the callable class as an actor pool, or (``map_compute="tasks"``) as tasks
     that build the (cheap) callable per batch. Actor pools are started afresh on every execution, i.e.
     every epoch (a new process importing torch: seconds); tasks run in Ray's pooled, warm workers."""
-    common = {"batch_size": cfg.map_batch_size, "batch_format": "numpy", "concurrency": cfg.map_workers,
-              "num_cpus": cfg.map_cpus}
+    common = {"batch_size": cfg.map_batch_size, "batch_format": "numpy", "num_cpus": cfg.map_cpus}
     if cfg.map_compute == "tasks":
-        return ds.map_batches(_run_in_task, fn_kwargs={"fn_class": fn_class, "kwargs": kwargs}, **common)
-    return ds.map_batches(fn_class, fn_constructor_kwargs=kwargs, **common)
+        return ds.map_batches(_run_in_task, fn_kwargs={"fn_class": fn_class, "kwargs": kwargs},
+                              compute=TaskPoolStrategy(size=cfg.map_workers), **common)
+    return ds.map_batches(fn_class, fn_constructor_kwargs=kwargs, compute=ActorPoolStrategy(size=cfg.map_workers),
+                          **common)
 
 
 def _run_in_task(batch: dict[str, np.ndarray], fn_class: type, kwargs: dict[str, Any]) -> dict[str, np.ndarray]:

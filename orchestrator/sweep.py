@@ -63,6 +63,7 @@ import yaml
 from data.sources import is_uri
 from orchestrator import tracking
 from orchestrator.config import ExperimentConfig, apply_overrides, config_from_dict, load_config
+from orchestrator.local_ray import start_local_ray
 from search_spaces import SearchSpace, load_space, space_from_dict, validate_space
 from trainers.options import ConfigError, flatten
 
@@ -551,7 +552,7 @@ def _connect_ray(address: str | None, cfg: ExperimentConfig, settings: SweepSett
         ray.init(address=address)
         return True
     per_trial = settings.driver_cpus + max(cfg.train.workers, 1) * cfg.train.cpus_per_worker
-    ray.init(num_cpus=max(4, math.ceil(settings.max_concurrent * per_trial) + 2), include_dashboard=False)
+    start_local_ray(max(4, math.ceil(settings.max_concurrent * per_trial) + 2))
     return True
 
 

@@ -39,6 +39,7 @@ from data.sources import is_uri
 from orchestrator import checkpointing as ckpt
 from orchestrator import tracking
 from orchestrator.config import ExperimentConfig, config_from_dict
+from orchestrator.local_ray import start_local_ray
 from trainers.engine import normalise_uint8
 from trainers.options import ConfigError, flatten
 
@@ -572,7 +573,7 @@ def connect_ray(cfg: ExperimentConfig) -> bool:
     kwargs: dict[str, Any] = {}
     if cfg.train.gpus_per_worker > 0 and torch.cuda.is_available():
         kwargs["num_gpus"] = torch.cuda.device_count()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    start_local_ray(num_cpus, **kwargs)
     return True
 
 

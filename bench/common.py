@@ -183,9 +183,15 @@ def environment(device: str) -> dict[str, Any]:
     return env
 
 
-def results_path(device: str, out_dir: Path | None = None, date: _dt.date | None = None) -> Path:
+def results_path(device: str, out_dir: Path | None = None, date: _dt.date | None = None,
+                 sections: list[str] | tuple[str, ...] = SECTIONS) -> Path:
+    """``<date>-<machine>.json`` for a full run; a run of some sections only (``--only``) gets
+    ``<date>-<machine>-only-<sections>.json``, so it never replaces the day's full results."""
     date = date or _dt.date.today()
-    return Path(out_dir or RESULTS_DIR) / f"{date.isoformat()}-{machine_name(device)}.json"
+    name = f"{date.isoformat()}-{machine_name(device)}"
+    if set(sections) != set(SECTIONS):
+        name += "-only-" + "+".join(s for s in SECTIONS if s in sections)
+    return Path(out_dir or RESULTS_DIR) / f"{name}.json"
 
 
 def write_results(path: Path, payload: dict[str, Any]) -> None:

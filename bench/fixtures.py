@@ -42,6 +42,8 @@ def init_ray(ctx: BenchContext, num_cpus: float, num_gpus: int | None = None) ->
     import ray
     import ray.data
 
+    from orchestrator.local_ray import start_local_ray
+
     if ray.is_initialized():
         ray.shutdown()
     # Ray Data logs every execution plan at INFO and warns about concurrency: pages of noise per pass.
@@ -50,8 +52,9 @@ def init_ray(ctx: BenchContext, num_cpus: float, num_gpus: int | None = None) ->
     kwargs: dict[str, Any] = {}
     if num_gpus is not None:
         kwargs["num_gpus"] = num_gpus
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             object_store_memory=512 * 2**20, _temp_dir=str(ctx.workdir / "ray"), **kwargs)
+    # The same local Ray as `bamray train` (its worker set-up hook included).
+    start_local_ray(num_cpus, log_to_driver=False, configure_logging=False, object_store_memory=512 * 2**20,
+                    _temp_dir=str(ctx.workdir / "ray"), **kwargs)
 
 
 def tracking_uri(ctx: BenchContext, name: str) -> str:

@@ -25,6 +25,7 @@ from bench.common import (
     SectionResult,
     cpu_count,
     environment,
+    machine_name,
     markdown_table,
     results_path,
     write_results,
@@ -109,10 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench {time.time() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
     ctx = BenchContext(device=args.device, quick=args.quick, workdir=workdir, cpus=cpu_count(), log=log)
-    path = results_path(args.device, args.out)
+    path = results_path(args.device, args.out, sections=args.only)
     payload = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": path.stem.split("-", 3)[-1],
+        "machine": machine_name(args.device),
         "device": args.device,
         "quick": args.quick,
         "sections_requested": args.only,

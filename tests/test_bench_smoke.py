@@ -33,6 +33,19 @@ def test_cli_rejects_unknown_section_and_device():
     assert args.only == ["sweep"] and args.device == "cuda:1" and args.quick
 
 
+def test_results_path_keeps_partial_runs_apart(tmp_path):
+    import datetime as dt
+
+    from bench.common import SECTIONS, machine_name, results_path
+
+    day = dt.date(2026, 1, 2)
+    full = results_path("cpu", tmp_path, day)
+    assert full.name == f"2026-01-02-{machine_name('cpu')}.json"
+    assert results_path("cpu", tmp_path, day, sections=list(reversed(SECTIONS))) == full
+    assert results_path("cpu", tmp_path, day, sections=["step", "loss"]).name == \
+        f"2026-01-02-{machine_name('cpu')}-only-loss+step.json"
+
+
 def test_quick_mode_writes_valid_json(tmp_path, fmnist_src):
     out_dir = tmp_path / "results"
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", BAMRAY_FMNIST_SRC=str(fmnist_src))
@@ -43,9 +56,10 @@ def test_quick_mode_writes_valid_json(tmp_path, fmnist_src):
     files = list(out_dir.glob("*.json"))
     assert len(files) == 1, files
     name = files[0].name
-    assert name[:10].count("-") == 2 and name.endswith("cpu.json"), name  # <YYYY-MM-DD>-<host>-<N>cpu.json
+    # <YYYY-MM-DD>-<host>-<N>cpu-only-<sections>.json: a partial run never replaces the day's full results
+    assert name[:10].count("-") == 2 and name.endswith("cpu-only-loss+data.json"), name
     doc = json.loads(files[0].read_text())
-    assert doc["quick"] is True and doc["device"] == "cpu"
+    assert doc["quick"] is True and doc["device"] == "cpu" and doc["machine"].endswith("cpu")
     assert set(doc["sections"]) == {"loss", "data"}
     for sec_name, sec in doc["sections"].items():
         assert sec["error"] is None and sec["skipped"] is None, (sec_name, sec["error"] or sec["skipped"])

@@ -208,6 +208,7 @@ def build_trainer(
         "stop_after_epoch": stop_after_epoch,
         # (reaper, trial actor): rank 0 hands its placement group over, see orchestrator/reaper.py
         "pg_watch": pg_watch if workers > 0 else None,
+        "hold_after_epoch": int(os.environ.get(EXIT_AFTER_EPOCHS_ENV, "0") or 0) or None,
     }
     resources: dict[str, float] = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.gpus_per_worker > 0:
@@ -545,6 +546,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     ckpt.export_backbone(method, cfg, tmp)
                 ckpt.save_rng_state(tmp, rank)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            if epoch + 1 == config.get("hold_after_epoch"):
+                # Test hook (EXIT_AFTER_EPOCHS_ENV): the driver exits once this checkpoint reaches the
+                # controller; holding here makes "killed right after epoch N" exact instead of a race
+                # with the next epoch (which a fast epoch used to win, logging one epoch too many).
+                time.sleep(3600)
         else:
             ray.train.report(metrics)
 

@@ -27,6 +27,5 @@ def start_local_ray(num_cpus: int, **kwargs: Any) -> None:
     workers run :func:`quiet_dashboardless_warnings`."""
     import ray
 
-    runtime_env = dict(kwargs.pop("runtime_env", None) or {})
-    runtime_env.setdefault("worker_process_setup_hook", f"{__name__}.{quiet_dashboardless_warnings.__name__}")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, **kwargs)
+    hook = f"{__name__}.{quiet_dashboardless_warnings.__name__}"
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"worker_process_setup_hook": hook}, **kwargs)

@@ -54,6 +54,11 @@ SCORE_KEY = "checkpoint_score"
 EXIT_AFTER_EPOCHS_ENV = "BAMRAY_TEST_EXIT_DRIVER_AFTER_EPOCHS"
 
 
+def _exit_after_checkpoints() -> int:
+    """The :data:`EXIT_AFTER_EPOCHS_ENV` test hook's count of checkpoints (0 = off)."""
+    return int(os.environ.get(EXIT_AFTER_EPOCHS_ENV, "0") or 0)
+
+
 # ================================================================================================ helpers
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` = bf16 autocast on GPU (no loss scaling needed), fp32 on CPU (CPU autocast is slower)."""
@@ -208,7 +213,7 @@ def build_trainer(
         "stop_after_epoch": stop_after_epoch,
         # (reaper, trial actor): rank 0 hands its placement group over, see orchestrator/reaper.py
         "pg_watch": pg_watch if workers > 0 else None,
-        "hold_after_epoch": int(os.environ.get(EXIT_AFTER_EPOCHS_ENV, "0") or 0) or None,
+        "hold_after_checkpoints": _exit_after_checkpoints(),
     }
     resources: dict[str, float] = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.gpus_per_worker > 0:
@@ -459,6 +464,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     global_batch = batch_size * world
     shuffle = cfg.data.local_shuffle_buffer or None
     status: dict[str, Any] = {"status": "finished", "start_epoch": start_epoch}
+    checkpoints_reported = 0
     eval_cache = EvalCache()
     if config.get("knn") and config.get("knn_prefetch"):
         eval_cache.prefetch({n: ray.train.get_dataset_shard(n) for n in ("knn_train", "knn_val")})
@@ -546,10 +552,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     ckpt.export_backbone(method, cfg, tmp)
                 ckpt.save_rng_state(tmp, rank)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            if epoch + 1 == config.get("hold_after_epoch"):
-                # Test hook (EXIT_AFTER_EPOCHS_ENV): the driver exits once this checkpoint reaches the
-                # controller; holding here makes "killed right after epoch N" exact instead of a race
-                # with the next epoch (which a fast epoch used to win, logging one epoch too many).
+            checkpoints_reported += 1
+            if checkpoints_reported == config.get("hold_after_checkpoints"):
+                # Test hook (EXIT_AFTER_EPOCHS_ENV): the driver exits once the controller has seen this
+                # many checkpoints (it counts the same way); holding here makes "killed right after that
+                # checkpoint" exact instead of a race with the next epoch (which a fast epoch used to
+                # win, logging one epoch too many).
                 time.sleep(3600)
         else:
             ray.train.report(metrics)
@@ -695,7 +703,7 @@ def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[st
     try:
         started = connect_ray(cfg)
         callbacks = []
-        exit_after = int(os.environ.get(EXIT_AFTER_EPOCHS_ENV, "0") or 0)
+        exit_after = _exit_after_checkpoints()
         if exit_after > 0:
             callbacks = _start_exit_watcher(exit_after)
         trainer = build_trainer(cfg, run_name=ray_run_name, storage_path=storage, mlflow_run_id=run_id,

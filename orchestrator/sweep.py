@@ -4,8 +4,10 @@ Why a driver function and not ``Tuner(TorchTrainer)``: Train V2 (Ray >= 2.51) no
 trainable. Each trial runs :func:`trial_driver` (a fraction of a CPU, ``tune.with_resources``), which
 builds the experiment config from the base config plus the sampled params, opens a CHILD MLflow run
 (tag ``mlflow.parentRunId`` = the sweep's run), and fits ``orchestrator.train.build_trainer(...)`` with
-``RunConfig(name=f"train-{trial_id}")`` and ``TuneReportCallback``, which forwards every per-epoch
-``ray.train.report`` (``knn_top1``, ``epoch``, ``loss``) to Tune, so the scheduler sees them.
+``RunConfig(name=f"train-{trial_id}")`` and a callback that forwards every per-epoch ``ray.train.report``
+(``knn_top1``, ``epoch``, ``loss``) to the driver, which reports it to Tune, so the scheduler sees them
+(:func:`_fit_reporting_to_tune`). At ASHA's rungs the workers wait for Tune's decision before training on
+(:mod:`orchestrator.epoch_gate`), so a stopped trial's curves end at the rung that stopped it.
 
 Lineage in MLflow: the sweep's PARENT run holds the space, scheduler, search and trial count, and at
 the end the best params (``best.<key>``), ``best_knn_top1``, a results table (CSV + markdown) and a PNG
@@ -32,7 +34,7 @@ epochs the whole population pauses; the bottom ``--quantile-fraction`` of trials
 a copy of a top trial's checkpoint and continue with mutated params (continuous params x 0.8 / 1.2 or
 resampled, clipped to the space's range; discrete ones moved to a neighbouring value or resampled). For
 that the driver relays every Train checkpoint to Tune (``ray.tune.report(..., checkpoint=...)``, see
-:func:`_fit_relaying_checkpoints`), and a restarted driver (``ray.tune.get_checkpoint()`` set) starts a
+:func:`_fit_reporting_to_tune`), and a restarted driver (``ray.tune.get_checkpoint()`` set) starts a
 NEW Train run named ``train-<trial_id>-<hash of that checkpoint>`` whose workers load it as their initial
 state (``init_checkpoint``), with the trial's new params and its own MLflow run. Only params that keep
 the weights' shapes may be perturbed (``model.*``, ``data.*`` and ``*_dim`` are refused). Each
@@ -161,6 +163,20 @@ def _check_scheduler(scheduler: str) -> None:
 PBT_REFUSED_PREFIXES = ("model.", "data.", "train.workers", "optim.batch_size", "optim.epochs")
 
 
+def _check_trial_workers(cfg: ExperimentConfig, space: SearchSpace, from_flag: bool) -> None:
+    """Every trial needs at least one Ray Train worker: with ``train.workers=0`` Ray Train runs the loop in
+    the trial's own process, where Ray Tune refuses Ray Train's API (``ray.train.get_context`` raises), so
+    every trial would fail after Ray had started."""
+    why = "a sweep runs every trial on Ray Train workers; 0 (the in-process loop) cannot report to Ray Tune"
+    if cfg.train.workers < 1:
+        raise ConfigError("--workers-per-trial" if from_flag else "train.workers",
+                          f"got {cfg.train.workers}; must be in [1, 1024]: {why}")
+    param = space.params.get("train.workers")
+    if param is not None and min(int(v) for v in param.candidates()) < 1:
+        raise ConfigError("space.train.workers", f"values reach {min(int(v) for v in param.candidates())}; must be "
+                                                 f"in [1, 1024]: {why}")
+
+
 def check_pbt(space: SearchSpace, cfg: ExperimentConfig, search: str, perturbation_interval: int,
               quantile_fraction: float) -> None:
     """PBT-specific checks, before launch: the search, the space's params, the intervals."""
@@ -232,15 +248,8 @@ def trial_driver(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     Runs inside the trial's actor (cwd = the trial directory, hence absolute paths everywhere).
     ``ctx`` is plain data (see :func:`_driver_context`), identical on resume."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.reaper import watch_current_actor
-    from orchestrator.train import (
-        _best_checkpoint,
-        _log_checkpoint_artifacts,
-        _log_config_artifact,
-        build_trainer,
-    )
+    from orchestrator.train import _best_checkpoint, _log_checkpoint_artifacts, _log_config_artifact
 
     trial_id = tune.get_context().get_trial_id()
     space = space_from_dict(ctx["space"])
@@ -267,10 +276,7 @@ def trial_driver(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         if relay:
             result = _pbt_segments(cfg, trial_id, params, ctx, run_id, init)
         else:
-            trainer = build_trainer(cfg, run_name=train_name, storage_path=ctx["train_storage"], mlflow_run_id=run_id,
-                                    tracking_uri=uri, callbacks=[TuneReportCallback()],
-                                    pg_watch=watch_current_actor(ctx.get("reaper")))
-            result = trainer.fit()
+            result = _fit_reporting_to_tune(cfg, train_name, ctx, run_id, gate_epochs=ctx.get("gate_epochs") or ())
         ret = result.return_value or {}
         if ret.get("status") == "nan":
             raise NonFiniteTrialError(ret.get("reason", "non-finite loss"))
@@ -328,7 +334,8 @@ def _pbt_segments(cfg: ExperimentConfig, trial_id: str, params: dict[str, Any], 
         numeric = {f"param.{k}": float(v) for k, v in params.items() if isinstance(v, (int, float))}
         if numeric:
             tracking.log_metrics(uri, run_id, numeric, step=start)
-        result = _fit_relaying_checkpoints(cfg, name, ctx, run_id, init, stop)
+        result = _fit_reporting_to_tune(cfg, name, ctx, run_id, init=init, stop_after_epoch=stop,
+                                        relay_checkpoints=True)
         if stop >= cfg.optim.epochs or (result.return_value or {}).get("status") != "finished":
             return result
         init = result.checkpoint
@@ -345,42 +352,49 @@ def _checkpoint_epoch(checkpoint: Any) -> int:
 
 
 def _relay_callback_cls():
-    """Built lazily (Ray import). Runs in the Train controller: forwards each report's rank-0 metrics AND
-    its checkpoint to the trial driver, which hands both to Tune (PBT clones Tune-level checkpoints;
-    ``TuneReportCallback`` forwards metrics only)."""
+    """Built lazily (Ray import). Runs in the Train controller: forwards each report's rank-0 metrics (with
+    ``checkpoint_path``) and, for PBT, the checkpoint itself to the trial driver, which hands them to Tune.
+    PBT clones Tune-level checkpoints; the other schedulers need the metrics only, and reporting the
+    checkpoint to Tune would store it a second time in the trial's directory."""
     from ray.train import UserCallback
 
-    class TuneCheckpointRelay(UserCallback):
-        def __init__(self, queue: Any):
-            self.queue = queue
+    class TuneReportRelay(UserCallback):
+        def __init__(self, queue: Any, with_checkpoint: bool):
+            self.queue, self.with_checkpoint = queue, with_checkpoint
 
         def after_report(self, run_context: Any, metrics: list, checkpoint: Any) -> None:
             item = dict(metrics[0])
             if checkpoint is not None:
                 item["checkpoint_path"] = checkpoint.path
-            self.queue.put((item, checkpoint))
+            self.queue.put((item, checkpoint if self.with_checkpoint else None))
 
-    return TuneCheckpointRelay
+    return TuneReportRelay
 
 
-def _fit_relaying_checkpoints(cfg: ExperimentConfig, train_name: str, ctx: dict[str, Any], run_id: str,
-                              init: Any, stop_after_epoch: int) -> Any:
-    """``trainer.fit()`` in a thread while this (the trial's) thread reports every relayed epoch to Tune
-    with its checkpoint: ``ray.tune.report`` must run in the trial's own thread, and it blocks until Tune
-    has taken the result, which must not stall training."""
+def _fit_reporting_to_tune(cfg: ExperimentConfig, train_name: str, ctx: dict[str, Any], run_id: str, *,
+                           init: Any = None, stop_after_epoch: int | None = None, relay_checkpoints: bool = False,
+                           gate_epochs: Any = ()) -> Any:
+    """``trainer.fit()`` in a thread while this (the trial's) thread reports every relayed epoch to Tune:
+    ``ray.tune.report`` must run in the trial's own thread, and it returns only once Tune asks for the
+    next result, i.e. once the scheduler decided to go on, which must not stall training. Except at
+    ``gate_epochs`` (ASHA's rungs): there the workers wait for that return (:mod:`orchestrator.epoch_gate`),
+    so a trial the scheduler stops trains no further than the epoch it was judged on."""
     import threading
 
     from ray import tune
     from ray.util.queue import Queue
 
+    from orchestrator.epoch_gate import EpochGate
     from orchestrator.reaper import watch_current_actor
     from orchestrator.train import build_trainer
 
     queue = Queue(actor_options={"num_cpus": 0})
+    gate = EpochGate.remote() if gate_epochs and cfg.train.workers > 0 else None
     trainer = build_trainer(cfg, run_name=train_name, storage_path=ctx["train_storage"], mlflow_run_id=run_id,
-                            tracking_uri=ctx["tracking_uri"], callbacks=[_relay_callback_cls()(queue)],
+                            tracking_uri=ctx["tracking_uri"], callbacks=[_relay_callback_cls()(queue, relay_checkpoints)],
                             init_checkpoint=init, stop_after_epoch=stop_after_epoch,
-                            pg_watch=watch_current_actor(ctx.get("reaper")))
+                            pg_watch=watch_current_actor(ctx.get("reaper")),
+                            epoch_gate=(gate, sorted(int(e) for e in gate_epochs)) if gate is not None else None)
     box: dict[str, Any] = {}
 
     def fit() -> None:
@@ -396,6 +410,8 @@ def _fit_relaying_checkpoints(cfg: ExperimentConfig, train_name: str, ctx: dict[
     while (item := queue.get()) is not None:
         metrics, checkpoint = item
         tune.report(metrics, checkpoint=checkpoint)
+        if gate is not None:
+            gate.release.remote(int(metrics.get(TIME_ATTR) or 0))
     thread.join()
     if "error" in box:
         raise box["error"]
@@ -485,6 +501,18 @@ def _scheduler(settings: SweepSettings, epochs: int, space: SearchSpace | None =
                          reduction_factor=settings.reduction_factor, stop_last_trials=False)
 
 
+def asha_rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
+    """The epochs where :func:`_scheduler`'s ``ASHAScheduler`` (one bracket) judges a trial, before the
+    last one. Its milestones are ``grace_period * reduction_factor**k``; a trial is judged at the first
+    epoch that reaches one (``ceil``, for a fractional factor). The trial's workers wait there for the
+    decision (:mod:`orchestrator.epoch_gate`)."""
+    rungs, milestone = set(), float(grace_period)
+    while milestone < max_t:
+        rungs.add(math.ceil(milestone - 1e-9))
+        milestone *= reduction_factor
+    return sorted(r for r in rungs if r < max_t)
+
+
 def _search_alg(settings: SweepSettings):
     if settings.search == "optuna":
         import optuna
@@ -518,6 +546,8 @@ def _driver_context(base: dict[str, Any], space: SearchSpace, settings: SweepSet
     return {"base": base, "space": space.to_dict(), "name": settings.name, "tracking_uri": settings.tracking_uri,
             "experiment": settings.experiment, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
             "train_storage": exp_path, "relay_checkpoints": settings.scheduler == "pbt",
+            "gate_epochs": asha_rungs(settings.grace_period, settings.reduction_factor, int(base["optim"]["epochs"]))
+            if settings.scheduler == "asha" else [],
             "perturbation_interval": settings.perturbation_interval, "reaper": _reaper_name(settings.name)}
 
 
@@ -530,14 +560,10 @@ def _trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _trainable(ctx: dict[str, Any], cfg: ExperimentConfig, settings: SweepSettings):
+def _trainable(ctx: dict[str, Any], settings: SweepSettings):
     from ray import tune
 
-    if cfg.train.workers == 0:  # the loop runs inside the driver (Train local mode): it needs the worker's share
-        resources = {"cpu": cfg.train.cpus_per_worker, "gpu": cfg.train.gpus_per_worker}
-    else:
-        resources = {"cpu": settings.driver_cpus}
-    return tune.with_resources(tune.with_parameters(trial_driver, ctx=ctx), resources)
+    return tune.with_resources(tune.with_parameters(trial_driver, ctx=ctx), {"cpu": settings.driver_cpus})
 
 
 def _connect_ray(address: str | None, cfg: ExperimentConfig, settings: SweepSettings) -> bool:
@@ -791,6 +817,7 @@ def run_sweep(
         overrides["train.gpus_per_worker"] = gpus_per_trial / max(workers, 1)
     cfg = config_from_dict(apply_overrides(base_cfg.to_dict(), overrides)) if overrides else base_cfg
     space = validate_space(space, cfg) if isinstance(space, SearchSpace) else load_space(space, cfg)
+    _check_trial_workers(cfg, space, workers_per_trial is not None)
     if scheduler == "pbt":
         check_pbt(space, cfg, search, perturbation_interval, quantile_fraction)
 
@@ -865,7 +892,7 @@ def _fit(meta_doc: dict[str, Any], exp_path: str, address: str | None, restore: 
     started = _connect_ray(address, cfg, settings)
     reaper = start_reaper(ctx["reaper"])
     try:
-        trainable = _trainable(ctx, cfg, settings)
+        trainable = _trainable(ctx, settings)
         if restore is not None:
             tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
                                        resume_errored=restore["resume_errored"])

@@ -150,6 +150,7 @@ def build_trainer(
     init_checkpoint: Any = None,
     stop_after_epoch: int | None = None,
     pg_watch: tuple[Any, Any] | None = None,
+    epoch_gate: tuple[Any, list[int]] | None = None,
 ):
     """A ``ray.train.torch.TorchTrainer`` for ``cfg`` (Ray must be initialised).
 
@@ -160,10 +161,12 @@ def build_trainer(
     unchanged: one segment of a PBT trial, which Tune may continue, pause or re-seed from another trial.
     ``pg_watch``: ``(reaper, trial actor)`` from :func:`orchestrator.reaper.watch_current_actor`, so the
     run's worker placement group is removed if a Tune scheduler kills the trial mid-run.
+    ``epoch_gate``: ``(EpochGate handle, epochs)``: after reporting one of those epochs the workers wait
+    until the gate is open through it (a Tune trial's scheduler decision, see orchestrator/epoch_gate.py).
 
     Datasets: ``train`` (multi-crop stream) and, for the online k-NN, ``knn_train`` / ``knn_val`` (clean
     centre crops); Ray splits each across the workers. ``callbacks`` go to ``RunConfig`` (a Tune trial
-    passes ``TuneReportCallback()``). Every ``ray.train.report`` carries ``epoch``, ``step``, ``loss``
+    passes a relay to Tune). Every ``ray.train.report`` carries ``epoch``, ``step``, ``loss``
     (epoch mean), ``knn_top1`` / ``knn_top5`` on k-NN epochs and ``nan_detected`` when the loss blew up.
 
     From a Tune trial, pass a config already through :func:`prepare_data` in the sweep's driver and an
@@ -214,6 +217,8 @@ def build_trainer(
         # (reaper, trial actor): rank 0 hands its placement group over, see orchestrator/reaper.py
         "pg_watch": pg_watch if workers > 0 else None,
         "hold_after_checkpoints": _exit_after_checkpoints(),
+        # Train local mode (0 workers) forwards no report to callbacks, so nothing would ever open the gate
+        "epoch_gate": epoch_gate if workers > 0 else None,
     }
     resources: dict[str, float] = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.gpus_per_worker > 0:
@@ -470,6 +475,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         eval_cache.prefetch({n: ray.train.get_dataset_shard(n) for n in ("knn_train", "knn_val")})
 
     end_epoch = min(cfg.optim.epochs, int(config.get("stop_after_epoch") or cfg.optim.epochs))
+    gate = config.get("epoch_gate")
     for epoch in range(start_epoch, end_epoch):
         if clock is not None:
             if rank == 0:
@@ -561,6 +567,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 time.sleep(3600)
         else:
             ray.train.report(metrics)
+        if gate is not None and epoch + 1 in gate[1] and not last:
+            ray.get(gate[0].wait.remote(epoch + 1))  # the scheduler decides on this epoch: no training past it
 
     if log is not None:
         log.flush()

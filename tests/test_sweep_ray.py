@@ -103,6 +103,22 @@ def test_workers_per_trial_revalidates_the_space():
         run_sweep(cfg, space, trials=1, workers_per_trial=1)
 
 
+@pytest.mark.parametrize("extra, kwargs, space, field", [
+    (["train.workers=0"], {}, "bam_sinkhorn", "train.workers"),
+    ([], {"workers_per_trial": 0}, "bam_sinkhorn", "--workers-per-trial"),
+    ([], {}, {"name": "w", "params": {"train.workers": {"type": "choice", "values": [0, 1]}}}, "space.train.workers"),
+])
+def test_trials_without_train_workers_are_refused_before_ray(extra, kwargs, space, field):
+    """With 0 workers Ray Train runs the loop in the trial's own process, where Ray Tune refuses Ray Train's
+    API: every trial used to fail after Ray had started. Now it is a config error naming the field."""
+    import ray
+
+    with pytest.raises(ConfigError) as err:
+        run_sweep(tiny_cfg("", EPOCHS, *extra), space, trials=1, **kwargs)
+    assert err.value.field == field and "[1, 1024]" in str(err.value)
+    assert not ray.is_initialized()
+
+
 @pytest.mark.parametrize("status, epochs, target, outcome", [
     ("TERMINATED", 3, 3, "completed"), ("TERMINATED", 1, 3, "stopped_early"), ("ERROR", 1, 3, "failed"),
     ("ERROR", 3, 3, "failed"), ("RUNNING", 2, 3, "unfinished"), ("PENDING", 0, 3, "unfinished"),
@@ -167,6 +183,35 @@ def test_cli_registers_sweep_with_a_handler():
     assert args.set == ["optim.lr=1e-3"]
 
 
+@pytest.mark.parametrize("grace, rf, max_t", [(1, 2, 2), (1, 2, 8), (1, 2, 9), (2, 3, 20), (1, 4, 64), (3, 2, 3),
+                                              (1, 1.5, 10), (1, 1.1, 6)])
+def test_asha_rungs_are_where_the_scheduler_decides(grace, rf, max_t):
+    """The workers wait for Tune's decision at these epochs: they must be exactly the epochs where the ASHA
+    that :func:`_scheduler` builds judges a trial (its last one, ``max_t``, ends the run anyway). Asked of
+    the scheduler itself: one fresh trial per epoch count, reporting that many epochs."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    settings = sweep_mod.SweepSettings(name="x", trials=1, scheduler="asha", grace_period=grace,
+                                       reduction_factor=rf)
+    decided = []
+    for epoch in range(1, max_t):
+        asha = sweep_mod._scheduler(settings, max_t)
+        asha.set_search_properties(sweep_mod.METRIC, sweep_mod.MODE)  # as Tuner(metric=, mode=) does
+        trials = [Trial("t", stub=True, trial_id=f"t{i}") for i in range(2)]
+        for t in trials:
+            asha.on_trial_add(None, t)
+        # t0 scores 100 at every epoch; t1 scores 0 only at `epoch`: stopped there iff a rung is there
+        for e in range(1, epoch + 1):
+            asha.on_trial_result(None, trials[0], {"epoch": e, "knn_top1": 100.0})
+        stops = [asha.on_trial_result(None, trials[1], {"epoch": e, "knn_top1": 100.0 if e < epoch else 0.0})
+                 for e in range(1, epoch + 1)]
+        if stops[-1] == TrialScheduler.STOP:
+            decided.append(epoch)
+    assert sweep_mod.asha_rungs(grace, rf, max_t) == decided
+    assert sweep_mod.asha_rungs(1, 2, 8) == [1, 2, 4] and sweep_mod.asha_rungs(1, 1.5, 6) == [1, 2, 3, 4]  # by hand
+
+
 # ================================================================================================ real Ray
 def _live_placement_groups() -> list[str]:
     from ray.util.placement_group import placement_group_table
@@ -209,6 +254,31 @@ def test_reaper_removes_a_dead_owners_placement_group_and_keeps_a_live_ones(ray_
     remove_placement_group(pg_alive)
     ray.kill(reaper)
     ray.kill(alive)
+
+
+@pytest.mark.ray
+def test_epoch_gate_holds_until_released_through_the_epoch(ray_local):
+    """A worker waiting at epoch 2 stays blocked while the driver has only released epoch 1, goes on once
+    epoch 3 is released (release opens every epoch up to it), and a later wait at an open epoch is free.
+    When the gate's owner dies (Tune stopped the trial), the waiting worker gets an error, not a hang."""
+    import ray
+
+    from orchestrator.epoch_gate import EpochGate
+
+    gate = EpochGate.remote()
+    waiting = gate.wait.remote(2)
+    ray.get(gate.release.remote(1))
+    ready, _ = ray.wait([waiting], timeout=0.5)
+    assert ready == []
+    assert ray.get(gate.release.remote(3)) == 3
+    assert ray.get(waiting, timeout=10) == 3
+    assert ray.get(gate.wait.remote(1), timeout=10) == 3
+    assert ray.get(gate.release.remote(2)) == 3  # a late or repeated release never closes an epoch
+
+    blocked = gate.wait.remote(4)
+    ray.kill(gate)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(blocked, timeout=20)
 
 
 @pytest.fixture(scope="module")
@@ -321,7 +391,9 @@ def test_asha_sweep_stops_bad_trials_and_records_lineage(ray_local, tiny_data, t
             assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"final", "config.yaml"}
         else:
             assert run.info.status == "KILLED" and run.data.tags["bamray.trial_status"] == "stopped_early"
-            assert 1 <= len(knn) < EPOCHS
+            # the workers waited at the rung for Tune's decision: nothing past epoch 1 was trained or logged
+            assert len(knn) == 1
+            assert max(m.step for m in _history(client, run.info.run_id, "loss")) == knn[0].step
     # each trial's Ray Train run lives beside the Tune experiment, named after the trial
     train_dirs = sorted(p.name for p in (tmp_path / "ray" / "asha-test").glob("train-*"))
     assert train_dirs == sorted(f"train-{t}" for t in rows)

@@ -1,6 +1,7 @@
 """Does a short CPU training help? k-NN top-1 of each method's backbone at random init and after training.
 
-``python -m bench.knn_gain [--methods bam,byol,dino,simclr,mae] [--epochs 2] [--set key=value ...]``
+``python -m bench.knn_gain [--methods bam,byol,dino,simclr,mae] [--epochs N] [--set key=value ...]``
+(without ``--epochs`` each config trains for its own ``optim.epochs``)
 
 For every method it loads the shipped ``<method>_fmnist`` config with the given overrides, builds the
 model, ``Engine`` and ``DataLoader`` in this process (``bench.train_step.build_bare``: the trainers'
@@ -111,7 +112,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.knn_gain", description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(METHOD_ORDER))
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="optim.epochs for every method (default: each shipped config's own)")
     p.add_argument("--train-limit", type=int, default=10000, help="train images (the k-NN bank is these too)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"extra config overrides, after the defaults {DEFAULT_SET}")
@@ -120,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = [*DEFAULT_SET, f"optim.epochs={args.epochs}", f"data.train_limit={args.train_limit}", *args.set]
+    epochs = [f"optim.epochs={args.epochs}"] if args.epochs is not None else []
+    overrides = [*DEFAULT_SET, *epochs, f"data.train_limit={args.train_limit}", *args.set]
     rows = []
     out = Path(args.out) / f"{time.strftime('%Y-%m-%d')}-{platform.node()}-knn-gain.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -183,5 +183,6 @@ def validate_cross_fields(cfg: ExperimentConfig) -> None:
         "num_local_crops": d.local_crops,
         "image_size": d.global_crop_size,
         "patch_size": m.patch_size or 0,
+        "backbone_kwargs": dict(m.backbone_kwargs),
     }
     get_method(cfg.method_name).check(cfg.method, ctx)

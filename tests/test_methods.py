@@ -263,11 +263,14 @@ def test_shipped_config_builds_and_steps(name):
     assert cfg.method_name == name
     d = cfg.data
     # MAE needs a ViT (it drops masked patch tokens); the others ship timm's ResNet-18, the faster learner on
-    # 2 CPUs (bench/knn_gain.py). All: 28 px grey images, 10k train images, 2 workers, global batch 128 (MAE 256).
+    # 2 CPUs (bench/knn_gain.py). All: 28 px grey images, 10k train images, 2 workers, global batch 128 (MAE 256),
+    # 3 epochs (MAE: a 4-block ViT for 8 epochs, its features the mean patch token).
     expected = ("vit_tiny_patch16_224", 4) if name == "mae" else ("resnet18", None)
     assert (cfg.model.backbone, cfg.model.patch_size, d.channels, d.global_crop_size) == (*expected, 1, 28)
     assert (cfg.optim.batch_size * cfg.train.workers, cfg.optim.epochs, d.train_limit, cfg.train.workers) == (
-        128 if name != "mae" else 256, 3, 10000, 2)
+        128 if name != "mae" else 256, 3 if name != "mae" else 8, 10000, 2)
+    if name == "mae":
+        assert cfg.model.backbone_kwargs == {"depth": 4, "global_pool": "avg", "final_norm": False}
     torch.manual_seed(0)
     backbone, feat_dim = build_backbone(cfg.model, in_chans=d.channels, default_img_size=d.global_crop_size)
     ctx = MethodContext(
@@ -290,6 +293,18 @@ def test_shipped_config_builds_and_steps(name):
         )
     logs = engine.train_step(crops_from_batch(batch, d.mean, d.std, "cpu", method.crop_usage))
     assert math.isfinite(logs["loss"])
+    if name == "mae":  # DDP fails on a parameter the loss never reaches (seen: timm's fc_norm under global_pool=avg)
+        unused = [n for n, p in method.named_parameters() if p.requires_grad and p.grad is None]
+        assert unused == []
+
+
+def test_mae_refuses_a_pooled_norm_it_would_never_train():
+    with pytest.raises(ConfigError) as err:
+        load_config("mae_fmnist", ["model.backbone_kwargs={depth: 4, global_pool: avg}"])
+    assert err.value.field == "model.backbone_kwargs" and "final_norm: false" in str(err.value)
+    load_config("mae_fmnist", ["model.backbone_kwargs={depth: 4, global_pool: avg, fc_norm: false}"])
+    load_config("mae_fmnist", ["model.backbone_kwargs={depth: 4, global_pool: avg, final_norm: false}"])
+    load_config("mae_fmnist", ["model.backbone_kwargs={depth: 4}"])  # class token: timm keeps the token norm
 
 
 BAD_VALUES = [

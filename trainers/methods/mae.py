@@ -10,6 +10,7 @@ Only the first global crop is used (MAE's augmentation is a random resized crop 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from timm.layers import resample_abs_pos_embed
@@ -104,11 +105,23 @@ class MAE(Method):
         return loss, {}
 
     @classmethod
-    def check(cls, options: MAEOptions, ctx: dict[str, int]) -> None:
+    def check(cls, options: MAEOptions, ctx: dict[str, Any]) -> None:
         if options.decoder_dim % options.decoder_heads:
             raise ConfigError(
                 "method.decoder_heads",
                 f"got {options.decoder_heads}; must divide method.decoder_dim ({options.decoder_dim})",
+            )
+        kwargs = ctx.get("backbone_kwargs") or {}
+        # timm's ViT moves its final norm to ``fc_norm`` (applied after pooling) when global_pool is avg/max
+        # and fc_norm is not given: MAE's encoder runs on tokens and never pools, so that norm would get no
+        # gradient (DDP fails on unused parameters) and would stay untrained.
+        pooled_norm = kwargs.get("fc_norm") is not False and kwargs.get("final_norm") is not False
+        if kwargs.get("global_pool") in ("avg", "avgmax", "max") and pooled_norm:
+            raise ConfigError(
+                "model.backbone_kwargs",
+                f"global_pool={kwargs['global_pool']!r} needs fc_norm: false (a trained per-token final norm) or "
+                "final_norm: false (none) with MAE: timm otherwise puts the final norm after the pooling, "
+                "which MAE's encoder never runs",
             )
         if ctx.get("patch_size"):
             n = (ctx["image_size"] // ctx["patch_size"]) ** 2

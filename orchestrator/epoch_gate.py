@@ -39,4 +39,3 @@ class EpochGate:
         async with self._changed:
             await self._changed.wait_for(lambda: self._open_through >= epoch)
         return self._open_through
-

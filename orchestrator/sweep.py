@@ -172,9 +172,9 @@ def _check_trial_workers(cfg: ExperimentConfig, space: SearchSpace, from_flag: b
         raise ConfigError("--workers-per-trial" if from_flag else "train.workers",
                           f"got {cfg.train.workers}; must be in [1, 1024]: {why}")
     param = space.params.get("train.workers")
-    if param is not None and min(int(v) for v in param.candidates()) < 1:
-        raise ConfigError("space.train.workers", f"values reach {min(int(v) for v in param.candidates())}; must be "
-                                                 f"in [1, 1024]: {why}")
+    lowest = min(int(v) for v in param.candidates()) if param is not None else 1
+    if lowest < 1:
+        raise ConfigError("space.train.workers", f"values reach {lowest}; must be in [1, 1024]: {why}")
 
 
 def check_pbt(space: SearchSpace, cfg: ExperimentConfig, search: str, perturbation_interval: int,
@@ -373,7 +373,7 @@ def _relay_callback_cls():
 
 def _fit_reporting_to_tune(cfg: ExperimentConfig, train_name: str, ctx: dict[str, Any], run_id: str, *,
                            init: Any = None, stop_after_epoch: int | None = None, relay_checkpoints: bool = False,
-                           gate_epochs: Any = ()) -> Any:
+                           gate_epochs: list[int] | tuple[int, ...] = ()) -> Any:
     """``trainer.fit()`` in a thread while this (the trial's) thread reports every relayed epoch to Tune:
     ``ray.tune.report`` must run in the trial's own thread, and it returns only once Tune asks for the
     next result, i.e. once the scheduler decided to go on, which must not stall training. Except at
@@ -389,12 +389,12 @@ def _fit_reporting_to_tune(cfg: ExperimentConfig, train_name: str, ctx: dict[str
     from orchestrator.train import build_trainer
 
     queue = Queue(actor_options={"num_cpus": 0})
-    gate = EpochGate.remote() if gate_epochs and cfg.train.workers > 0 else None
+    gate = EpochGate.remote() if gate_epochs else None
     trainer = build_trainer(cfg, run_name=train_name, storage_path=ctx["train_storage"], mlflow_run_id=run_id,
                             tracking_uri=ctx["tracking_uri"], callbacks=[_relay_callback_cls()(queue, relay_checkpoints)],
                             init_checkpoint=init, stop_after_epoch=stop_after_epoch,
                             pg_watch=watch_current_actor(ctx.get("reaper")),
-                            epoch_gate=(gate, sorted(int(e) for e in gate_epochs)) if gate is not None else None)
+                            epoch_gate=(gate, list(gate_epochs)) if gate is not None else None)
     box: dict[str, Any] = {}
 
     def fit() -> None:

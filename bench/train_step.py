@@ -72,28 +72,19 @@ def bare_run(ctx: BenchContext, overrides: dict[str, Any], steps: int) -> list[t
 
 def build_bare(cfg, device: str) -> dict[str, Any]:
     """Model + ``Engine`` + ``DataLoader`` for ``cfg`` in this process (no Ray, no MLflow): the plain
-    alternative shared by the step bench and ``bench.knn_gain``. Returns ``dataset, method, engine, loader,
+    alternative the step bench measures against. Returns ``dataset, method, engine, loader,
     batch, steps_per_epoch, device``."""
     from torch.utils.data import DataLoader
 
     from data.pipeline import MultiCropTorchDataset, collate_batch
-    from orchestrator.train import resolve_precision
-    from trainers.backbones import build_backbone
-    from trainers.engine import Engine
-    from trainers.methods import MethodContext, get_method
+    from trainers.build import build_engine, build_method
 
     dev = torch.device(device)
     batch = cfg.optim.batch_size * cfg.world_size
     dataset = MultiCropTorchDataset(cfg.data, split="train", seed=cfg.seed)
     steps = max(len(dataset) // batch, 1)
-    torch.manual_seed(cfg.seed)
-    backbone, feat_dim = build_backbone(cfg.model, in_chans=cfg.data.channels, default_img_size=cfg.data.global_crop_size)
-    method = get_method(cfg.method_name)(cfg.method, MethodContext(
-        backbone=backbone, feat_dim=feat_dim, num_global_crops=cfg.data.global_crops,
-        num_local_crops=cfg.data.local_crops, batch_size=batch, world_size=1, steps_per_epoch=steps,
-        epochs=cfg.optim.epochs, in_chans=cfg.data.channels, image_size=cfg.data.global_crop_size)).to(dev)
-    engine = Engine(method, cfg.optim, steps_per_epoch=steps, global_batch=batch, device=dev,
-                    precision=resolve_precision(cfg.train.precision, dev))
+    method = build_method(cfg, device=dev, steps_per_epoch=steps, batch_size=batch)
+    engine = build_engine(cfg, method, device=dev, steps_per_epoch=steps, global_batch=batch)
     workers = cfg.data.map_workers
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=collate_batch,
                         drop_last=True, pin_memory=dev.type == "cuda",
@@ -115,7 +106,8 @@ def bare_loop(cfg, device: str, max_steps: int, on_step: Callable[[int, float, f
     for i in range(max_steps):
         b = next(it)
         t_data = time.perf_counter()
-        crops = crops_from_batch(b, cfg.data.mean, cfg.data.std, dev, crop_usage=method.crop_usage)
+        crops = crops_from_batch(b, cfg.data.mean, cfg.data.std, dev, crop_usage=method.crop_usage,
+                                 channels_last=cfg.train.channels_last)
         engine.train_step(crops)
         if dev.type == "cuda":
             torch.cuda.synchronize()  # the step's GPU work belongs to this step

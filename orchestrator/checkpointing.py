@@ -151,24 +151,41 @@ def export_backbone(method: nn.Module, cfg: Any, out_dir: str | os.PathLike) -> 
     backbone = method.eval_backbone()
     feat_dim = int(getattr(backbone, "num_features", 0))
     which = "teacher" if backbone is not getattr(method, "backbone", backbone) else "student"
+    saved = built_model_section(cfg, backbone)
     metadata = {"feat_dim": str(feat_dim), "network": which, "backbone": str(cfg.model.backbone),
                 "method": str(cfg.method_name), "in_chans": str(cfg.data.channels),
-                "img_size": str(cfg.data.global_crop_size)}
+                "img_size": str(cfg.data.global_crop_size), "stem": saved["stem"],
+                "patch_size": str(saved["patch_size"] or "")}
     atomic_write(out / BACKBONE_FILE, lambda tmp: save_model(backbone, tmp, metadata=metadata))
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    text = yaml.safe_dump({**cfg.to_dict(), "model": saved}, sort_keys=False)
     atomic_write(out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
     return out
 
 
+def built_model_section(cfg: Any, backbone: nn.Module) -> dict[str, Any]:
+    """``cfg``'s model section with what was built written out: the stem ``auto`` chose and, for a ViT,
+    its patch size. An export then rebuilds the same network even if ``auto``'s rule changes later."""
+    from trainers.backbones import resolve_stem
+
+    model = cfg.to_dict()["model"]
+    model["stem"] = resolve_stem(cfg.model.stem, cfg.data.global_crop_size)
+    patch_embed = getattr(backbone, "patch_embed", None)
+    if patch_embed is not None and getattr(patch_embed, "patch_size", None) is not None:
+        model["patch_size"] = int(patch_embed.patch_size[0])
+    return model
+
+
 def load_backbone(export_dir: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, Any]:
     """Rebuild an exported backbone: ``(module in eval mode, ExperimentConfig)``."""
-    from orchestrator.config import config_from_dict
+    from orchestrator.config import config_from_dict, upgrade_saved_config
     from trainers.backbones import build_backbone
+    from trainers.build import crop_sizes
 
     export_dir = Path(export_dir)
     with open(export_dir / CONFIG_FILE) as f:
-        cfg = config_from_dict(yaml.safe_load(f))
-    module, _ = build_backbone(cfg.model, in_chans=cfg.data.channels, default_img_size=cfg.data.global_crop_size)
+        cfg = config_from_dict(upgrade_saved_config(yaml.safe_load(f)))
+    module, _ = build_backbone(cfg.model, in_chans=cfg.data.channels, default_img_size=cfg.data.global_crop_size,
+                               crop_sizes=crop_sizes(cfg.data))
     missing, unexpected = load_model(module, str(export_dir / BACKBONE_FILE), strict=True)
     if missing or unexpected:  # strict=True already raises; kept for clarity of the contract
         raise RuntimeError(f"backbone weights do not match: missing={missing} unexpected={unexpected}")

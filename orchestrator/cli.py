@@ -68,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError("--config", "required (a shipped name such as bam_fmnist, or a YAML path)")
     with tempfile.TemporaryDirectory() as tmp:
         path = args.config or _resume_config_path(args.resume, args.tracking_uri, tmp)
-        cfg = load_config(path, _config_overrides(args))
+        cfg = load_config(path, _config_overrides(args), saved=not args.config)
     out = run_training(cfg, resume=args.resume)
     return EXIT_OK if out.get("status") == "FINISHED" else EXIT_FAILED
 
@@ -100,7 +100,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_linear(args: argparse.Namespace) -> int:
-    from orchestrator.train import run_linear_eval
+    from orchestrator.evaluate import run_linear_eval
 
     top1 = run_linear_eval(args.run, args.tracking_uri, artifact=args.artifact, epochs=args.epochs)
     print(f"linear_top1 = {top1:.2f} % (logged to MLflow run {args.run})")

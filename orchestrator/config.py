@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 
 from data.config import DataConfig
-from trainers.backbones import ModelConfig, check_backbone_name
+from trainers.backbones import ModelConfig, check_backbone_name, patch_size_for
+from trainers.build import crop_sizes
 from trainers.evaluation import EvalConfig
 from trainers.methods import get_method
 from trainers.optim import OptimConfig
@@ -32,7 +33,13 @@ class TrainConfig:
     workers: int = opt(2, ge=0, le=1024, help="Ray Train workers (0 = run the loop in-process, no Ray)")
     gpus_per_worker: float = opt(0.0, ge=0.0, le=8.0)
     cpus_per_worker: float = opt(1.0, gt=0.0, le=256.0)
-    precision: str = opt("auto", choices=("auto", "fp32", "bf16", "fp16"), help="auto = bf16 on GPU, fp32 on CPU")
+    precision: str = opt("auto", choices=("auto", "fp32", "bf16", "fp16"),
+                         help="auto = bf16 on GPU and on CPUs with native bf16 (AVX512-BF16 / AMX), else fp32")
+    channels_last: bool = opt(True, help="NHWC memory layout for convolutions (faster on CPU and GPU)")
+    time_budget_min: float = opt(0.0, ge=0.0, le=100000.0,
+                                 help="train about this many minutes (evaluations not counted): after epoch 1 the "
+                                      "run keeps as many of optim.epochs as fit and fits every schedule to them; "
+                                      "0 = off")
     checkpoint_freq: int = opt(1, ge=1, help="report a checkpoint every N epochs")
     keep_checkpoints: int = opt(2, ge=1)
     max_failures: int = opt(3, ge=0, help="worker failures Ray Train recovers from (restart from checkpoint)")
@@ -127,8 +134,21 @@ def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> ExperimentConfig:
-    """Load a YAML config (a path, or the name of a shipped config such as ``bam_fmnist``)."""
+def upgrade_saved_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config a run saved (``config.yaml`` of an MLflow run or an exported backbone) as the code that
+    wrote it meant it: runs from before ``model.stem`` existed were built with timm's ImageNet stem,
+    and their weights only fit that network again."""
+    model = raw.get("model")
+    if isinstance(model, dict) and "stem" not in model:
+        raw = {**raw, "model": {**model, "stem": "imagenet"}}
+    return raw
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None, *, saved: bool = False,
+) -> ExperimentConfig:
+    """Load a YAML config (a path, or the name of a shipped config such as ``bam_fmnist``).
+    ``saved``: the file is a config a run wrote (see :func:`upgrade_saved_config`)."""
     raw: dict[str, Any] = {}
     if path:
         p = resolve_config_path(path)
@@ -136,6 +156,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
             raw = yaml.safe_load(f) or {}
         if not isinstance(raw, dict):
             raise ConfigError(str(path), "the config file must be a YAML mapping")
+        if saved:
+            raw = upgrade_saved_config(raw)
     if overrides:
         raw = apply_overrides(raw, overrides)
     return config_from_dict(raw)
@@ -182,7 +204,7 @@ def validate_cross_fields(cfg: ExperimentConfig) -> None:
         "num_global_crops": d.global_crops,
         "num_local_crops": d.local_crops,
         "image_size": d.global_crop_size,
-        "patch_size": m.patch_size or 0,
+        "patch_size": patch_size_for(m, crop_sizes(d)) or 0,  # the chosen one when model.stem picks it
         "backbone_kwargs": dict(m.backbone_kwargs),
     }
     get_method(cfg.method_name).check(cfg.method, ctx)

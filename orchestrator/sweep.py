@@ -177,6 +177,14 @@ def _check_trial_workers(cfg: ExperimentConfig, space: SearchSpace, from_flag: b
         raise ConfigError("space.train.workers", f"values reach {lowest}; must be in [1, 1024]: {why}")
 
 
+def _check_no_time_budget(cfg: ExperimentConfig, space: SearchSpace) -> None:
+    """Trials are compared at equal epochs (ASHA's rungs, PBT's intervals), so none may shorten its own
+    run to a time budget."""
+    if cfg.train.time_budget_min > 0 or "train.time_budget_min" in space.params:
+        raise ConfigError("train.time_budget_min", f"got {cfg.train.time_budget_min}; must be 0 in a sweep "
+                                                   "(trials are compared at equal epochs: set optim.epochs)")
+
+
 def check_pbt(space: SearchSpace, cfg: ExperimentConfig, search: str, perturbation_interval: int,
               quantile_fraction: float) -> None:
     """PBT-specific checks, before launch: the search, the space's params, the intervals."""
@@ -818,6 +826,7 @@ def run_sweep(
     cfg = config_from_dict(apply_overrides(base_cfg.to_dict(), overrides)) if overrides else base_cfg
     space = validate_space(space, cfg) if isinstance(space, SearchSpace) else load_space(space, cfg)
     _check_trial_workers(cfg, space, workers_per_trial is not None)
+    _check_no_time_budget(cfg, space)
     if scheduler == "pbt":
         check_pbt(space, cfg, search, perturbation_interval, quantile_fraction)
 

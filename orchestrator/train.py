@@ -60,13 +60,6 @@ def _exit_after_checkpoints() -> int:
 
 
 # ================================================================================================ helpers
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` = bf16 autocast on GPU (no loss scaling needed), fp32 on CPU (CPU autocast is slower)."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
-
-
 def train_rows(cfg: ExperimentConfig, meta: dict[str, Any]) -> int:
     """Images one epoch streams: the prepared train count, capped by ``data.train_limit``."""
     count = int(meta["counts"]["train"])
@@ -246,6 +239,18 @@ def _data_cpus(train_cpus: float) -> float:
     return max(total - train_cpus, 1.0)
 
 
+def plan_epochs(budget_s: float, first_epoch_s: float, max_epochs: int) -> int:
+    """Epochs of a time-budgeted run: as many epochs as fit the budget at the first epoch's pace (its
+    data start-up included, so the plan errs short), at least 1 and at most ``optim.epochs``."""
+    return max(1, min(max_epochs, int(budget_s // max(first_epoch_s, 1e-9))))
+
+
+def _with_epochs(cfg: ExperimentConfig, epochs: int, engine) -> ExperimentConfig:
+    """``cfg`` with ``optim.epochs = epochs``, and ``engine``'s schedules refitted to that length."""
+    engine.set_epochs(epochs)
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, epochs=epochs))
+
+
 def _knn_epochs(cfg: ExperimentConfig) -> set[int]:
     """1-based epochs that end with a k-NN evaluation: every ``knn_freq`` and the last one."""
     epochs = cfg.optim.epochs
@@ -352,25 +357,32 @@ def knn_cache_bytes(cfg: ExperimentConfig, meta: dict[str, Any]) -> int:
 
 
 def _online_knn(method, cfg: ExperimentConfig, num_classes: int, device: torch.device,
-                cache: EvalCache) -> dict[str, float]:
+                cache: EvalCache, with_pixels: bool = False) -> dict[str, float]:
     """Weighted k-NN of the eval backbone's features: every worker embeds its shard of ``knn_train`` and
-    ``knn_val``; ``knn_evaluate`` all-gathers the bank, so every rank gets the global figure."""
+    ``knn_val``; ``knn_evaluate`` all-gathers the bank, so every rank gets the global figure.
+
+    ``with_pixels``: also ``knn_pixels_top1``, the same k-NN on the raw pixels of the very same bank and
+    queries (pixels / 255, flattened): the floor a learned feature must beat to mean anything."""
     import ray.train
 
     from trainers.evaluation.knn import extract_features, knn_evaluate
 
-    model = method.eval_backbone()
-
-    def features(name: str):
-        batches = ((normalise_uint8(x, cfg.data.mean, cfg.data.std, device), y)
-                   for x, y in cache.batches(name, ray.train.get_dataset_shard(name)))
+    def features(name: str, model: torch.nn.Module, prepare):
+        batches = ((prepare(x), y) for x, y in cache.batches(name, ray.train.get_dataset_shard(name)))
         return extract_features(model, batches, device)
 
-    train_f, train_y = features("knn_train")
-    val_f, val_y = features("knn_val")
-    res = knn_evaluate(train_f, train_y, val_f, val_y, num_classes, k=cfg.eval.knn_k,
-                       temperature=cfg.eval.knn_temperature)
-    return {"knn_top1": res["top1"], "knn_top5": res["top5"]}
+    def knn(model: torch.nn.Module, prepare) -> dict[str, float]:
+        train_f, train_y = features("knn_train", model, prepare)
+        val_f, val_y = features("knn_val", model, prepare)
+        return knn_evaluate(train_f, train_y, val_f, val_y, num_classes, k=cfg.eval.knn_k,
+                            temperature=cfg.eval.knn_temperature)
+
+    res = knn(method.eval_backbone(), lambda x: normalise_uint8(x, cfg.data.mean, cfg.data.std, device,
+                                                                channels_last=cfg.train.channels_last))
+    out = {"knn_top1": res["top1"], "knn_top5": res["top5"]}
+    if with_pixels:
+        out["knn_pixels_top1"] = knn(torch.nn.Flatten(), lambda x: x.to(device, torch.float32) / 255.0)["top1"]
+    return out
 
 
 def _corrupt_count(name: str) -> int:
@@ -392,9 +404,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
-    from trainers.backbones import build_backbone
-    from trainers.engine import Engine, NonFiniteLossError, crops_from_batch
-    from trainers.methods import MethodContext, get_method
+    from trainers.build import build_engine, build_method
+    from trainers.engine import NonFiniteLossError, crops_from_batch
 
     cfg = config_from_dict(config["cfg"])
     ctx = ray.train.get_context()
@@ -406,32 +417,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     device = ray.train.torch.get_device()
     if isinstance(device, list):
         device = device[0]
-    precision = resolve_precision(cfg.train.precision, device)
     steps = int(config["steps_per_epoch"])
     batch_size = cfg.optim.batch_size
     num_classes = int(config["meta"]["num_classes"])
 
     # Same seed on every rank for the weights (DDP also broadcasts rank 0's, but the teacher copy is
     # made before wrapping), then a per-rank stream for everything else.
-    torch.manual_seed(cfg.seed)
-    backbone, feat_dim = build_backbone(cfg.model, in_chans=cfg.data.channels,
-                                        default_img_size=cfg.data.global_crop_size)
-    method_cls = get_method(cfg.method_name)
-    mctx = MethodContext(backbone=backbone, feat_dim=feat_dim, num_global_crops=cfg.data.global_crops,
-                         num_local_crops=cfg.data.local_crops, batch_size=batch_size, world_size=world,
-                         steps_per_epoch=steps, epochs=cfg.optim.epochs, in_chans=cfg.data.channels,
-                         image_size=cfg.data.global_crop_size)
-    method = method_cls(cfg.method, mctx)
-    method.to(device)
+    method = build_method(cfg, device=device, steps_per_epoch=steps, batch_size=batch_size, world_size=world)
     module = ray.train.torch.prepare_model(method)
-    engine = Engine(method, cfg.optim, steps_per_epoch=steps, global_batch=batch_size * world, device=device,
-                    precision=precision, module=module)
+    engine = build_engine(cfg, method, device=device, steps_per_epoch=steps, global_batch=batch_size * world,
+                          module=module)
     seed = cfg.seed * 1000 + rank
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
 
     start_epoch, best_knn = 0, -1.0
+    train_s = 0.0  # training seconds so far, evaluations excluded (the time budget's and the curves' clock)
     run_id = config.get("mlflow_run_id")
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -444,6 +446,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         run_id = state["mlflow_run_id"] or run_id
         if rng is not None:
             ckpt.set_rng_state(rng)
+        train_s = float(state["extra"].get("train_time_s", 0.0))
+        if state["extra"].get("planned_epochs"):  # a time-budgeted run keeps the length it planned
+            cfg = _with_epochs(cfg, int(state["extra"]["planned_epochs"]), engine)
     elif config.get("init_checkpoint") is not None:
         # Another run's state (PBT exploit): its weights, optimiser, step and epoch; this run's params,
         # MLflow run and RNG streams.
@@ -475,8 +480,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         eval_cache.prefetch({n: ray.train.get_dataset_shard(n) for n in ("knn_train", "knn_val")})
 
     end_epoch = min(cfg.optim.epochs, int(config.get("stop_after_epoch") or cfg.optim.epochs))
+    budgeted = cfg.train.time_budget_min > 0
+    pixels_knn = None  # the raw-pixel k-NN of this run's bank, computed at its first evaluation
     gate = config.get("epoch_gate")
     for epoch in range(start_epoch, end_epoch):
+        if epoch >= end_epoch:  # a time budget planned fewer epochs after the first
+            break
         if clock is not None:
             if rank == 0:
                 ray.get(clock.set.remote(epoch))
@@ -497,7 +506,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 Path(marker).parent.mkdir(parents=True, exist_ok=True)
                 Path(marker).write_text(f"fired at step {engine.step}\n")
                 raise _Injected(f"train.fail_at_step: injected worker failure at step {engine.step}")
-            crops = crops_from_batch(batch, cfg.data.mean, cfg.data.std, device, crop_usage=method.crop_usage)
+            crops = crops_from_batch(batch, cfg.data.mean, cfg.data.std, device, crop_usage=method.crop_usage,
+                                     channels_last=cfg.train.channels_last)
             try:
                 out = engine.train_step(crops, loss_hook=loss_hook)
             except NonFiniteLossError as err:
@@ -524,15 +534,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             break
 
         elapsed = time.perf_counter() - t_epoch
-        mean_loss, = _all_reduce_mean([loss_sum / max(n_steps, 1)], device)
-        metrics: dict[str, Any] = {"epoch": epoch + 1, "step": engine.step, "loss": mean_loss,
+        mean_loss, mean_elapsed = _all_reduce_mean([loss_sum / max(n_steps, 1), elapsed], device)
+        train_s += mean_elapsed
+        if epoch == 0 and budgeted:
+            cfg = _with_epochs(cfg, plan_epochs(cfg.train.time_budget_min * 60, mean_elapsed, cfg.optim.epochs),
+                               engine)
+            end_epoch, knn_epochs = min(end_epoch, cfg.optim.epochs), _knn_epochs(cfg)
+        metrics: dict[str, Any] = {"epoch": epoch + 1, "step": engine.step, "loss": mean_loss, "train_time_s": train_s,
                                    "epoch_images_per_sec": n_steps * global_batch / max(elapsed, 1e-9),
                                    "epoch_time_s": elapsed, "first_batch_wait_s": first_batch_s or 0.0}
         if rank == 0:
             metrics["data_corrupt_skipped"] = _corrupt_count(config.get("corrupt_counter") or "")
         if ((epoch + 1) in knn_epochs or epoch + 1 == end_epoch) and config.get("knn"):
             t_knn = time.perf_counter()
-            metrics.update(_online_knn(method, cfg, num_classes, device, eval_cache))
+            metrics.update(_online_knn(method, cfg, num_classes, device, eval_cache, with_pixels=pixels_knn is None))
+            pixels_knn = metrics.get("knn_pixels_top1", pixels_knn)
             metrics["knn_time_s"] = time.perf_counter() - t_knn
             best_knn = max(best_knn, metrics["knn_top1"])
         metrics[SCORE_KEY] = metrics.get("knn_top1", -1.0)
@@ -554,7 +570,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 if rank == 0:
                     ckpt.save_training_state(tmp, engine_state=engine.state_dict(), epoch=epoch + 1,
                                              mlflow_run_id=run_id, config=cfg.to_dict(),
-                                             extra={"best_knn_top1": best_knn, "steps_per_epoch": steps})
+                                             extra={"best_knn_top1": best_knn, "steps_per_epoch": steps,
+                                                    "planned_epochs": cfg.optim.epochs if budgeted else None,
+                                                    "train_time_s": train_s})
                     ckpt.export_backbone(method, cfg, tmp)
                 ckpt.save_rng_state(tmp, rank)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -572,7 +590,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     if log is not None:
         log.flush()
-    status.update({"final_step": engine.step, "best_knn_top1": best_knn})
+    status.update({"final_step": engine.step, "best_knn_top1": best_knn, "knn_pixels_top1": pixels_knn,
+                   "epochs": cfg.optim.epochs, "train_time_s": train_s})
     return status
 
 
@@ -739,6 +758,8 @@ def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[st
         tracking.log_metrics(uri, run_id, {"train_wall_time_s": out["wall_time_s"]},
                              step=int(ret.get("final_step", 0)))
         if cfg.eval.linear_at_end:
+            from orchestrator.evaluate import run_linear_eval
+
             out["linear_top1"] = run_linear_eval(run_id, uri)
         tracking.finish_run(uri, run_id, "FINISHED")
         out.update(status="FINISHED", reason=None)
@@ -765,57 +786,11 @@ def _print_where(out: dict[str, Any]) -> None:
     uri = out["tracking_uri"]
     ui = "bamray ui" if uri == tracking.default_tracking_uri() else f"bamray ui --tracking-uri {uri}"
     print(f"\nRun {out['run_id']}: {out.get('status')}" + (f" ({out['reason']})" if out.get("reason") else ""))
+    knn, pixels = out["metrics"].get("knn_top1"), (out.get("worker_result") or {}).get("knn_pixels_top1")
+    if knn is not None and pixels is not None:
+        ret = out["worker_result"]
+        print(f"  k-NN top-1 {knn:.2f} % after {ret.get('epochs')} epochs ({ret.get('train_time_s', 0) / 60:.1f} min of "
+              f"training); raw pixels on the same bank: {pixels:.2f} % ({knn - pixels:+.2f} points)")
     print(f"  see it with `{ui}` then open http://127.0.0.1:5000 ; checkpoints in {out['ray_run_dir']}")
     if out.get("status") == "FAILED":
         print(f"  continue from the last checkpoint with `bamray train --resume {out['run_id']}`")
-
-
-# ================================================================================================ linear probe
-def run_linear_eval(
-    run_id: str,
-    tracking_uri: str | None = None,
-    *,
-    artifact: str = "final",
-    epochs: int | None = None,
-    device: str | None = None,
-) -> float:
-    """`bamray eval linear --run <id>`: download the run's exported backbone (``artifact`` = "final" or
-    "best_knn"), embed the clean train / test images with it (plain torch, no Ray), train the linear
-    probe and log ``linear_top1`` (best validation top-1, %) to that run."""
-    import mlflow.artifacts
-    from torch.utils.data import DataLoader
-
-    from data.pipeline import CleanTorchDataset, collate_batch
-    from trainers.evaluation.knn import extract_features
-    from trainers.evaluation.linear import linear_probe
-
-    uri = tracking.resolve_tracking_uri(tracking_uri)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    with tempfile.TemporaryDirectory() as tmp:
-        local = tracking.with_retry(mlflow.artifacts.download_artifacts, run_id=run_id, artifact_path=artifact,
-                                    dst_path=tmp, tracking_uri=uri)
-        model, cfg = ckpt.load_backbone(local, device=dev)
-    cfg, meta = prepare_data(cfg)
-
-    def features(split: str):
-        ds = CleanTorchDataset(cfg.data, split=split, fraction=1.0, seed=cfg.seed)
-        loader = DataLoader(ds, batch_size=cfg.eval.linear_batch_size, shuffle=False, num_workers=0,
-                            collate_fn=collate_batch)
-        batches = ((normalise_uint8(b["image"], cfg.data.mean, cfg.data.std, dev), b["label"])
-                   for b in loader if b)
-        return extract_features(model, batches, dev)
-
-    train_f, train_y = features("train")
-    val_f, val_y = features("test")
-    res = linear_probe(train_f, train_y, val_f, val_y, int(meta["num_classes"]), epochs=epochs or cfg.eval.linear_epochs,
-                       lr=cfg.eval.linear_lr, batch_size=cfg.eval.linear_batch_size, seed=cfg.seed, device=dev)
-    history = res["history"]
-    c = tracking.client(uri)
-    from mlflow.entities import Metric
-
-    ts = int(time.time() * 1000)
-    points = [Metric("linear_val_top1", float(h["val_top1"]), ts, int(h["epoch"])) for h in history]
-    points.append(Metric("linear_top1", float(res["top1"]), ts, 0))
-    tracking.with_retry(c.log_batch, run_id, metrics=points)
-    tracking.with_retry(c.set_tag, run_id, "linear_probe_artifact", artifact)
-    return float(res["top1"])

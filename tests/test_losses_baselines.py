@@ -360,3 +360,15 @@ def test_two_workers_match_one_worker(tmp_path):
     for r in ranks:  # the centre is the mean of the GLOBAL teacher batch on every worker
         assert torch.allclose(r["center"], crit.center, atol=1e-7)
         assert torch.allclose(r["center"], 0.1 * teacher.mean(0, keepdim=True), atol=1e-7)
+
+
+def test_nt_xent_under_bf16_autocast_is_computed_in_fp32():
+    """Under autocast the logits must stay fp32 (they are divided by a small temperature and get -inf on
+    the diagonal): the loss equals the fp32 one for inputs exactly representable in bf16."""
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(8, 16).bfloat16().float(), torch.randn(8, 16).bfloat16().float()
+    ref = nt_xent_loss(z1, z2, 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = nt_xent_loss(z1.bfloat16(), z2.bfloat16(), 0.1)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)

@@ -119,6 +119,15 @@ def test_trials_without_train_workers_are_refused_before_ray(extra, kwargs, spac
     assert not ray.is_initialized()
 
 
+def test_a_time_budget_is_refused_in_a_sweep_before_ray():
+    """Trials are compared at equal epochs; a budget would let each trial pick its own length."""
+    import ray
+
+    with pytest.raises(ConfigError) as err:
+        run_sweep(tiny_cfg("", EPOCHS, "train.time_budget_min=5"), "bam_sinkhorn", trials=1)
+    assert err.value.field == "train.time_budget_min" and not ray.is_initialized()
+
+
 @pytest.mark.parametrize("status, epochs, target, outcome", [
     ("TERMINATED", 3, 3, "completed"), ("TERMINATED", 1, 3, "stopped_early"), ("ERROR", 1, 3, "failed"),
     ("ERROR", 3, 3, "failed"), ("RUNNING", 2, 3, "unfinished"), ("PENDING", 0, 3, "unfinished"),

@@ -40,6 +40,7 @@ def _overrides(shards: Path, storage: Path, uri: str, workers: int = 2, **extra)
         "method.proj_out_dim": 32, "optim.batch_size": BATCH, "optim.epochs": 2, "train.workers": workers,
         "data.map_cpus": 0.5, "data.map_batch_size": 64, "data.local_shuffle_buffer": 0,
         "train.storage_path": str(storage), "tracking.tracking_uri": uri, "eval.linear_epochs": 5,
+        "optim.warmup_epochs": 1, "method.momentum": 0.995, "eval.knn_train_fraction": 1.0,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -112,6 +113,10 @@ def test_two_worker_run_is_tracked_end_to_end(finished_run):
     assert [v for _, v in _history(c, out["run_id"], "knn_top5")] >= [v for _, v in knn]
     # the corrupt row was counted, and the run went on
     assert _history(c, out["run_id"], "data_corrupt_skipped")[-1] == (2 * spe, 1.0)
+    # raw pixels through the same distributed k-NN, once, on the very same bank: equal to a single-process
+    # k-NN on the same images decoded from the original IDX files
+    assert _history(c, out["run_id"], "knn_pixels_top1") == [(spe, pytest.approx(_idx_pixel_knn(cfg), abs=1e-9))]
+    assert out["worker_result"]["knn_pixels_top1"] == pytest.approx(_idx_pixel_knn(cfg), abs=1e-9)
 
     names = {a.path for a in c.list_artifacts(out["run_id"], "final")}
     assert names == {"final/backbone.safetensors", "final/config.yaml"}
@@ -124,6 +129,52 @@ def test_two_worker_run_is_tracked_end_to_end(finished_run):
     state = ckpt.load_training_state(out["checkpoint"])
     assert state["epoch"] == 2 and state["engine"]["step"] == 2 * spe and state["mlflow_run_id"] == out["run_id"]
     assert ckpt.load_rng_state(out["checkpoint"], 0) is not None and ckpt.load_rng_state(out["checkpoint"], 1)
+
+
+def _idx_pixel_knn(cfg) -> float:
+    """Raw-pixel k-NN of the first N_TRAIN / N_TEST Fashion-MNIST images at the run's clean view size."""
+    import gzip
+
+    from data.augment import clean_transform
+    from trainers.evaluation.knn import raw_pixel_baseline
+
+    src = Path(os.environ.get("BAMRAY_FMNIST_SRC", "/usr/share/datasets/fashion-mnist"))
+
+    def read(prefix: str, n: int):
+        with gzip.open(src / f"{prefix}-images-idx3-ubyte.gz") as f:
+            x = np.frombuffer(f.read(16 + n * 784), np.uint8, offset=16).reshape(n, 1, 28, 28)
+        with gzip.open(src / f"{prefix}-labels-idx1-ubyte.gz") as f:
+            y = np.frombuffer(f.read(8 + n), np.uint8, offset=8).astype(np.int64)
+        views = torch.stack([clean_transform(torch.from_numpy(v.copy()), cfg.data.global_crop_size) for v in x])
+        return views, torch.from_numpy(y)
+
+    (xb, yb), (xq, yq) = read("train", N_TRAIN), read("t10k", N_TEST)
+    return raw_pixel_baseline(xb, yb, xq, yq, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
+
+
+def test_time_budget_plans_the_epochs_and_fits_the_schedules(ray_local, shards, storage, tmp_path):
+    """A budget shorter than one epoch: the run stops after 1 of its 3 epochs, and the checkpoint
+    remembers the plan (a resumed run keeps it). The plan is made once epoch 1 is timed, so epoch 1 ran on
+    the 3-epoch schedule (the refit itself is checked in test_time_budget.py)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config("bam_fmnist", _overrides(shards, storage, uri, **{
+        "optim.epochs": 3, "train.time_budget_min": 0.001, "optim.warmup_epochs": 0.5, "optim.min_lr": "1.0e-5"}))
+    out = run_training(cfg)
+    assert out["status"] == "FINISHED", out.get("reason")
+    spe = N_TRAIN // (BATCH * 2)
+    c = tracking.client(uri)
+    assert _steps(c, out["run_id"], "loss") == list(range(1, spe + 1))
+    assert _steps(c, out["run_id"], "knn_top1") == [spe]
+    lrs = [v for _, v in _history(c, out["run_id"], "lr")]
+    peak = cfg.optim.lr * BATCH * 2 / 256
+    # warm-up over half the epoch, then the start of the 3-epoch cosine (step 3 of its 10: 0.976 x peak)
+    assert lrs[0] == 0.0 and lrs[spe // 2] == pytest.approx(peak, rel=1e-6)
+    cosine = 1e-5 + (peak - 1e-5) * (1 + np.cos(np.pi * (spe - 1 - spe // 2) / (3 * spe - spe // 2))) / 2
+    assert lrs[-1] == pytest.approx(cosine, rel=1e-6)
+    (train_time,) = [v for _, v in _history(c, out["run_id"], "train_time_s")]
+    assert 0 < train_time == pytest.approx(out["worker_result"]["train_time_s"])
+    state = ckpt.load_training_state(out["checkpoint"])
+    assert state["epoch"] == 1 and state["extra"]["planned_epochs"] == 1 and state["config"]["optim"]["epochs"] == 1
 
 
 def test_exported_backbone_rebuilds_and_linear_eval_cli_logs(finished_run, tmp_path):

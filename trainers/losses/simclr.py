@@ -40,7 +40,10 @@ def nt_xent_loss(
     n_global = k1.shape[0]
     queries = torch.cat([q1, q2])  # (2B, D)
     keys = torch.cat([k1, k2])  # (2WB, D): view-major over the global batch
-    logits = queries @ keys.t() / temperature
+    # fp32 even under bf16/fp16 autocast: the logits are divided by a small temperature, and their
+    # dtype must match the -inf written into the self-similarity entries.
+    with torch.autocast(z1.device.type, enabled=False):
+        logits = queries @ keys.t() / temperature
     own = torch.arange(b, device=z1.device) + rank * b  # this worker's images among the global keys
     self_cols = torch.cat([own, own + n_global])
     pos_cols = torch.cat([own + n_global, own])

@@ -32,6 +32,8 @@ class BAMOptions:
     proj_hidden_dim: int = opt(1024, ge=1, help="published: 4096")
     proj_out_dim: int = opt(256, ge=1, help="published: 4096")
     proj_layers: int = opt(3, ge=1)
+    proj_batch_norm: bool = opt(False, help="BatchNorm + ReLU in the projector's hidden layers (as BYOL/SimCLR; "
+                                            "official BAM: GELU, no BN, built for ViTs)")
 
 
 class BAM(Method):
@@ -42,7 +44,8 @@ class BAM(Method):
         super().__init__(options, ctx)
         o = options
         self.backbone = ctx.backbone
-        self.projector = MLPHead(ctx.feat_dim, o.proj_hidden_dim, o.proj_out_dim, num_layers=o.proj_layers)
+        self.projector = MLPHead(ctx.feat_dim, o.proj_hidden_dim, o.proj_out_dim, num_layers=o.proj_layers,
+                                 batch_norm=o.proj_batch_norm, activation="relu" if o.proj_batch_norm else "gelu")
         if o.teacher:
             self.teacher_backbone = make_teacher(self.backbone)
             self.teacher_projector = make_teacher(self.projector)

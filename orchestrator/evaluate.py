@@ -1,0 +1,95 @@
+"""Offline evaluation of a backbone on clean views: features, the linear probe, and raw-pixel baselines.
+
+One code path for every offline figure: ``bamray eval linear``, the quality benchmark's linear probe and
+its random-init and raw-pixel rows all embed the same clean centre crops (the torch twin of the online
+k-NN's Ray pipeline, bit-identical views) and feed the same ``knn_classify`` / ``linear_probe``. So
+"learned vs raw pixels on the same bank" compares features, not code paths.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from orchestrator import checkpointing as ckpt
+from orchestrator import tracking
+from trainers.engine import normalise_uint8
+
+EMBED_BATCH = 256
+
+
+def clean_loader(data_cfg: Any, split: str, *, fraction: float = 1.0, seed: int = 0,
+                 batch_size: int = EMBED_BATCH):
+    """Batches ``{"image": uint8 (N, C, S, S), "label"}`` of the clean views of ``split`` (the online
+    k-NN's selection for the same ``fraction`` and ``seed``)."""
+    from torch.utils.data import DataLoader
+
+    from data.pipeline import CleanTorchDataset, collate_batch
+
+    ds = CleanTorchDataset(data_cfg, split=split, fraction=fraction, seed=seed)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate_batch)
+    return (b for b in loader if b)
+
+
+def clean_features(model: nn.Module, data_cfg: Any, split: str, device: torch.device | str, *,
+                   fraction: float = 1.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised features of ``model`` (eval mode) on the clean views, and their labels."""
+    from trainers.evaluation.knn import extract_features
+
+    batches = ((normalise_uint8(b["image"], data_cfg.mean, data_cfg.std, device), b["label"])
+               for b in clean_loader(data_cfg, split, fraction=fraction, seed=seed))
+    return extract_features(model, batches, device)
+
+
+def raw_pixel_features(data_cfg: Any, split: str, *, fraction: float = 1.0,
+                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean views themselves as features: pixels / 255, flattened, L2-normalised (as
+    ``trainers.evaluation.knn.raw_pixel_baseline`` does), with their labels."""
+    images, labels = [], []
+    for b in clean_loader(data_cfg, split, fraction=fraction, seed=seed):
+        images.append(b["image"])
+        labels.append(b["label"])
+    x = torch.cat(images).flatten(1).float() / 255.0
+    return F.normalize(x, dim=1), torch.cat(labels).long()
+
+
+def run_linear_eval(
+    run_id: str,
+    tracking_uri: str | None = None,
+    *,
+    artifact: str = "final",
+    epochs: int | None = None,
+    device: str | None = None,
+) -> float:
+    """`bamray eval linear --run <id>`: download the run's exported backbone (``artifact`` = "final" or
+    "best_knn"), embed the clean train / test images with it (plain torch, no Ray), train the linear
+    probe and log ``linear_top1`` (best validation top-1, %) to that run."""
+    import mlflow.artifacts
+    from mlflow.entities import Metric
+
+    from orchestrator.train import prepare_data
+    from trainers.evaluation.linear import linear_probe
+
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = tracking.with_retry(mlflow.artifacts.download_artifacts, run_id=run_id, artifact_path=artifact,
+                                    dst_path=tmp, tracking_uri=uri)
+        model, cfg = ckpt.load_backbone(local, device=dev)
+    cfg, meta = prepare_data(cfg)
+    train_f, train_y = clean_features(model, cfg.data, "train", dev, seed=cfg.seed)
+    val_f, val_y = clean_features(model, cfg.data, "test", dev, seed=cfg.seed)
+    res = linear_probe(train_f, train_y, val_f, val_y, int(meta["num_classes"]), epochs=epochs or cfg.eval.linear_epochs,
+                       lr=cfg.eval.linear_lr, batch_size=cfg.eval.linear_batch_size, seed=cfg.seed, device=dev)
+    ts = int(time.time() * 1000)
+    points = [Metric("linear_val_top1", float(h["val_top1"]), ts, int(h["epoch"])) for h in res["history"]]
+    points.append(Metric("linear_top1", float(res["top1"]), ts, 0))
+    c = tracking.client(uri)
+    tracking.with_retry(c.log_batch, run_id, metrics=points)
+    tracking.with_retry(c.set_tag, run_id, "linear_probe_artifact", artifact)
+    return float(res["top1"])

@@ -4,9 +4,9 @@
 
 For every method it runs ``bamray train --config <method>_fmnist`` as a user does (a child process: Ray
 Train with ``--workers`` DDP workers, Ray Data multi-crop streaming, MLflow) on the whole training split
-with ``train.time_budget_min = --budget-min``: the run times its first epoch, keeps as many epochs as fit
-the budget and fits every schedule to them, so every method gets the same training time (evaluations
-are not counted). The online k-NN (DINO protocol: weighted, k=20, T=0.07, cosine) runs after every epoch
+with ``train.time_budget_min = --budget-min``: the run times its first epoch, keeps the whole number of
+epochs nearest the budget and fits every schedule to them, so every method gets the same training time
+within half an epoch (evaluations are not counted). The online k-NN (DINO protocol: weighted, k=20, T=0.07, cosine) runs after every epoch
 with the whole training split as the bank and the test split as the queries, which gives the curve
 k-NN against training minutes. Afterwards the linear probe (``bamray eval linear``) runs on the final
 backbone.

@@ -38,7 +38,8 @@ class TrainConfig:
     channels_last: bool = opt(True, help="NHWC memory layout for convolutions (faster on CPU and GPU)")
     time_budget_min: float = opt(0.0, ge=0.0, le=100000.0,
                                  help="train about this many minutes (evaluations not counted): after epoch 1 the "
-                                      "run keeps as many of optim.epochs as fit and fits every schedule to them; "
+                                      "run keeps the whole number of epochs nearest the budget (at most optim.epochs) "
+                                      "and fits every schedule to them; "
                                       "0 = off")
     checkpoint_freq: int = opt(1, ge=1, help="report a checkpoint every N epochs")
     keep_checkpoints: int = opt(2, ge=1)

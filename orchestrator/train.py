@@ -240,9 +240,11 @@ def _data_cpus(train_cpus: float) -> float:
 
 
 def plan_epochs(budget_s: float, first_epoch_s: float, max_epochs: int) -> int:
-    """Epochs of a time-budgeted run: as many epochs as fit the budget at the first epoch's pace (its
-    data start-up included, so the plan errs short), at least 1 and at most ``optim.epochs``."""
-    return max(1, min(max_epochs, int(budget_s // max(first_epoch_s, 1e-9))))
+    """Epochs of a time-budgeted run: the whole number of epochs nearest the budget at the first epoch's
+    pace (its data start-up included), at least 1 and at most ``optim.epochs``. Nearest, not floor: with
+    floor a method whose epoch is 201 s would get 402 s of a 600 s budget while a 120 s one got all 600,
+    an unfair comparison; nearest misses the budget by at most half an epoch either way."""
+    return max(1, min(max_epochs, int(budget_s / max(first_epoch_s, 1e-9) + 0.5)))
 
 
 def _with_epochs(cfg: ExperimentConfig, epochs: int, engine) -> ExperimentConfig:

@@ -9,7 +9,7 @@ import yaml
 from torch import nn
 
 from orchestrator import checkpointing as ckpt
-from orchestrator.config import load_config
+from orchestrator.config import config_from_dict, load_config, upgrade_saved_config
 from trainers.backbones import ModelConfig, build_backbone, resolve_stem, small_patch_size
 from trainers.build import build_method, crop_sizes
 from trainers.engine import cpu_has_native_bf16, crops_from_batch, resolve_precision
@@ -113,6 +113,36 @@ def test_export_records_the_stem_it_built_and_reloads_to_the_same_outputs(tmp_pa
         assert torch.equal(model.state_dict()[key], value), key
     with torch.no_grad():  # ... and outputs equal up to the kernel order (the trained copy is channels_last)
         torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+def test_training_checkpoint_of_a_small_stem_run_resumes_to_the_same_next_step(tmp_path):
+    """state.pt of a small-stem run (saved config, weights_only load) rebuilds the same network, and the
+    step after the resume equals the step the uninterrupted run takes."""
+    from trainers.build import build_engine
+
+    cfg = _tiny_bam_cfg(["train.precision=fp32"])
+    gen = torch.Generator().manual_seed(0)
+    crops = [torch.randn(4, 1, 28, 28, generator=gen) for _ in range(2)] + \
+        [torch.randn(4, 1, 12, 12, generator=gen) for _ in range(2)]
+
+    def fresh(c):
+        m = build_method(c, device="cpu", steps_per_epoch=4, batch_size=4)
+        return m, build_engine(c, m, device="cpu", steps_per_epoch=4, global_batch=4)
+
+    method, engine = fresh(cfg)
+    engine.train_step(crops)
+    ckpt.save_training_state(tmp_path, engine_state=engine.state_dict(), epoch=1, mlflow_run_id=None,
+                             config=cfg.to_dict())
+    expected = engine.train_step(crops)["loss"]
+
+    state = ckpt.load_training_state(tmp_path)
+    restored_cfg = config_from_dict(upgrade_saved_config(state["config"]))
+    assert restored_cfg.model.stem == "auto" and restored_cfg.model.backbone_kwargs == cfg.model.backbone_kwargs
+    method2, engine2 = fresh(restored_cfg)
+    assert isinstance(method2.backbone.maxpool, nn.Identity) and method2.backbone.conv1.stride == (1, 1)
+    engine2.load_state_dict(state["engine"])
+    assert engine2.step == 1
+    assert engine2.train_step(crops)["loss"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_exports_from_before_the_stem_option_rebuild_the_imagenet_stem(tmp_path):

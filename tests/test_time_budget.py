@@ -11,8 +11,10 @@ from trainers.build import build_engine, build_method
 
 
 @pytest.mark.parametrize("budget_s, first_epoch_s, max_epochs, expected", [
-    (1800, 200, 100, 9),  # 9 x 200 s fit in 30 min, 10 would not
-    (1800, 199.9, 100, 9), (1800, 180, 100, 10),
+    (1800, 200, 100, 9),  # 9 x 200 s = 30 min
+    (1800, 211, 100, 9), (1800, 190, 100, 9),  # 8.53 and 9.47: the nearest whole number
+    (600, 200.8, 100, 3),  # 2.99: 602 s, where floor would train 402 s of 600
+    (600, 240, 100, 3), (600, 241, 100, 2),  # the half-epoch boundary: 2.5 rounds up, 2.49 down
     (1800, 200, 5, 5),  # never more than optim.epochs
     (60, 200, 100, 1),  # at least the epoch already trained
 ])

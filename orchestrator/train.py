@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import itertools
 import math
 import os
 import tempfile
@@ -485,8 +486,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     budgeted = cfg.train.time_budget_min > 0
     pixels_knn = None  # the raw-pixel k-NN of this run's bank, computed at its first evaluation
     gate = config.get("epoch_gate")
-    for epoch in range(start_epoch, end_epoch):
-        if epoch >= end_epoch:  # a time budget planned fewer epochs after the first
+    for epoch in itertools.count(start_epoch):
+        if epoch >= end_epoch:  # the only bound: a time budget lowers end_epoch once epoch 1 is timed
             break
         if clock is not None:
             if rank == 0:

@@ -1,4 +1,4 @@
-"""Shards -> training / evaluation streams: Ray Data for the cluster, torch Datasets as the twin.
+"""Shards -> training / evaluation streams on Ray Data (the Ray-free twins: :mod:`data.torch_dataset`).
 
 Batch contract (consumed by ``trainers.engine.crops_from_batch``): ``"global"`` uint8 (N, G, C, H, W),
 ``"local"`` uint8 (N, L, C, h, w) only when L > 0, ``"label"`` int64 (N,), ``"index"`` int64 (N,).
@@ -7,8 +7,9 @@ Evaluation batches: ``"image"`` uint8 (N, C, S, S) at ``global_crop_size`` (resi
 
 Both paths run the same code for a sample: :func:`data.augment.decode_image` then
 :meth:`MultiCropAugment.augment_batch`, seeded by ``(seed, epoch, index)``, so the Ray stream and
-:class:`MultiCropTorchDataset` give bit-identical views (a test checks it) and neither depends on the
-number of workers.
+:class:`data.torch_dataset.MultiCropTorchDataset` give bit-identical views (a test checks it) and
+neither depends on the number of workers. Evaluation rows come from the same
+:func:`data.torch_dataset.select_eval_indices` on both paths.
 
 Throughput-relevant settings (``DataConfig``):
 
@@ -17,13 +18,13 @@ Throughput-relevant settings (``DataConfig``):
   rows throughput drops quickly, above ~512 it only costs memory.
 - ``map_compute`` ("tasks"): the callable class runs in Ray's warm, pooled worker processes, built
   per batch (cheap). "actors" keeps one instance per actor, but Ray Data starts a fresh actor pool on
-  every execution, i.e. every epoch (new processes importing torch: seconds each; on the 2-core test box
-  two eval executions took 42 s as actors vs 13 s as tasks).
-- ``map_workers`` (1) x ``map_cpus`` (1.0): the augmentation actor pool (or concurrent tasks). One actor does roughly 10k
-  images/s at 28 px with 2+6 crops (one CPU); add actors when the trainer waits on data. Ray Train's
-  workers take their CPUs out of the same pool, so on a small node keep this small or use fractional
-  ``map_cpus``, and call :func:`configure_data_context` (Ray Data can otherwise stall with
-  ``backpressured: ResourceBudget``).
+  every execution, i.e. every epoch, and each new process pays for importing torch again; tasks reuse
+  processes that have already paid it.
+- ``map_workers`` (1) x ``map_cpus`` (1.0): the augmentation actor pool (or concurrent tasks). At
+  small image sizes one CPU keeps a single trainer fed (``bench/README.md``, section 2, has the
+  figures); add actors when the trainer waits on data. Ray Train's workers take their CPUs out of the
+  same pool, so on a small node keep this small or use fractional ``map_cpus``, and call
+  :func:`configure_data_context` (Ray Data can otherwise stall with ``backpressured: ResourceBudget``).
 - Shard files are read in a random order per epoch (``shuffle="files"``-style ``FileShuffleConfig``
   seeded by ``seed``, reseeded every execution): nearly free, unlike ``random_shuffle()`` which
   materialises the data set. Finer mixing comes from ``local_shuffle_buffer`` at iteration time
@@ -47,7 +48,15 @@ from ray.data.expressions import col
 
 from data.augment import MultiCropAugment, clean_transform, decode_image
 from data.config import DataConfig
-from data.sources import is_uri, read_meta, read_split_table, resolve_shards, split_path
+from data.sources import is_uri, read_meta, resolve_shards, split_path
+
+# The Ray-free twins live in data.torch_dataset; re-exported so `from data.pipeline import ...` keeps working.
+from data.torch_dataset import (  # noqa: F401
+    CleanTorchDataset,
+    MultiCropTorchDataset,
+    collate_batch,
+    select_eval_indices,
+)
 
 DEFAULT_CORRUPT_COUNTER = "bamray-corrupt-train"
 DEFAULT_EVAL_CORRUPT_COUNTER = "bamray-corrupt-eval"
@@ -59,23 +68,18 @@ class CorruptCounter:
     """Counts corrupt rows skipped by the map actors (metric ``data_corrupt_skipped``).
 
     Keyed by ``(split, index)`` so a corrupt image is counted once however many epochs, actors or
-    retries meet it; ``events`` is the raw number of skips.
+    retries meet it.
     """
 
     def __init__(self) -> None:
         self._seen: set[tuple[str, int]] = set()
-        self._events = 0
 
     def add(self, split: str, indices: list[int]) -> int:
-        self._events += len(indices)
         self._seen.update((split, int(i)) for i in indices)
         return len(self._seen)
 
     def count(self) -> int:
         return len(self._seen)
-
-    def events(self) -> int:
-        return self._events
 
 
 @ray.remote(num_cpus=0)
@@ -117,8 +121,8 @@ def get_epoch_clock(name: str) -> ray.actor.ActorHandle:
 
 
 # Ray Data's default 128 MiB blocks hold a whole epoch of 28 px multi-crop output (2.4 kB an image) in
-# one block: measured on full Fashion-MNIST (2 CPUs), the first batch came after 8.8 s of a 9.5 s pass
-# and one map task ran at a time. 4 MiB: first batch after 2.9 s, 6.8-8.3k img/s instead of 6.3k.
+# one block, so the first batch waits for almost the whole pass and one map task runs at a time. Smaller
+# blocks stream sooner and spread over more map tasks (figures in bench/README.md, section 2).
 TARGET_BLOCK_BYTES = 4 * 2**20
 
 
@@ -234,10 +238,8 @@ def read_shards(path: str, **kwargs: Any) -> Dataset:
     Local shards are read with Ray Data's V1 Parquet datasource. Ray 2.60's default (V2) lists files by
     starting a pool of up to 32 ``FooterReader`` actors per read -- new Python processes, built for
     network-bound footer reads on object stores. A Train run reads 3 datasets (train, k-NN bank,
-    validation), so on local disk that pool cost more than everything else in start-up: on 2 CPUs one
-    1-worker run spawned 44 Ray processes and took its first step 58.5 s after launch, against 21
-    processes and 36.7 s with V1 (39.8 s with a single footer actor). URIs (``s3://`` ...) keep Ray's
-    default.
+    validation), so on local disk those processes would dominate start-up (figures in
+    ``bench/README.md``, section 2). URIs (``s3://`` ...) keep Ray's default.
     """
     ctx = DataContext.get_current()
     default = ctx.use_datasource_v2
@@ -264,33 +266,6 @@ def _run_in_task(batch: dict[str, np.ndarray], fn_class: type, kwargs: dict[str,
     return fn_class(**kwargs)(batch)
 
 
-def select_eval_indices(path: str, split: str, fraction: float, seed: int, limit: int = 0) -> np.ndarray | None:
-    """Indices of a deterministic, class-balanced ``fraction`` of ``split`` (``None`` = all rows).
-
-    Per class, ``max(1, round(fraction * n_class))`` rows chosen by ``default_rng([seed, class])``
-    among rows with ``index < limit`` (when ``limit > 0``); returned sorted.
-    """
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction: got {fraction}; must be in (0, 1]")
-    if fraction >= 1.0 and limit <= 0:
-        return None
-    table = read_split_table(path, split, columns=["label", "index"])
-    labels = table.column("label").to_numpy()
-    indices = table.column("index").to_numpy()
-    if limit > 0:
-        keep = indices < limit
-        labels, indices = labels[keep], indices[keep]
-    if fraction >= 1.0:
-        return np.sort(indices)
-    chosen = []
-    for cls in np.unique(labels):
-        members = indices[labels == cls]
-        k = max(1, int(round(fraction * len(members))))
-        rng = np.random.default_rng([int(seed), int(cls)])
-        chosen.append(rng.choice(members, size=k, replace=False))
-    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
-
-
 def _eval_dataset(cfg: DataConfig, path: str, split: str, indices: np.ndarray | None,
                   corrupt_counter: Any) -> Dataset:
     ds = read_shards(split_path(path, split))
@@ -307,7 +282,7 @@ def build_eval_datasets(
 
     The bank is a class-balanced ``train_fraction`` of the train split (within ``train_limit``), the
     validation set a class-balanced ``eval_fraction`` of the test split (within ``val_limit``); both
-    deterministic given ``seed`` (see :func:`select_eval_indices`).
+    deterministic given ``seed`` (see :func:`data.torch_dataset.select_eval_indices`).
     """
     path = resolve_shards(cfg)
     read_meta(path)
@@ -316,95 +291,3 @@ def build_eval_datasets(
     val = select_eval_indices(path, "test", eval_fraction, seed, cfg.val_limit)
     return (_eval_dataset(cfg, path, "train", bank, counter),
             _eval_dataset(cfg, path, "test", val, counter))
-
-
-# -------------------------------------------------------------------------------- torch twin (no Ray)
-class _ShardRows(torch.utils.data.Dataset):
-    """A split's rows held in memory (PNG bytes are small: Fashion-MNIST train is ~30 MB)."""
-
-    def __init__(self, cfg: DataConfig, split: str, indices: np.ndarray | None = None, limit: int = 0):
-        self.cfg = cfg
-        self.path = resolve_shards(cfg)
-        self.meta = read_meta(self.path)
-        table = read_split_table(self.path, split, columns=["image", "label", "index"])
-        index = table.column("index").to_numpy()
-        keep = np.ones(len(index), dtype=bool)
-        if limit > 0:
-            keep &= index < limit
-        if indices is not None:
-            keep &= np.isin(index, indices)
-        rows = np.flatnonzero(keep)
-        # Kept as one Arrow array, not a list of Python bytes: forked DataLoader workers would otherwise
-        # copy every page they touch (reference counts live next to the objects).
-        self.images = table.column("image").take(rows).combine_chunks()
-        self.labels = table.column("label").to_numpy()[rows].astype(np.int64)
-        self.indices = index[rows].astype(np.int64)
-        self.split = split
-        #: corrupt rows met by this process (DataLoader workers count their own copies)
-        self.corrupt_skipped = 0
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-class MultiCropTorchDataset(_ShardRows):
-    """torch twin of :func:`build_train_dataset`: the same sample for the same ``(seed, epoch, index)``.
-
-    Items are ``{"global", "local"?, "label", "index"}`` (``None`` for a corrupt row; the collate drops
-    it). ``__getitems__`` augments a whole DataLoader batch in one call (the fast path, identical
-    results). Call :meth:`set_epoch` before each epoch; with ``persistent_workers=True`` the workers keep
-    their copy, so re-create the iterator (the default) for the new epoch to reach them.
-    """
-
-    def __init__(self, cfg: DataConfig, split: str = "train", seed: int = 0):
-        super().__init__(cfg, split, limit=cfg.train_limit if split == "train" else cfg.val_limit)
-        self.augment = MultiCropAugment(cfg)
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor] | None:
-        return self.__getitems__([i])[0]
-
-    def __getitems__(self, positions: list[int]) -> list[dict[str, torch.Tensor] | None]:
-        decoded = [decode_image(self.images[p].as_py(), self.cfg.channels) for p in positions]
-        ok = [k for k, im in enumerate(decoded) if im is not None]
-        self.corrupt_skipped += len(positions) - len(ok)
-        idx = [int(self.indices[positions[k]]) for k in ok]
-        g, loc = self.augment.augment_batch([decoded[k] for k in ok], self.seed, self.epoch, idx)
-        out: list[dict[str, torch.Tensor] | None] = [None] * len(positions)
-        for j, k in enumerate(ok):
-            item = {"global": g[j], "label": torch.tensor(self.labels[positions[k]]),
-                    "index": torch.tensor(idx[j])}
-            if self.cfg.local_crops > 0:
-                item["local"] = loc[j]
-            out[k] = item
-        return out
-
-
-class CleanTorchDataset(_ShardRows):
-    """torch twin of :func:`build_eval_datasets`: ``{"image", "label"}`` clean views of a
-    class-balanced ``fraction`` of ``split`` (same selection as the Ray path for the same seed)."""
-
-    def __init__(self, cfg: DataConfig, split: str = "test", fraction: float = 1.0, seed: int = 0):
-        limit = cfg.train_limit if split == "train" else cfg.val_limit
-        path = resolve_shards(cfg)
-        super().__init__(cfg, split, indices=select_eval_indices(path, split, fraction, seed, limit), limit=limit)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor] | None:
-        image = decode_image(self.images[i].as_py(), self.cfg.channels)
-        if image is None:
-            self.corrupt_skipped += 1
-            return None
-        return {"image": clean_transform(image, self.cfg.global_crop_size), "label": torch.tensor(self.labels[i])}
-
-
-def collate_batch(samples: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
-    """Stack samples into the batch contract, dropping ``None`` (corrupt) items."""
-    samples = [s for s in samples if s is not None]
-    if not samples:
-        return {}
-    return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
-

@@ -21,10 +21,6 @@ from torch import nn
 
 from trainers import distributed as D
 
-#: Named protocols ``name -> (k, temperature)``: DINO's (used by BAM) and InstDisc's (used by lightly's
-#: benchmark tables), so a run can be compared with either published table.
-KNN_PROTOCOLS: dict[str, tuple[int, float]] = {"dino": (20, 0.07), "instdisc": (200, 0.1)}
-
 
 @torch.no_grad()
 def extract_features(
@@ -194,21 +190,25 @@ def raw_pixel_baseline(
                         k=k, temperature=temperature)["top1"]
 
 
-def class_balanced_indices(labels: np.ndarray | torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
-    """Sorted indices of a class-balanced random ``fraction`` of ``labels`` (the official k-NN bank).
+def class_balanced_indices(labels: np.ndarray | torch.Tensor, fraction: float, seed: int = 0) -> np.ndarray:
+    """Sorted positions of a class-balanced random ``fraction`` of ``labels``: the k-NN bank and the
+    validation subset of every path (Ray stream, torch twin, bench), so "the same bank" is one set.
 
-    Each class keeps ``max(1, round(fraction * count))`` of its samples, chosen with a seeded generator
-    so the bank is the same on every rank and every evaluation.
+    Each class keeps ``max(1, round(fraction * count))`` of its members, drawn without replacement by
+    ``numpy.random.default_rng([seed, class])``: one generator per class, so a class's draw does not
+    depend on which other classes are present, and the bank is the same on every rank and evaluation.
+    Labels must be non-negative integers (they seed the generator).
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction: got {fraction}; must be in (0, 1]")
-    y = _to_tensor(labels).long().flatten().cpu()
+    y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    y = y.reshape(-1)
     if fraction == 1.0:
-        return torch.arange(y.numel())
-    g = torch.Generator().manual_seed(seed)
-    keep = []
-    for c in torch.unique(y):
-        members = torch.nonzero(y == c).flatten()
-        n = max(1, round(fraction * members.numel()))
-        keep.append(members[torch.randperm(members.numel(), generator=g)[:n]])
-    return torch.cat(keep).sort().values
+        return np.arange(y.size, dtype=np.int64)
+    chosen = [np.zeros(0, dtype=np.int64)]
+    for cls in np.unique(y):
+        members = np.flatnonzero(y == cls)
+        k = max(1, int(round(fraction * len(members))))
+        rng = np.random.default_rng([int(seed), int(cls)])
+        chosen.append(rng.choice(members, size=k, replace=False))
+    return np.sort(np.concatenate(chosen)).astype(np.int64)

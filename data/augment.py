@@ -11,7 +11,7 @@ torchvision op on one 1x28x28 view costs 10-100 us whatever it computes). So the
 two stages:
 
 1. per sample (cheap numpy): draw every parameter of every view from the sample's own generator
-   (:meth:`MultiCropAugment.sample_params`);
+   (:meth:`MultiCropAugment.batch_params`);
 2. per batch (few torch calls for the whole batch): the random resized crops of all views in one
    ``torchvision.ops.roi_align`` call per image size and crop size, then flip, colour jitter, grayscale,
    Gaussian blur and solarisation applied to the whole stack of views with per-view parameters.
@@ -196,11 +196,6 @@ class MultiCropAugment:
         return self.num_global + self.num_local
 
     # ---------------------------------------------------------------- stage 1: parameters (per sample)
-    def sample_params(self, seed: int, epoch: int, index: int, height: int, width: int) -> ViewParams:
-        """Every view's parameters for one sample of size ``height`` x ``width`` (see :meth:`batch_params`)."""
-        r, aspect = self._draws(seed, epoch, index)
-        return self._params(r[None], aspect[None], np.array([height]), np.array([width]))
-
     def batch_params(self, seed: int, epoch: int, indices: Sequence[int], heights: Sequence[int],
                      widths: Sequence[int]) -> ViewParams:
         """Parameters of many samples, flattened image-major (sample i's views are rows i*V .. i*V+V-1)."""

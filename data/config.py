@@ -48,7 +48,3 @@ class DataConfig:
     map_compute: str = opt("tasks", choices=("tasks", "actors"),
                            help="Ray Data augmentation as tasks (reuse warm worker processes) or as an actor pool "
                            "(a fresh pool, i.e. processes importing torch, on every epoch's execution)")
-
-    @property
-    def num_crops(self) -> int:
-        return self.global_crops + self.local_crops

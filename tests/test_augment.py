@@ -89,7 +89,7 @@ def test_mixed_image_sizes_in_one_batch(images):
 def test_crop_boxes_follow_the_scale_ranges():
     aug = MultiCropAugment(DataConfig())
     for index in range(50):
-        p = aug.sample_params(0, 0, index, 28, 28)
+        p = aug.batch_params(0, 0, [index], [28], [28])
         area = (p.boxes[:, 2] - p.boxes[:, 0]) * (p.boxes[:, 3] - p.boxes[:, 1]) / (28 * 28)
         aspect = (p.boxes[:, 2] - p.boxes[:, 0]) / (p.boxes[:, 3] - p.boxes[:, 1])
         assert np.all((area[:2] >= 0.25 - 1e-9) & (area[:2] <= 1.0 + 1e-9))
@@ -131,14 +131,14 @@ def test_brightness_and_contrast_match_hand_computation(images):
     cfg = DataConfig(**{**IDENTITY, "color_jitter_p": 1.0, "color_jitter": (0.4, 0.0, 0.0, 0.0)})
     aug = MultiCropAugment(cfg)
     g, _ = aug(x, 0, 0, 8)
-    f = aug.sample_params(0, 0, 8, 28, 28).factors[0, 0]
+    f = aug.batch_params(0, 0, [8], [28], [28]).factors[0, 0]
     assert 0.6 <= f <= 1.4 and f != 1.0
     np.testing.assert_allclose(g[0].numpy(), np.clip(np.round(xf * f), 0, 255), atol=1)
 
     cfg = dataclasses.replace(cfg, color_jitter=(0.0, 0.4, 0.0, 0.0))
     aug = MultiCropAugment(cfg)
     g, _ = aug(x, 0, 0, 8)
-    c = aug.sample_params(0, 0, 8, 28, 28).factors[0, 1]
+    c = aug.batch_params(0, 0, [8], [28], [28]).factors[0, 1]
     mean = xf.mean()
     np.testing.assert_allclose(g[0].numpy(), np.clip(np.round(xf * c + mean * (1 - c)), 0, 255), atol=1)
 

@@ -38,8 +38,10 @@ EXCLUDES = [".venv", ".bamray", ".git", "**/__pycache__", "*.egg-info", ".pytest
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-def project_root() -> Path:
-    """The directory holding this package's ``pyproject.toml`` (what ``working_dir`` uploads)."""
+def submit_working_dir() -> Path:
+    """The source tree this package was imported from (the folder holding ``orchestrator/``): what the job's
+    ``working_dir`` uploads by default. Not :func:`orchestrator.tracking.project_root`, which is where runs
+    store their data and may be anywhere (``$BAMRAY_HOME``, the current directory)."""
     return Path(__file__).resolve().parent.parent
 
 
@@ -47,7 +49,7 @@ def build_runtime_env(working_dir: str | os.PathLike | None = None, pip: list[st
                       env_vars: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """``runtime_env`` for the job: the project as ``working_dir`` (with :data:`EXCLUDES`), optional pip
     requirements (a cluster whose image lacks the project's dependencies) and environment variables."""
-    env: dict[str, Any] = {"working_dir": str(working_dir or project_root()), "excludes": list(EXCLUDES)}
+    env: dict[str, Any] = {"working_dir": str(working_dir or submit_working_dir()), "excludes": list(EXCLUDES)}
     if pip:
         env["pip"] = list(pip)
     if env_vars:

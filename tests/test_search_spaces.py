@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from orchestrator.config import load_config
-from search_spaces import available_spaces, load_space, space_from_dict
+from orchestrator.sweep.settings import sweep_space as load_space
+from search_spaces import available_spaces, space_from_dict
 from trainers.options import ConfigError
 
 SHIPPED = {"bam_sinkhorn": "bam_fmnist", "dino": "dino_fmnist", "byol": "byol_fmnist", "simclr": "simclr_fmnist",
@@ -198,3 +199,33 @@ def test_grid_search_turns_discrete_params_into_grid_axes():
 
     assert grid_space.to_tune("random") == {"seed": {"grid_search": [0, 1]}}
     assert isinstance(grid_space.to_tune("optuna")["seed"], Categorical)
+
+
+def test_the_handed_in_check_decides_and_search_spaces_imports_no_upper_layer():
+    """search_spaces sits below the orchestrator: it imports neither orchestrator nor data, and what is a
+    valid value is decided by the check it is handed (here one that refuses reg > 0.2)."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from search_spaces import load_space
+from trainers.options import ConfigError
+
+def check(overrides):
+    if overrides.get("method.reg", 0) > 0.2:
+        raise ConfigError("method.reg", "must be <= 0.2 here")
+
+base = {"method": {"name": "bam", "reg": 0.05}, "optim": {"batch_size": 8}, "train": {"workers": 1}}
+space = load_space({"name": "s", "params": {"method.reg": {"type": "uniform", "low": 0.01, "high": 0.1}}}, base, check)
+assert space.params["method.reg"].high == 0.1
+try:
+    load_space({"name": "s", "params": {"method.reg": {"type": "uniform", "low": 0.01, "high": 0.3}}}, base, check)
+except ConfigError as err:
+    assert err.field == "method.reg" and "high=0.3 is invalid: must be <= 0.2 here" in str(err), err
+else:
+    raise AssertionError("the check was not used")
+upper = sorted(m for m in sys.modules if m.split(".")[0] in ("orchestrator", "data"))
+assert not upper, upper
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)

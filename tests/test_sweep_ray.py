@@ -6,6 +6,7 @@ its finished trial. The first tests need no cluster (argument checks, classifica
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -14,10 +15,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import sweep as sweep_mod
+import orchestrator.sweep
 from orchestrator.config import load_config
-from orchestrator.sweep import INTERRUPT_ENV, run_sweep, trial_outcome
-from search_spaces import load_space
+from orchestrator.sweep import report, run_sweep, tune_setup
+from orchestrator.sweep.lineage import INTERRUPT_ENV, TAG_RAY_RUN_PREFIX, trial_outcome
+from orchestrator.sweep.settings import METRIC, MODE, SweepSettings
+from orchestrator.sweep.settings import sweep_space as load_space
 from trainers.options import ConfigError
 
 GOOD_LR, BAD_LRS = 2e-3, (10.0, 8.0, 6.0)  # optim.lr allows (0, 10]
@@ -73,10 +76,10 @@ def test_pbt_mutations_and_explore_stay_in_the_space():
         "method.reg": {"type": "loguniform", "low": 0.02, "high": 0.2},
         "method.num_sink_iter": {"type": "choice", "values": [1, 3, 5]},
         "optim.lr": {"type": "grid", "values": [1e-3, 2e-3]}}}, tiny_cfg())
-    mutations = sweep_mod._pbt_mutations(space)
+    mutations = tune_setup.pbt_mutations(space)
     assert mutations["method.num_sink_iter"] == [1, 3, 5] and mutations["optim.lr"] == [1e-3, 2e-3]
     assert 0.02 <= mutations["method.reg"].sample() <= 0.2  # a Tune domain PBT resamples from
-    explore = sweep_mod._pbt_explore(space)
+    explore = tune_setup.pbt_explore(space)
     assert explore({"method.reg": 0.2 * 1.2, "method.num_sink_iter": 5, "optim.lr": 2e-3}) == {
         "method.reg": 0.2, "method.num_sink_iter": 5, "optim.lr": 2e-3}  # x1.2 past the top is clipped
     assert explore({"method.reg": 0.02 * 0.8})["method.reg"] == 0.02
@@ -140,20 +143,20 @@ def test_grid_repeats_reach_the_requested_trials():
     space = load_space({"name": "g", "params": {"seed": {"type": "grid", "values": [0, 1]},
                                                 "method.reg": {"type": "loguniform", "low": 0.01, "high": 0.3}}},
                        tiny_cfg())
-    assert sweep_mod.num_samples(space, 4, "random") == 2  # 2 repeats of a 2-point grid
-    assert sweep_mod.num_samples(space, 5, "random") == 3
-    assert sweep_mod.num_samples(space, 1, "grid") == 1
-    assert sweep_mod.num_samples(space, 5, "optuna") == 5  # no grid for Optuna: grid params are categorical
-    settings = sweep_mod.SweepSettings(name="x", trials=4, search="random")
-    assert sweep_mod.expected_trials(space, settings) == 4
-    settings.trials = 3  # rounds up to whole passes over the grid
-    assert sweep_mod.expected_trials(space, settings) == 4
+    assert tune_setup.num_samples(space, 4, "random") == 2  # 2 repeats of a 2-point grid
+    assert tune_setup.num_samples(space, 5, "random") == 3
+    assert tune_setup.num_samples(space, 1, "grid") == 1
+    assert tune_setup.num_samples(space, 5, "optuna") == 5  # no grid for Optuna: grid params are categorical
+    settings = SweepSettings(name="x", trials=4, search="random")
+    assert tune_setup.expected_trials(space, settings) == 4
+    settings = dataclasses.replace(settings, trials=3)  # rounds up to whole passes over the grid
+    assert tune_setup.expected_trials(space, settings) == 4
 
 
 def test_optuna_searcher_suggests_inside_the_space():
     """The optuna path: Ray's OptunaSearch (with optuna 5) converts our Tune domains and samples them."""
-    settings = sweep_mod.SweepSettings(name="x", trials=3, search="optuna", seed=0)
-    searcher = sweep_mod._search_alg(settings)
+    settings = SweepSettings(name="x", trials=3, search="optuna", seed=0)
+    searcher = tune_setup.search_alg(settings)
     space = load_space("bam_sinkhorn", tiny_cfg())
     assert searcher.set_search_properties("knn_top1", "max", space.to_tune("optuna"))
     for i in range(3):
@@ -172,11 +175,11 @@ def test_results_table_and_best():
          "mlflow_run_id": None},
     ]
     # a stopped trial's early score is not comparable with a finished one: the completed trial wins
-    assert sweep_mod._best(rows)["trial_id"] == "a"
-    table = list(csv.reader(io.StringIO(sweep_mod.results_csv(rows, ["optim.lr"]))))
+    assert report.best_row(rows)["trial_id"] == "a"
+    table = list(csv.reader(io.StringIO(report.results_csv(rows, ["optim.lr"]))))
     assert table[0] == ["trial_id", "status", "epochs", "knn_top1", "optim.lr", "mlflow_run_id"]
     assert [r[0] for r in table[1:]] == ["a", "b", "c"] and table[3][3] == ""
-    md = sweep_mod.results_markdown(rows, ["optim.lr"]).splitlines()
+    md = report.results_markdown(rows, ["optim.lr"]).splitlines()
     assert md[0].startswith("| trial | status") and "| b | stopped_early | 1 | 70.00 | 10 |" in md
 
 
@@ -185,10 +188,10 @@ def test_cli_registers_sweep_with_a_handler():
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
-    sweep_mod.add_sweep_parser(sub)
+    orchestrator.sweep.add_sweep_parser(sub)
     args = parser.parse_args(["sweep", "--config", "bam_fmnist", "--space", "bam_sinkhorn", "--trials", "3",
                               "--scheduler", "fifo", "--search", "grid", "--set", "optim.lr=1e-3"])
-    assert args.func is sweep_mod.cmd_sweep and args.trials == 3 and args.search == "grid"
+    assert args.func is orchestrator.sweep.cmd_sweep and args.trials == 3 and args.search == "grid"
     assert args.set == ["optim.lr=1e-3"]
 
 
@@ -196,17 +199,17 @@ def test_cli_registers_sweep_with_a_handler():
                                               (1, 1.5, 10), (1, 1.1, 6)])
 def test_asha_rungs_are_where_the_scheduler_decides(grace, rf, max_t):
     """The workers wait for Tune's decision at these epochs: they must be exactly the epochs where the ASHA
-    that :func:`_scheduler` builds judges a trial (its last one, ``max_t``, ends the run anyway). Asked of
+    that :func:`tune_setup.scheduler` builds judges a trial (its last one, ``max_t``, ends the run anyway). Asked of
     the scheduler itself: one fresh trial per epoch count, reporting that many epochs."""
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import TrialScheduler
 
-    settings = sweep_mod.SweepSettings(name="x", trials=1, scheduler="asha", grace_period=grace,
+    settings = SweepSettings(name="x", trials=1, scheduler="asha", grace_period=grace,
                                        reduction_factor=rf)
     decided = []
     for epoch in range(1, max_t):
-        asha = sweep_mod._scheduler(settings, max_t)
-        asha.set_search_properties(sweep_mod.METRIC, sweep_mod.MODE)  # as Tuner(metric=, mode=) does
+        asha = tune_setup.scheduler(settings, max_t)
+        asha.set_search_properties(METRIC, MODE)  # as Tuner(metric=, mode=) does
         trials = [Trial("t", stub=True, trial_id=f"t{i}") for i in range(2)]
         for t in trials:
             asha.on_trial_add(None, t)
@@ -217,8 +220,8 @@ def test_asha_rungs_are_where_the_scheduler_decides(grace, rf, max_t):
                  for e in range(1, epoch + 1)]
         if stops[-1] == TrialScheduler.STOP:
             decided.append(epoch)
-    assert sweep_mod.asha_rungs(grace, rf, max_t) == decided
-    assert sweep_mod.asha_rungs(1, 2, 8) == [1, 2, 4] and sweep_mod.asha_rungs(1, 1.5, 6) == [1, 2, 3, 4]  # by hand
+    assert tune_setup.asha_rungs(grace, rf, max_t) == decided
+    assert tune_setup.asha_rungs(1, 2, 8) == [1, 2, 4] and tune_setup.asha_rungs(1, 1.5, 6) == [1, 2, 3, 4]  # by hand
 
 
 # ================================================================================================ real Ray
@@ -435,7 +438,7 @@ def test_pbt_clones_the_better_trial_into_the_worse_one(ray_local, tiny_data, tm
     starts = {}  # trial -> [(from_epoch, trial whose checkpoint it started from)]
     for trial_id, run in children.items():
         assert run.info.status == "FINISHED"
-        runs = [json.loads(v) for k, v in run.data.tags.items() if k.startswith(sweep_mod.TAG_RAY_RUN_PREFIX)]
+        runs = [json.loads(v) for k, v in run.data.tags.items() if k.startswith(TAG_RAY_RUN_PREFIX)]
         starts[trial_id] = sorted((r["from_epoch"], _donor(r["init_checkpoint"], rows)) for r in runs)
         knn = _history(client, run.info.run_id, "knn_top1")
         assert len(knn) == 3  # one point per epoch, none repeated across the restart

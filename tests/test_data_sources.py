@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from data.augment import decode_image
@@ -28,6 +31,8 @@ from data.sources import (
     read_split_table,
     resolve_shards,
 )
+from data.torch_dataset import CleanTorchDataset, MultiCropTorchDataset, collate_batch, select_eval_indices
+from trainers.evaluation.knn import class_balanced_indices
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +90,8 @@ def test_prepare_fashion_mnist_limited_is_lossless(tmp_path, fmnist_src, idx):
 
 
 def test_prepare_fashion_mnist_full(tmp_path, fmnist_src, idx):
-    """The whole 70k set (about 5 s of CPU): right counts, 12 + 2 shards, 6000 images per class."""
-    start = time.process_time()  # CPU time: wall time on a shared 2-core box measures the neighbours
+    """The whole 70k set: right counts, 12 + 2 shards, 6000 images per class, in bounded CPU time."""
+    start = time.process_time()  # CPU time: wall time on a shared machine measures the neighbours
     meta = prepare_fashion_mnist(tmp_path / "fm", src_dir=fmnist_src)
     elapsed = time.process_time() - start
     assert meta["counts"] == {"train": 60000, "test": 10000}
@@ -238,3 +243,34 @@ def test_missing_sources_raise_data_missing(tmp_path):
         prepare_image_folder(tmp_path / "none", tmp_path / "out")
     with pytest.raises(DataMissingError):
         prepare_parquet(tmp_path / "none.parquet", tmp_path / "out")
+
+
+# ---------------------------------------------------------------- the Ray-free torch twins
+def test_torch_dataset_module_does_not_import_ray():
+    """The bare loop, the evaluation commands and the benchmarks read shards without a cluster."""
+    code = "import data.torch_dataset, sys; assert 'ray' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_torch_twins_select_balanced_rows_and_collate(tmp_path, fmnist_src, idx):
+    prepare_fashion_mnist(tmp_path / "fm", src_dir=fmnist_src, shard_size=100, limit=200, test_limit=50)
+    cfg = DataConfig(path=str(tmp_path / "fm"), train_limit=150)
+    chosen = select_eval_indices(cfg.path, "train", 0.5, seed=3, limit=cfg.train_limit)
+    labels = idx["train_labels"][:150]
+    expected = np.sort(class_balanced_indices(labels, 0.5, seed=3))  # index == row for Fashion-MNIST shards
+    np.testing.assert_array_equal(chosen, expected)
+    assert select_eval_indices(cfg.path, "test", 1.0, seed=3) is None  # everything: no filter at all
+
+    clean = CleanTorchDataset(cfg, split="train", fraction=0.5, seed=3)
+    batch = collate_batch([clean[i] for i in range(len(clean))])
+    assert batch["image"].shape == (len(chosen), 1, 28, 28) and batch["image"].dtype == torch.uint8
+    np.testing.assert_array_equal(batch["label"].numpy(), labels[chosen])
+    np.testing.assert_array_equal(batch["image"][:, 0].numpy(), idx["train_images"][chosen])  # 28 px: as is
+
+    train = MultiCropTorchDataset(cfg, split="train", seed=0)
+    assert len(train) == 150
+    train.set_epoch(2)
+    items = train.__getitems__([0, 7])
+    assert collate_batch(items + [None])["index"].tolist() == [0, 7]  # None (corrupt) rows are dropped
+    assert torch.equal(items[1]["global"], train[7]["global"])  # batched == one at a time
+    assert collate_batch([None]) == {}

@@ -79,7 +79,7 @@ def train_overrides(ctx: BenchContext, data_path: Path, **extra: Any) -> dict[st
     }
     if ctx.cuda:
         o.update({
-            "model.backbone": "vit_small_patch16_224", "model.patch_size": 16,
+            "model.backbone": "vit_small_patch16_224", "model.backbone_kwargs": {},
             "data.global_crop_size": 224, "data.local_crop_size": 96, "data.local_crops": 6,
             "optim.batch_size": 256, "train.precision": "bf16", "train.gpus_per_worker": 1.0,
             "data.map_workers": max(1, ctx.cpus - 2), "method.top_k_sink": 128,

@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from orchestrator import tracking
     from orchestrator.config import load_config
-    from orchestrator.train import prepare_data
+    from orchestrator.training.data_prep import prepare_data
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     out_dir = Path(args.out)

@@ -8,23 +8,22 @@ seed, same step (``trainers.engine.Engine.train_step`` on ``crops_from_batch``),
   augmentation gets the same number of tasks);
 - Ray Train, 1 worker holding all ``cpus`` (Ray sets its intra-op threads from that), and 2 workers
   holding ``cpus / 2`` each with half the batch each (global batch unchanged). The figure is
-  ``orchestrator.train``'s own per-step ``images_per_sec`` (global batch / time since the previous step
+  the training loop's own per-step ``images_per_sec`` (global batch / time since the previous step
   ended, so data waits count), read back from the run's MLflow history.
 
-A repeat is one optimiser step after the warm-up steps (2 warm-up + 8 timed; global batch 64 on CPU,
-where one ResNet-18 step is ~0.3 s on 2 idle cores). The data-wait share is measured in the bare loop
-(time blocked in the iterator's ``next()`` / step time) and, where the Ray loop logs ``data_wait_s``, in
-the Ray worker; otherwise the Ray step's overhead over the bare loop's compute time is reported.
+A repeat is one optimiser step after the warm-up steps (2 warm-up + 8 timed; global batch 64 on CPU).
+Both sides run ``trainers.loop.train_one_epoch``, so the data-wait share (time blocked in the batch
+iterator / step time) is the loop's own ``data_wait_s`` on both.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -95,35 +94,33 @@ def build_bare(cfg, device: str) -> dict[str, Any]:
 
 
 def bare_loop(cfg, device: str, max_steps: int, on_step: Callable[[int, float, float], None] | None = None) -> dict:
-    """The plain alternative: model + Engine + DataLoader in one process, no Ray, no MLflow.
+    """The plain alternative: model + Engine + DataLoader in one process, no Ray, no MLflow, through the
+    same ``trainers.loop.train_one_epoch`` as the Ray worker.
 
     ``on_step(step, seconds_since_previous_step_end, seconds_waiting_for_data)`` after every step."""
-    from trainers.engine import crops_from_batch
+    from trainers.loop import train_one_epoch
 
     bare = build_bare(cfg, device)
-    method, engine, dev = bare["method"], bare["engine"], bare["device"]
-    t_prev = time.perf_counter()
-    it = iter(bare["loader"])
-    for i in range(max_steps):
-        b = next(it)
-        t_data = time.perf_counter()
-        crops = crops_from_batch(b, cfg.data.mean, cfg.data.std, dev, crop_usage=method.crop_usage,
-                                 channels_last=cfg.train.channels_last)
-        engine.train_step(crops)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()  # the step's GPU work belongs to this step
-        now = time.perf_counter()
+    batch = bare["batch"]
+    done = 0
+
+    def report(logs: dict[str, float]) -> None:
+        nonlocal done
+        done += 1
         if on_step is not None:
-            on_step(i + 1, now - t_prev, t_data - t_prev)
-        t_prev = now
-    return {"steps": max_steps, "batch": bare["batch"]}
+            on_step(done, batch / logs["images_per_sec"], logs["data_wait_s"])
+
+    train_one_epoch(bare["engine"], itertools.islice(bare["loader"], max_steps), cfg.data, epoch=0,
+                    steps_per_epoch=bare["steps_per_epoch"], global_batch=batch,
+                    channels_last=cfg.train.channels_last, on_step=report, synchronize=True)
+    return {"steps": done, "batch": batch}
 
 
 def ray_run(ctx: BenchContext, cfg, uri: str) -> dict[str, list[float]]:
-    """``orchestrator.train.run_training`` on the bench's Ray; returns the per-step MLflow histories."""
+    """``orchestrator.training.driver.run_training`` on the bench's Ray; returns the per-step MLflow histories."""
     from mlflow import MlflowClient
 
-    from orchestrator.train import run_training
+    from orchestrator.training.driver import run_training
 
     out = run_training(cfg)
     if out.get("status") != "FINISHED":
@@ -195,21 +192,12 @@ def run(ctx: BenchContext) -> SectionResult:
             "bare PyTorch loop + DataLoader").max
         res.derived[f"{name}: first step over median step (s)"] = (
             batch / hist["images_per_sec"][0] - batch / statistics.median(ips))
-        if hist["first_batch_wait_s"]:  # the loop's own per-epoch metric, where it logs one
-            res.derived[f"{name}: epoch's first-batch wait (s)"] = hist["first_batch_wait_s"][0]
-        waits = hist["data_wait_s"][warmup:]
-        if waits and len(waits) == len(ips):
-            share = [100 * wt * ip / batch for wt, ip in zip(waits, ips)]
-            res.add(Figure("step", f"{name}: data-wait share of step", "%", share, False, wparams))
-        else:
-            ray_step = batch / statistics.median(ips)
-            res.derived[f"{name}: step time over bare compute (%)"] = 100 * (ray_step - bare_compute) / ray_step
+        res.derived[f"{name}: epoch's first-batch wait (s)"] = hist["first_batch_wait_s"][0]
+        share = [100 * wt * ip / batch for wt, ip in zip(hist["data_wait_s"][warmup:], ips)]
+        res.add(Figure("step", f"{name}: data-wait share of step", "%", share, False, wparams))
         ctx.log(f"  step: {name} {res.get(name).median:.1f} img/s")
     r1 = res.get("Ray Train 1 worker")
     if r1 is not None and r1.ratio is not None:
         verdict = "meets" if r1.ratio >= 0.9 else "MISSES"
         res.notes.append(f"issue-3 target (1-worker Ray Train >= 0.9x the bare loop): {verdict} it at {r1.ratio:.2f}x.")
-    if not any(f.name.endswith("data-wait share of step") and f.name.startswith("Ray") for f in res.figures):
-        res.notes.append("The Ray loop logs no per-step data_wait_s, so the Ray-side wait is given as the step "
-                         "time above the bare loop's compute time (data wait + DDP + reporting).")
     return res

@@ -62,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import tempfile
 
     from orchestrator.config import load_config
-    from orchestrator.train import run_training
+    from orchestrator.training.driver import run_training
 
     if not args.config and not args.resume:
         raise ConfigError("--config", "required (a shipped name such as bam_fmnist, or a YAML path)")

@@ -16,14 +16,17 @@ from typing import Any
 import yaml
 
 from data.config import DataConfig
+from orchestrator.fault_injection import DebugConfig
 from trainers.backbones import ModelConfig, check_backbone_name, patch_size_for
 from trainers.build import crop_sizes
 from trainers.evaluation import EvalConfig
 from trainers.methods import get_method
 from trainers.optim import OptimConfig
-from trainers.options import ConfigError, from_dict, opt, to_dict
+from trainers.options import ConfigError, flatten, from_dict, opt, to_dict
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+#: the config section of test-only fault injection (orchestrator/fault_injection.py)
+DEBUG_SECTION = "debug"
 
 
 @dataclasses.dataclass
@@ -46,8 +49,6 @@ class TrainConfig:
     max_failures: int = opt(3, ge=0, help="worker failures Ray Train recovers from (restart from checkpoint)")
     storage_path: str = opt(".bamray/ray_results", help="Ray Train storage (local path or s3:// / gs:// URI)")
     address: str = opt("", help="Ray cluster address (empty: RAY_ADDRESS or a local Ray)")
-    fail_at_step: int = opt(-1, ge=-1, help="test hook: raise once in rank 0 at this global step")
-    nan_at_step: int = opt(-1, ge=-1, help="test hook: make the loss NaN at this global step")
 
 
 @dataclasses.dataclass
@@ -71,6 +72,7 @@ class ExperimentConfig:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    debug: DebugConfig = dataclasses.field(default_factory=DebugConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dict; round-trips through ``config_from_dict``."""
@@ -78,6 +80,11 @@ class ExperimentConfig:
              else getattr(self, f.name) for f in dataclasses.fields(self)}
         d["method"] = {"name": d.pop("method_name"), **(d["method"] or {})}
         return d
+
+    def run_params(self) -> dict[str, Any]:
+        """The flat ``section.field`` values logged as MLflow run params: every section but
+        :data:`DEBUG_SECTION`, whose fault injection is no setting of the experiment."""
+        return flatten({k: v for k, v in self.to_dict().items() if k != DEBUG_SECTION})
 
     @property
     def world_size(self) -> int:
@@ -138,10 +145,16 @@ def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
 def upgrade_saved_config(raw: dict[str, Any]) -> dict[str, Any]:
     """A config a run saved (``config.yaml`` of an MLflow run or an exported backbone) as the code that
     wrote it meant it: runs from before ``model.stem`` existed were built with timm's ImageNet stem,
-    and their weights only fit that network again."""
+    and their weights only fit that network again; the fault-injection fields of older runs' ``train:``
+    section now live in ``debug:``."""
     model = raw.get("model")
     if isinstance(model, dict) and "stem" not in model:
         raw = {**raw, "model": {**model, "stem": "imagenet"}}
+    train = raw.get("train")
+    moved = ("fail_at_step", "nan_at_step")
+    if isinstance(train, dict) and any(k in train for k in moved):
+        debug = {**{k: train[k] for k in moved if k in train}, **(raw.get(DEBUG_SECTION) or {})}
+        raw = {**raw, "train": {k: v for k, v in train.items() if k not in moved}, DEBUG_SECTION: debug}
     return raw
 
 

@@ -17,6 +17,8 @@ other epochs.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from typing import Any
 
 import ray
 
@@ -39,3 +41,26 @@ class EpochGate:
         async with self._changed:
             await self._changed.wait_for(lambda: self._open_through >= epoch)
         return self._open_through
+
+
+@dataclasses.dataclass(frozen=True)
+class GatedEpochs:
+    """What a Train worker needs of a trial's gate: the :class:`EpochGate` actor and the epochs after
+    which it must wait (the scheduler's decision epochs)."""
+
+    gate: Any  # an EpochGate actor handle
+    epochs: frozenset[int]
+
+    @classmethod
+    def of(cls, value: GatedEpochs | tuple[Any, Any] | None) -> GatedEpochs | None:
+        """Accept a ``GatedEpochs`` or the ``(gate, epochs)`` pair callers have passed so far."""
+        if value is None or isinstance(value, GatedEpochs):
+            return value
+        gate, epochs = value
+        return cls(gate, frozenset(int(e) for e in epochs))
+
+    def hold_after(self, epoch: int) -> None:
+        """Block until the gate is open through ``epoch`` when that is a decision epoch: no training past it
+        before the scheduler decided."""
+        if epoch in self.epochs:
+            ray.get(self.gate.wait.remote(epoch))

@@ -13,12 +13,11 @@ import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from orchestrator import checkpointing as ckpt
 from orchestrator import tracking
-from trainers.engine import normalise_uint8
+from trainers.loop import embed
 
 EMBED_BATCH = 256
 
@@ -39,23 +38,16 @@ def clean_loader(data_cfg: Any, split: str, *, fraction: float = 1.0, seed: int 
 def clean_features(model: nn.Module, data_cfg: Any, split: str, device: torch.device | str, *,
                    fraction: float = 1.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised features of ``model`` (eval mode) on the clean views, and their labels."""
-    from trainers.evaluation.knn import extract_features
-
-    batches = ((normalise_uint8(b["image"], data_cfg.mean, data_cfg.std, device), b["label"])
-               for b in clean_loader(data_cfg, split, fraction=fraction, seed=seed))
-    return extract_features(model, batches, device)
+    batches = ((b["image"], b["label"]) for b in clean_loader(data_cfg, split, fraction=fraction, seed=seed))
+    return embed(model, batches, device, data_cfg=data_cfg)
 
 
 def raw_pixel_features(data_cfg: Any, split: str, *, fraction: float = 1.0,
                        seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clean views themselves as features: pixels / 255, flattened, L2-normalised (as
-    ``trainers.evaluation.knn.raw_pixel_baseline`` does), with their labels."""
-    images, labels = [], []
-    for b in clean_loader(data_cfg, split, fraction=fraction, seed=seed):
-        images.append(b["image"])
-        labels.append(b["label"])
-    x = torch.cat(images).flatten(1).float() / 255.0
-    return F.normalize(x, dim=1), torch.cat(labels).long()
+    """The clean views themselves as features: pixels / 255, flattened, L2-normalised (the online k-NN's
+    raw-pixel row), with their labels."""
+    batches = ((b["image"], b["label"]) for b in clean_loader(data_cfg, split, fraction=fraction, seed=seed))
+    return embed(nn.Flatten(), batches, "cpu")
 
 
 def run_linear_eval(
@@ -72,7 +64,7 @@ def run_linear_eval(
     import mlflow.artifacts
     from mlflow.entities import Metric
 
-    from orchestrator.train import prepare_data
+    from orchestrator.training.data_prep import prepare_data
     from trainers.evaluation.linear import linear_probe
 
     uri = tracking.resolve_tracking_uri(tracking_uri)

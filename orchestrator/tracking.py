@@ -22,7 +22,6 @@ failure (the restarted epoch recomputes them).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib.metadata
 import logging
 import math
@@ -31,12 +30,15 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+
+from trainers.fileio import file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,17 @@ def project_root(start: str | os.PathLike | None = None) -> Path:
         if (p / BAMRAY_DIR).is_dir() or (p / "pyproject.toml").is_file():
             return p
     return here
+
+
+def absolute_path(path: str, root: str | os.PathLike | None = None) -> str:
+    """``path`` anchored at the project root (``root`` when given) unless it is empty, absolute or a URI:
+    Ray workers and Tune trials run in their own directories, so a relative path must be resolved
+    once, by the driver."""
+    from data.sources import is_uri
+
+    if not path or is_uri(path) or os.path.isabs(path):
+        return path
+    return str((Path(root) if root else project_root()).joinpath(path).resolve())
 
 
 def default_tracking_uri(root: str | os.PathLike | None = None) -> str:
@@ -152,13 +165,8 @@ def store_lock(uri: str) -> Iterator[None]:
     if path is None:
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(path) + ".lock", "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    with file_lock(str(path) + ".lock"):
+        yield
 
 
 def client(uri: str):
@@ -289,6 +297,45 @@ def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) 
 
 def log_artifacts(uri: str, run_id: str, local_dir: str | os.PathLike, artifact_path: str | None = None) -> None:
     with_retry(client(uri).log_artifacts, run_id, str(local_dir), artifact_path)
+
+
+def log_config_artifact(uri: str, run_id: str, cfg: Any) -> None:
+    """The resolved config as ``config.yaml`` on the run: what ``--resume`` without ``--config`` reads."""
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        log_artifacts(uri, run_id, tmp)
+
+
+def log_checkpoint_artifacts(uri: str, run_id: str, checkpoint: Any, artifact_path: str) -> bool:
+    """Log a Ray Train checkpoint's exported backbone (safetensors + config.yaml) under ``artifact_path``
+    ("final", "best_knn"). Returns False, logging nothing, when there is no checkpoint or no export."""
+    from orchestrator.checkpointing import BACKBONE_FILE, CONFIG_FILE
+
+    if checkpoint is None:
+        return False
+    with checkpoint.as_directory() as d, tempfile.TemporaryDirectory() as tmp:
+        for name in (BACKBONE_FILE, CONFIG_FILE):
+            src = Path(d, name)
+            if not src.exists():
+                return False
+            Path(tmp, name).write_bytes(src.read_bytes())
+        log_artifacts(uri, run_id, tmp, artifact_path)
+    return True
+
+
+def best_checkpoint(result: Any) -> tuple[Any, float]:
+    """The kept checkpoint of a Ray Train ``Result`` with the highest k-NN score, and that score
+    (``(None, -inf)`` when no kept checkpoint was evaluated: unevaluated ones score -1)."""
+    from orchestrator.checkpointing import SCORE_KEY
+
+    best, best_score = None, -math.inf
+    for checkpoint, metrics in result.best_checkpoints or []:
+        score = float((metrics or {}).get(SCORE_KEY, -1.0))
+        if score >= 0 and score > best_score:
+            best, best_score = checkpoint, score
+    return best, best_score
 
 
 def _finite(v: Any) -> bool:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from orchestrator.config import load_config
-from orchestrator.train import plan_epochs
+from orchestrator.training.plan import plan_epochs
 from trainers.build import build_engine, build_method
 
 

@@ -24,7 +24,7 @@ import torch
 from orchestrator import checkpointing as ckpt
 from orchestrator import tracking
 from orchestrator.config import load_config
-from orchestrator.train import run_training
+from orchestrator.training.driver import run_training
 from trainers.options import flatten
 
 pytestmark = pytest.mark.ray
@@ -89,8 +89,10 @@ def test_two_worker_run_is_tracked_end_to_end(finished_run):
     c = tracking.client(out["tracking_uri"])
     run = c.get_run(out["run_id"])
     assert run.info.status == "FINISHED"
-    # every resolved config value is a param; tags carry commit, versions, method
-    assert set(run.data.params) == set(flatten(cfg.to_dict()))
+    # every resolved config value is a param, except the debug section's fault injection; tags carry
+    # commit, versions, method
+    assert set(run.data.params) == set(cfg.run_params())
+    assert set(flatten(cfg.to_dict())) - set(run.data.params) == {"debug.fail_at_step", "debug.nan_at_step"}
     assert run.data.params["optim.batch_size"] == str(BATCH) and run.data.params["train.workers"] == "2"
     assert run.data.tags["method"] == "bam" and run.data.tags["version.ray"] == "2.60.0"
     assert run.data.tags["git_commit"] != "unknown" and run.data.tags["bamray.start_epoch"] == "0"
@@ -204,7 +206,7 @@ def test_worker_failure_restarts_from_last_checkpoint(ray_local, shards, storage
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spe = N_TRAIN // (BATCH * 2)
     fail_at = spe + 2  # the middle of epoch 2, after the epoch-1 checkpoint
-    cfg = load_config("bam_fmnist", _overrides(shards, storage, uri, **{"train.fail_at_step": fail_at,
+    cfg = load_config("bam_fmnist", _overrides(shards, storage, uri, **{"debug.fail_at_step": fail_at,
                                                                          "train.max_failures": 1}))
     out = run_training(cfg)
     assert out["status"] == "FINISHED", out.get("reason")
@@ -224,7 +226,7 @@ def test_nan_loss_fails_the_run_and_keeps_the_last_good_checkpoint(ray_local, sh
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spe = N_TRAIN // (BATCH * 2)
     nan_at = spe + 1
-    cfg = load_config("bam_fmnist", _overrides(shards, storage, uri, **{"train.nan_at_step": nan_at,
+    cfg = load_config("bam_fmnist", _overrides(shards, storage, uri, **{"debug.nan_at_step": nan_at,
                                                                          "train.max_failures": 2}))
     out = run_training(cfg)
     assert out["status"] == "FAILED"
@@ -277,7 +279,7 @@ def test_two_concurrent_runs_share_one_fresh_store(ray_local, shards, storage, t
     for r in runs:
         assert _steps(c, r.info.run_id, "loss") == list(range(1, spe + 1))
         assert _steps(c, r.info.run_id, "knn_top1") == [spe]
-        assert len(r.data.params) == len(flatten(load_config("bam_fmnist", ov).to_dict()))
+        assert set(r.data.params) == set(load_config("bam_fmnist", ov).run_params())
 
 
 def test_resume_after_killed_driver_continues_the_same_run(ray_local, shards, storage, tmp_path):

@@ -1,12 +1,15 @@
-"""Atomic file writes, shared by data shards (``data/``) and checkpoints (``orchestrator/``).
+"""Atomic file writes and an inter-process file lock, shared by data shards (``data/``), checkpoints and
+the tracking store (``orchestrator/``).
 
-It lives here, at the bottom of the dependency graph, so both layers can use the one implementation."""
+They live here, at the bottom of the dependency graph, so every layer uses the one implementation."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -25,3 +28,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Exclusive inter-process lock on ``path`` (created with its folder): for one-time set-up that two
+    processes may attempt at once (first data preparation, a fresh MLflow store). Released when the
+    holder exits or dies, because ``fcntl.flock`` belongs to the open file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

@@ -1,0 +1,124 @@
+"""Faults on purpose, for the tests of fault tolerance: the only production module that knows of them.
+
+Two come from the config's ``debug:`` section (:class:`DebugConfig`; ``bamray config show`` marks it and
+MLflow does not log it as run params), one from the environment:
+
+- ``debug.fail_at_step``: rank 0 raises once at that global step (a marker file in the Ray run directory
+  keeps the restarted worker group from raising again), so Ray Train restarts the group from the last
+  checkpoint;
+- ``debug.nan_at_step``: rank 0's loss becomes NaN at that step, like a blow-up on one worker;
+- ``BAMRAY_TEST_EXIT_DRIVER_AFTER_EPOCHS=N``: the driver exits with code 17 (like a kill) once N epochs are
+  checkpointed. An environment variable rather than a config field because ``--resume`` re-reads the
+  run's saved config, and the resumed driver must not die again. The workers hold after the N-th
+  checkpoint until the driver is gone, so "killed right after that checkpoint" is exact instead of a
+  race with the next epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainers.options import opt
+
+EXIT_AFTER_EPOCHS_ENV = "BAMRAY_TEST_EXIT_DRIVER_AFTER_EPOCHS"
+EXIT_CODE = 17
+FAIL_MARKER = ".fail_at_step.fired"
+
+
+@dataclasses.dataclass
+class DebugConfig:
+    """Fault injection for tests; not a training setting (never logged as MLflow params)."""
+
+    fail_at_step: int = opt(-1, ge=-1, help="raise once in rank 0 at this global step (-1 = off)")
+    nan_at_step: int = opt(-1, ge=-1, help="make rank 0's loss NaN at this global step (-1 = off)")
+
+
+class InjectedFailure(RuntimeError):
+    """The ``debug.fail_at_step`` worker failure."""
+
+
+def exit_after_checkpoints() -> int:
+    """Checkpointed epochs after which the driver exits (:data:`EXIT_AFTER_EPOCHS_ENV`; 0 = never)."""
+    return int(os.environ.get(EXIT_AFTER_EPOCHS_ENV, "0") or 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerFaults:
+    """The faults one Train run's workers inject; built by the driver, carried in the worker plan."""
+
+    fail_at_step: int = -1
+    nan_at_step: int = -1
+    hold_after_checkpoints: int = 0
+
+    @classmethod
+    def of(cls, debug: DebugConfig) -> WorkerFaults:
+        return cls(debug.fail_at_step, debug.nan_at_step, exit_after_checkpoints())
+
+    def before_step(self, step: int, rank: int, run_dir: str | None) -> None:
+        """Raise :class:`InjectedFailure` at ``fail_at_step`` once per run directory."""
+        if rank != 0 or step != self.fail_at_step or not run_dir:
+            return
+        marker = Path(run_dir, FAIL_MARKER)
+        if marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"fired at step {step}\n")
+        raise InjectedFailure(f"debug.fail_at_step: injected worker failure at step {step}")
+
+    def wrap_loss_hook(self, rank: int, hook: Callable[[int, torch.Tensor], torch.Tensor] | None):
+        """``hook`` preceded by the NaN injection of ``nan_at_step`` (unchanged when that is off)."""
+        if self.nan_at_step < 0 or rank != 0:
+            return hook
+
+        def inject(step: int, loss: torch.Tensor) -> torch.Tensor:
+            if step == self.nan_at_step:
+                loss = loss * float("nan")
+            return hook(step, loss) if hook is not None else loss
+
+        return inject
+
+    def after_checkpoint(self, checkpoints_reported: int) -> None:
+        """Hold this worker once the driver is about to exit (it counts checkpoints the same way)."""
+        if self.hold_after_checkpoints and checkpoints_reported == self.hold_after_checkpoints:
+            time.sleep(3600)
+
+
+def driver_exit_callbacks() -> list[Any]:
+    """Ray Train callbacks for :data:`EXIT_AFTER_EPOCHS_ENV` (none when it is unset): the controller
+    writes a flag file after the N-th checkpoint, a watcher thread of the driver turns it into
+    ``os._exit``."""
+    epochs = exit_after_checkpoints()
+    if epochs <= 0:
+        return []
+    import ray.train
+
+    flag = tempfile.mktemp(prefix="bamray-exit-", dir="/tmp")
+
+    class ExitAfter(ray.train.UserCallback):
+        def __init__(self) -> None:
+            self.count = 0
+
+        def after_report(self, run_context: Any, metrics: Any, checkpoint: Any) -> None:
+            if checkpoint is not None:
+                self.count += 1
+                if self.count >= epochs:
+                    Path(flag).write_text("exit\n")
+
+    def watch() -> None:
+        while not os.path.exists(flag):
+            time.sleep(0.2)
+        os.unlink(flag)
+        print(f"{EXIT_AFTER_EPOCHS_ENV}: exiting the driver after {epochs} checkpointed epoch(s)", flush=True)
+        os._exit(EXIT_CODE)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return [ExitAfter()]

@@ -1,0 +1,8 @@
+"""``bamray train``: one Ray Train run of one method, tracked in one MLflow run.
+
+One job per module: :mod:`.data_prep` (the shards, their meta and the steps of an epoch),
+:mod:`.plan` (:class:`~.plan.WorkerPlan`, what the driver hands every worker, and the time budget),
+:mod:`.driver` (MLflow run, Ray, ``TorchTrainer``, artifacts), :mod:`.worker` (the per-worker loop around
+``trainers.loop.train_one_epoch``: resume, reports, checkpoints) and :mod:`.online_eval` (the k-NN
+figure at the end of an epoch).
+"""

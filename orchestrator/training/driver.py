@@ -1,0 +1,247 @@
+"""The driver of ``bamray train``: resolve the data, create or re-open the MLflow run (params, tags,
+config.yaml), connect to Ray, fit a :func:`build_trainer` trainer, then log the final and best-k-NN
+backbones and set the run's status.
+
+The Ray run name is ``f"{cfg.name}-{mlflow_run_id[:8]}"``: ``--resume <run id>`` rebuilds the same
+``RunConfig(storage_path, name)``, and Ray Train resumes from that directory's latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from data.sources import is_uri
+from orchestrator import checkpointing as ckpt
+from orchestrator import fault_injection, tracking
+from orchestrator.config import ExperimentConfig
+from orchestrator.local_ray import connect_or_start
+from orchestrator.training.data_prep import prepare_data, resolved_data, steps_per_epoch
+from orchestrator.training.online_eval import KNN_CACHE_BYTES, knn_cache_bytes
+from orchestrator.training.plan import WorkerPlan, knn_epochs
+from orchestrator.training.worker import train_loop_per_worker
+from trainers.options import ConfigError
+
+if TYPE_CHECKING:
+    from orchestrator.epoch_gate import GatedEpochs
+
+
+def _actor_name(kind: str, run_name: str) -> str:
+    return f"bamray-{kind}-{run_name}"
+
+
+def _data_cpus(train_cpus: float) -> float:
+    """CPUs Ray Data may use for decoding/cropping beside the training workers."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 0.0)) if ray.is_initialized() else 0.0
+    return max(total - train_cpus, 1.0)
+
+
+def _datasets(cfg: ExperimentConfig, run_name: str, clock: str, counter: str) -> dict[str, Any]:
+    """``train`` (the multi-crop stream) and, for the online k-NN, ``knn_train`` / ``knn_val`` (clean centre
+    crops); Ray Train splits each across the workers."""
+    from data.pipeline import build_eval_datasets, build_train_dataset, configure_data_context
+
+    configure_data_context(_data_cpus(max(cfg.train.workers, 1) * cfg.train.cpus_per_worker))
+    datasets = {"train": build_train_dataset(cfg.data, seed=cfg.seed, epoch_clock=clock, corrupt_counter=counter)}
+    if knn_epochs(cfg):
+        knn_train, knn_val = build_eval_datasets(cfg.data, cfg.eval.knn_train_fraction, cfg.eval.knn_eval_fraction,
+                                                 cfg.seed, corrupt_counter=_actor_name("corrupt-eval", run_name))
+        datasets.update({"knn_train": knn_train, "knn_val": knn_val})
+    return datasets
+
+
+def build_trainer(
+    cfg: ExperimentConfig,
+    *,
+    run_name: str,
+    storage_path: str,
+    mlflow_run_id: str | None,
+    tracking_uri: str,
+    callbacks: list | None = None,
+    init_checkpoint: Any = None,
+    stop_after_epoch: int | None = None,
+    pg_watch: tuple[Any, Any] | None = None,
+    epoch_gate: GatedEpochs | tuple[Any, list[int]] | None = None,
+):
+    """A ``ray.train.torch.TorchTrainer`` for ``cfg`` (Ray must be initialised).
+
+    ``init_checkpoint`` (a ``ray.train.Checkpoint``, e.g. PBT's donor): the workers start from its
+    weights, optimiser and epoch when the run has no checkpoint of its own; the MLflow run and every
+    hyper-parameter come from ``cfg`` / ``mlflow_run_id``, not from the checkpoint.
+    ``stop_after_epoch``: end the run after that epoch (with a checkpoint and a k-NN figure), schedules
+    unchanged: one segment of a PBT trial, which Tune may continue, pause or re-seed from another trial.
+    ``pg_watch``: ``(reaper, trial actor)`` from :func:`orchestrator.reaper.watch_current_actor`, so the
+    run's worker placement group is removed if a Tune scheduler kills the trial mid-run.
+    ``epoch_gate``: a :class:`~orchestrator.epoch_gate.GatedEpochs` (or its ``(EpochGate handle, epochs)``
+    pair): after reporting one of those epochs the workers wait until the gate is open through it.
+    ``callbacks`` go to ``RunConfig`` (a Tune trial passes a relay to Tune). Every ``ray.train.report``
+    carries ``epoch``, ``step``, ``loss`` (epoch mean), ``knn_top1`` / ``knn_top5`` on k-NN epochs and
+    ``nan_detected`` when the loss blew up.
+
+    From a Tune trial, pass a config already through :func:`prepare_data` in the sweep's driver and an
+    absolute ``storage_path``: relative paths are resolved against the project root found from the
+    current directory, which in a trial is the trial's own directory. ``mlflow_run_id=None`` turns the
+    workers' MLflow logging off.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.epoch_gate import GatedEpochs
+
+    cfg, meta = resolved_data(cfg)
+    clock, counter = _actor_name("epoch", run_name), _actor_name("corrupt", run_name)
+    datasets = _datasets(cfg, run_name, clock, counter)
+    storage_path = tracking.absolute_path(storage_path)
+    workers = cfg.train.workers
+    plan = WorkerPlan(
+        cfg=cfg, steps_per_epoch=steps_per_epoch(cfg, meta), num_classes=int(meta["num_classes"]),
+        mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri, epoch_clock=clock, corrupt_counter=counter,
+        run_dir=None if is_uri(storage_path) else os.path.join(storage_path, run_name),
+        knn="knn_train" in datasets, knn_prefetch=knn_cache_bytes(cfg, meta) <= KNN_CACHE_BYTES,
+        init_checkpoint=init_checkpoint, stop_after_epoch=stop_after_epoch,
+        pg_watch=pg_watch if workers > 0 else None,
+        # Train local mode (0 workers) forwards no report to callbacks, so nothing would ever open the gate
+        epoch_gate=GatedEpochs.of(epoch_gate) if workers > 0 else None,
+        faults=fault_injection.WorkerFaults.of(cfg.debug))
+    resources: dict[str, float] = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.gpus_per_worker > 0:
+        resources["GPU"] = cfg.train.gpus_per_worker
+    scaling = ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.train.gpus_per_worker > 0,
+                                      resources_per_worker=resources)
+    run_config = ray.train.RunConfig(
+        name=run_name, storage_path=storage_path,
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+                                                     checkpoint_score_attribute=ckpt.SCORE_KEY,
+                                                     checkpoint_score_order="max"),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        callbacks=list(callbacks or []))
+    return TorchTrainer(train_loop_per_worker, train_loop_config={"plan": plan}, scaling_config=scaling,
+                        run_config=run_config, datasets=datasets)
+
+
+def connect_ray(cfg: ExperimentConfig) -> bool:
+    """Ray for one training run: ``train.address`` / ``RAY_ADDRESS``, else a local Ray with logical CPUs
+    oversubscribed (training workers + at least 2 for Ray Data, so Data never gets a zero budget on a
+    2-core machine). Returns True when this call started or connected Ray (the caller shuts it down)."""
+    train_cpus = max(cfg.train.workers, 1) * cfg.train.cpus_per_worker
+    gpus = torch.cuda.device_count() if cfg.train.gpus_per_worker > 0 and torch.cuda.is_available() else None
+    return connect_or_start(cfg.train.address, max(4, math.ceil(train_cpus) + 2), gpus)
+
+
+def _open_run(cfg: ExperimentConfig, uri: str, resume: str | None) -> tuple[str, str, str]:
+    """Create the MLflow run (or re-open ``resume``) and log its params, tags and config; returns
+    ``(run id, Ray run name, Ray storage path)``."""
+    if resume:
+        try:
+            run = tracking.reopen_run(uri, resume)
+        except Exception as err:  # noqa: BLE001 - MlflowException: no such run in this store
+            raise ConfigError("--resume", f"no MLflow run {resume!r} in {uri} ({type(err).__name__})") from err
+        run_id = run.info.run_id
+        ray_run_name = run.data.tags.get(tracking.TAG_RAY_RUN) or f"{cfg.name}-{run_id[:8]}"
+        storage = run.data.tags.get(tracking.TAG_STORAGE) or tracking.absolute_path(cfg.train.storage_path)
+    else:
+        storage = tracking.absolute_path(cfg.train.storage_path)
+        run_id = tracking.create_run(uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.name,
+                                     tracking.run_tags(cfg.method_name))
+        ray_run_name = f"{cfg.name}-{run_id[:8]}"
+    tracking.log_tags(uri, run_id, {tracking.TAG_RAY_RUN: ray_run_name, tracking.TAG_STORAGE: storage})
+    changed = tracking.log_params(uri, run_id, cfg.run_params())
+    if changed:
+        tracking.log_tags(uri, run_id, {"resume_changed_params": ",".join(sorted(changed))})
+    if not resume:
+        tracking.log_config_artifact(uri, run_id, cfg)
+    return run_id, ray_run_name, storage
+
+
+def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[str, Any]:
+    """Train ``cfg`` on Ray, tracked in one MLflow run; ``resume`` = an MLflow run id to continue.
+
+    Returns ``{"run_id", "status" ("FINISHED" | "FAILED"), "reason", "metrics", "ray_run_dir",
+    "tracking_uri"}``. Config and data errors are raised (``ConfigError`` / ``DataMissingError``) before
+    any Ray or MLflow work.
+    """
+    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    cfg, meta = prepare_data(cfg)
+    steps_per_epoch(cfg, meta)  # refuse an impossible batch before anything starts
+    from ray.train import TrainingFailedError
+
+    run_id, ray_run_name, storage = _open_run(cfg, uri, resume)
+    ray_run_dir = storage if is_uri(storage) else os.path.join(storage, ray_run_name)
+    print(f"MLflow run {run_id} ({uri}); Ray Train run {ray_run_dir}", flush=True)
+    out: dict[str, Any] = {"run_id": run_id, "tracking_uri": uri, "ray_run_dir": ray_run_dir, "metrics": {}}
+    started = False
+    try:
+        started = connect_ray(cfg)
+        trainer = build_trainer(cfg, run_name=ray_run_name, storage_path=storage, mlflow_run_id=run_id,
+                                tracking_uri=uri, callbacks=fault_injection.driver_exit_callbacks())
+        t0 = time.perf_counter()
+        result = trainer.fit()
+        out["wall_time_s"] = time.perf_counter() - t0
+        _finish(cfg, uri, run_id, result, out)
+    except TrainingFailedError as err:
+        reason = f"{type(err).__name__}: {err}"
+        tracking.finish_run(uri, run_id, "FAILED", reason)
+        out.update(status="FAILED", reason=reason)
+    except (KeyboardInterrupt, SystemExit):  # Ray Train's SIGINT handler aborts the run and exits
+        tracking.finish_run(uri, run_id, "KILLED", f"interrupted; continue with `bamray train --resume {run_id}`")
+        raise
+    except BaseException as err:
+        tracking.finish_run(uri, run_id, "FAILED", f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    _print_where(out)
+    return out
+
+
+def _finish(cfg: ExperimentConfig, uri: str, run_id: str, result: Any, out: dict[str, Any]) -> None:
+    """Record a fitted run: FAILED on a NaN loss; else the final and best-k-NN backbones, the summary
+    metrics, the linear probe when asked for, and FINISHED."""
+    ret = result.return_value or {}
+    out["worker_result"] = ret
+    if "start_epoch" in ret:  # 0 = from scratch; > 0 = Ray Train resumed from a checkpoint
+        tracking.log_tags(uri, run_id, {"bamray.start_epoch": ret["start_epoch"]})
+    out["metrics"] = dict(result.metrics or {})
+    out["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    if ret.get("status") == "nan":
+        reason = ret.get("reason", "non-finite loss")
+        tracking.finish_run(uri, run_id, "FAILED", reason)
+        out.update(status="FAILED", reason=reason)
+        return
+    step = int(ret.get("final_step", 0))
+    tracking.log_checkpoint_artifacts(uri, run_id, result.checkpoint, "final")
+    best, best_score = tracking.best_checkpoint(result)
+    if best is not None:
+        tracking.log_checkpoint_artifacts(uri, run_id, best, "best_knn")
+        tracking.log_metrics(uri, run_id, {"best_knn_top1": best_score}, step=step)
+    tracking.log_metrics(uri, run_id, {"train_wall_time_s": out["wall_time_s"]}, step=step)
+    if cfg.eval.linear_at_end:
+        from orchestrator.evaluate import run_linear_eval
+
+        out["linear_top1"] = run_linear_eval(run_id, uri)
+    tracking.finish_run(uri, run_id, "FINISHED")
+    out.update(status="FINISHED", reason=None)
+
+
+def _print_where(out: dict[str, Any]) -> None:
+    """Where to look at the run, and how to continue it if it failed."""
+    uri = out["tracking_uri"]
+    ui = "bamray ui" if uri == tracking.default_tracking_uri() else f"bamray ui --tracking-uri {uri}"
+    print(f"\nRun {out['run_id']}: {out.get('status')}" + (f" ({out['reason']})" if out.get("reason") else ""))
+    knn, pixels = out["metrics"].get("knn_top1"), (out.get("worker_result") or {}).get("knn_pixels_top1")
+    if knn is not None and pixels is not None:
+        ret = out["worker_result"]
+        print(f"  k-NN top-1 {knn:.2f} % after {ret.get('epochs')} epochs ({ret.get('train_time_s', 0) / 60:.1f} min of "
+              f"training); raw pixels on the same bank: {pixels:.2f} % ({knn - pixels:+.2f} points)")
+    print(f"  see it with `{ui}` then open http://127.0.0.1:5000 ; checkpoints in {out['ray_run_dir']}")
+    if out.get("status") == "FAILED":
+        print(f"  continue from the last checkpoint with `bamray train --resume {out['run_id']}`")

@@ -1,0 +1,282 @@
+"""The Ray Train worker: ``trainers.loop.train_one_epoch`` over this worker's shard, then the epoch's
+report to Ray Train (metrics, k-NN, checkpoint) and to MLflow.
+
+Fault tolerance, as Ray Train 2.60 (Train V2) does it:
+
+- a worker error is retried up to ``FailureConfig(max_failures)`` times; the new worker group calls
+  ``ray.train.get_checkpoint()`` and continues from the next epoch with the optimiser, scaler, teacher,
+  global step (so every schedule continues) and RNG states restored;
+- a NaN/Inf loss must not be retried (it would recur): every rank sees it at the same step (a per-step
+  all-reduce of the "finite" flag makes the decision global), reports ``nan_detected`` without a
+  checkpoint and returns ``{"status": "nan"}``; the driver marks the MLflow run FAILED. Ray Train's
+  default failure policy retries every worker error, so raising would burn ``max_failures`` restarts on
+  a deterministic failure.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from orchestrator import checkpointing as ckpt
+from orchestrator import tracking
+from orchestrator.training.online_eval import SHARDS, EvalCache, online_knn
+from orchestrator.training.plan import WorkerPlan, knn_epochs, plan_epochs, with_epochs
+from trainers.loop import EpochStats, train_one_epoch
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's per-worker function; ``config = {"plan": WorkerPlan}``. Rank 0's return value reaches
+    the driver as ``Result.return_value``: ``{"status": "finished" | "nan", ...}``."""
+    run = _Worker(config["plan"])
+    for epoch in itertools.count(run.start_epoch):
+        if epoch >= run.end_epoch:  # the only bound: a time budget lowers end_epoch once epoch 1 is timed
+            break
+        stats = run.train_epoch(epoch)
+        if stats.nan_error is not None:
+            run.report_nan(epoch, stats.nan_error)
+            break
+        run.report_epoch(epoch, run.epoch_metrics(epoch, stats))
+    return run.finish()
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+def _non_finite_everywhere(step: int, loss: torch.Tensor) -> torch.Tensor:
+    """Loss hook of a multi-worker run: if any rank's loss is non-finite every rank sees NaN, so all of
+    them stop at the same step instead of some blocking in DDP's gradient all-reduce while the others
+    have left the loop. Costs one 1-element all-reduce per step."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() > 0:
+            loss = loss * float("nan")
+    return loss
+
+
+def _corrupt_count(name: str) -> int:
+    try:
+        from data.pipeline import corrupt_count
+
+        return int(corrupt_count(name))
+    except Exception:  # noqa: BLE001 - a missing counter must not stop training
+        return 0
+
+
+class _Worker:
+    """One worker's run: the model, where it resumes from, and what it reports after each epoch."""
+
+    def __init__(self, plan: WorkerPlan) -> None:
+        import ray.train
+        import ray.train.torch
+
+        from orchestrator.reaper import register_current
+
+        self.plan, self.cfg = plan, plan.cfg
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        if self.rank == 0:
+            register_current(plan.pg_watch)
+        device = ray.train.torch.get_device()
+        self.device = device[0] if isinstance(device, list) else device
+        self.global_batch = self.cfg.optim.batch_size * self.world
+        self._build_model()
+        self.start_epoch, self.best_knn, self.train_s = 0, -1.0, 0.0
+        self.run_id = plan.mlflow_run_id
+        self._restore()
+        self.log = None
+        uri = plan.tracking_uri
+        if self.rank == 0 and self.run_id and uri:
+            self.log = tracking.MetricLogger(uri, self.run_id,
+                                             skip_upto=tracking.logged_high_water_marks(uri, self.run_id))
+        self.clock = None
+        if plan.epoch_clock:
+            from data.pipeline import get_epoch_clock
+
+            self.clock = get_epoch_clock(plan.epoch_clock)
+        self.shard = ray.train.get_dataset_shard("train")
+        self.eval_cache = EvalCache()
+        if plan.knn and plan.knn_prefetch:
+            self.eval_cache.prefetch({n: ray.train.get_dataset_shard(n) for n in SHARDS})
+        self.knn_epochs = knn_epochs(self.cfg)
+        self.end_epoch = min(self.cfg.optim.epochs, int(plan.stop_after_epoch or self.cfg.optim.epochs))
+        self.budgeted = self.cfg.train.time_budget_min > 0
+        self.pixels_knn: float | None = None  # the raw-pixel k-NN of this run's bank, at its first evaluation
+        self.checkpoints_reported = 0
+        self.status: dict[str, Any] = {"status": "finished", "start_epoch": self.start_epoch}
+
+    def _build_model(self) -> None:
+        """Same seed on every rank for the weights (DDP also broadcasts rank 0's, but the teacher copy is
+        made before wrapping), then a per-rank stream for everything else."""
+        import ray.train.torch
+
+        from trainers.build import build_engine, build_method
+
+        cfg, steps = self.cfg, self.plan.steps_per_epoch
+        self.method = build_method(cfg, device=self.device, steps_per_epoch=steps, batch_size=cfg.optim.batch_size,
+                                   world_size=self.world)
+        module = ray.train.torch.prepare_model(self.method)
+        self.engine = build_engine(cfg, self.method, device=self.device, steps_per_epoch=steps,
+                                   global_batch=self.global_batch, module=module)
+        seed = cfg.seed * 1000 + self.rank
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        hook = _non_finite_everywhere if self.world > 1 else None
+        self.loss_hook = self.plan.faults.wrap_loss_hook(self.rank, hook)
+
+    def _restore(self) -> None:
+        """Continue this run's own latest checkpoint (a restart or ``--resume``: everything, RNG streams
+        included); else start from ``plan.init_checkpoint`` (PBT's donor: its weights, optimiser, step and
+        epoch; this run's params, MLflow run and RNG streams)."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                state = ckpt.load_training_state(d)
+                rng = ckpt.load_rng_state(d, self.rank)
+            self.engine.load_state_dict(state["engine"])
+            self.start_epoch = int(state["epoch"])
+            extra = state["extra"]
+            self.best_knn = float(extra.get("best_knn_top1", -1.0))
+            self.run_id = state["mlflow_run_id"] or self.run_id
+            if rng is not None:
+                ckpt.set_rng_state(rng)
+            self.train_s = float(extra.get("train_time_s", 0.0))
+            if extra.get("planned_epochs"):  # a time-budgeted run keeps the length it planned
+                self.cfg = with_epochs(self.cfg, int(extra["planned_epochs"]), self.engine)
+        elif self.plan.init_checkpoint is not None:
+            with self.plan.init_checkpoint.as_directory() as d:
+                state = ckpt.load_training_state(d)
+            self.engine.load_state_dict(state["engine"])
+            self.start_epoch = int(state["epoch"])
+
+    def train_epoch(self, epoch: int) -> EpochStats:
+        """Move the augmentation's epoch clock, then one epoch over this worker's shard."""
+        import ray
+
+        cfg = self.cfg
+        if self.clock is not None:
+            if self.rank == 0:
+                ray.get(self.clock.set.remote(epoch))
+            _barrier()  # no worker pulls the epoch's first batch before the clock moved
+        batches = self.shard.iter_torch_batches(
+            batch_size=cfg.optim.batch_size, drop_last=True, prefetch_batches=cfg.data.prefetch_batches,
+            local_shuffle_buffer_size=cfg.data.local_shuffle_buffer or None,
+            local_shuffle_seed=(cfg.seed * 7919 + epoch) * 64 + self.rank)
+        on_step = (lambda logs: self.log.log(logs, step=self.engine.step)) if self.log is not None else None
+        return train_one_epoch(self.engine, batches, cfg.data, epoch=epoch, steps_per_epoch=self.plan.steps_per_epoch,
+                               global_batch=self.global_batch, channels_last=cfg.train.channels_last,
+                               before_step=self._before_step, on_step=on_step, loss_hook=self.loss_hook)
+
+    def _before_step(self, batch: dict[str, torch.Tensor]) -> None:
+        if self.log is not None and self.engine.step == 0:
+            self.log.log_image(tracking.crop_grid({k: v.cpu().numpy() for k, v in batch.items()}),
+                               "crops/first_batch.png")
+        self.plan.faults.before_step(self.engine.step, self.rank, self.plan.run_dir)
+
+    def report_nan(self, epoch: int, err: Exception) -> None:
+        """Report the blow-up without a checkpoint (the last good one stays) and end this worker's run."""
+        import ray.train
+
+        step = self.engine.step
+        if self.log is not None:
+            self.log.log({"nan_detected": 1.0}, step=step)
+            self.log.flush()
+        ray.train.report({"nan_detected": 1.0, "epoch": epoch, "step": step})  # a barrier like every report
+        self.status.update({"status": "nan", "reason": f"{type(err).__name__}: {err}", "step": step,
+                            "epoch": epoch})
+
+    def epoch_metrics(self, epoch: int, stats: EpochStats) -> dict[str, Any]:
+        """The epoch's report (means over the workers, k-NN on its evaluation epochs), logged to MLflow
+        before the checkpoint commits: a checkpoint never exists without its metrics."""
+        mean_loss, mean_elapsed = _all_reduce_mean([stats.mean_loss, stats.seconds], self.device)
+        self.train_s += mean_elapsed
+        if epoch == 0 and self.budgeted:
+            epochs = plan_epochs(self.cfg.train.time_budget_min * 60, mean_elapsed, self.cfg.optim.epochs)
+            self.cfg = with_epochs(self.cfg, epochs, self.engine)
+            self.end_epoch, self.knn_epochs = min(self.end_epoch, self.cfg.optim.epochs), knn_epochs(self.cfg)
+        metrics: dict[str, Any] = {
+            "epoch": epoch + 1, "step": self.engine.step, "loss": mean_loss, "train_time_s": self.train_s,
+            "epoch_images_per_sec": stats.steps * self.global_batch / max(stats.seconds, 1e-9),
+            "epoch_time_s": stats.seconds, "first_batch_wait_s": stats.first_batch_s}
+        if self.rank == 0:
+            metrics["data_corrupt_skipped"] = _corrupt_count(self.plan.corrupt_counter)
+        if ((epoch + 1) in self.knn_epochs or epoch + 1 == self.end_epoch) and self.plan.knn:
+            t_knn = time.perf_counter()
+            metrics.update(online_knn(self.method, self.cfg, self.plan.num_classes, self.device, self.eval_cache,
+                                      with_pixels=self.pixels_knn is None))
+            self.pixels_knn = metrics.get("knn_pixels_top1", self.pixels_knn)
+            metrics["knn_time_s"] = time.perf_counter() - t_knn
+            self.best_knn = max(self.best_knn, metrics["knn_top1"])
+        metrics[ckpt.SCORE_KEY] = metrics.get("knn_top1", -1.0)
+        if self.log is not None:
+            # per-step "loss" / "epoch" already sit at this step: the epoch means get their own names
+            self.log.log({("epoch_loss" if k == "loss" else k): v for k, v in metrics.items()
+                          if k not in ("step", "epoch", ckpt.SCORE_KEY)}, step=self.engine.step)
+            self.log.flush()
+        if self.rank == 0:
+            knn = (f", knn top-1 {metrics['knn_top1']:.2f} % ({metrics['knn_time_s']:.1f} s)"
+                   if "knn_top1" in metrics else "")
+            print(f"[bamray] epoch {epoch + 1}/{self.cfg.optim.epochs}: {stats.steps} steps in {stats.seconds:.1f} s "
+                  f"(first batch after {stats.first_batch_s:.1f} s), loss {mean_loss:.4f}{knn}", flush=True)
+        return metrics
+
+    def report_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
+        """``ray.train.report`` the epoch, with a checkpoint every ``checkpoint_freq`` epochs and at the end;
+        then wait at a scheduler's decision epoch (the trial's epoch gate)."""
+        import ray.train
+
+        last = epoch + 1 == self.end_epoch
+        if (epoch + 1) % self.cfg.train.checkpoint_freq == 0 or last:
+            with tempfile.TemporaryDirectory(prefix="bamray-ckpt-") as tmp:
+                self._save_checkpoint(tmp, epoch + 1)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            self.checkpoints_reported += 1
+            self.plan.faults.after_checkpoint(self.checkpoints_reported)
+        else:
+            ray.train.report(metrics)
+        if self.plan.epoch_gate is not None and not last:
+            self.plan.epoch_gate.hold_after(epoch + 1)
+
+    def _save_checkpoint(self, directory: str, epochs_done: int) -> None:
+        if self.rank == 0:
+            extra = {"best_knn_top1": self.best_knn, "steps_per_epoch": self.plan.steps_per_epoch,
+                     "planned_epochs": self.cfg.optim.epochs if self.budgeted else None,
+                     "train_time_s": self.train_s}
+            ckpt.save_training_state(directory, engine_state=self.engine.state_dict(), epoch=epochs_done,
+                                     mlflow_run_id=self.run_id, config=self.cfg.to_dict(), extra=extra)
+            ckpt.export_backbone(self.method, self.cfg, directory)
+        ckpt.save_rng_state(directory, self.rank)
+
+    def finish(self) -> dict[str, Any]:
+        if self.log is not None:
+            self.log.flush()
+        self.status.update({"final_step": self.engine.step, "best_knn_top1": self.best_knn,
+                            "knn_pixels_top1": self.pixels_knn, "epochs": self.cfg.optim.epochs,
+                            "train_time_s": self.train_s})
+        return self.status

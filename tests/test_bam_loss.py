@@ -18,7 +18,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from trainers.losses.bam import BAMLoss, keep_top_k, positive_mask, reg_schedule, sinkhorn
+from trainers.losses.bam import BAMLoss, keep_top_k, positive_mask, sinkhorn
+from trainers.schedules import reg_schedule
 
 # The loss may offer several equivalent implementations of the cross-view reduction; test each.
 LOSS_VARIANTS = [pytest.param({}, id="default")] + (

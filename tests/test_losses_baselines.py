@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from trainers.losses.byol import byol_loss, symmetric_byol_loss
-from trainers.losses.dino import DINOLoss, teacher_temperature
+from trainers.losses.dino import DINOLoss
 from trainers.losses.mae import mae_loss, normalize_patches, num_visible, patchify, random_masking
 from trainers.losses.simclr import NTXentLoss, nt_xent_loss
+from trainers.schedules import teacher_temperature
 
 
 def t(*rows) -> torch.Tensor:

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from trainers.methods.base import Method
-from trainers.optim import OptimConfig, Schedules, build_optimizer
+from trainers.optim import OptimConfig, build_optimizer
+from trainers.schedules import Schedules
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -133,10 +134,6 @@ class Engine:
         self.cfg = dataclasses.replace(self.cfg, epochs=epochs)
         self.schedules = Schedules.build(self.cfg, self.steps_per_epoch, self.global_batch)
         self.method.ctx.epochs = epochs
-
-    @property
-    def epoch(self) -> int:
-        return self.step // max(self.steps_per_epoch, 1)
 
     def train_step(self, crops: list[torch.Tensor], loss_hook=None) -> dict[str, float]:
         """Forward, backward, clip, optimiser step, teacher EMA. Raises NonFiniteLossError before

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from trainers.options import opt
-from trainers.schedules import cosine_schedule
 
 
 @dataclasses.dataclass
@@ -77,27 +76,3 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     return LARS(groups, lr=cfg.lr, momentum=cfg.momentum)
-
-
-@dataclasses.dataclass
-class Schedules:
-    """lr and weight decay per iteration; applied to the optimiser's groups by ``apply``."""
-
-    lr: object
-    weight_decay: object
-
-    @classmethod
-    def build(cls, cfg: OptimConfig, steps_per_epoch: int, global_batch: int) -> Schedules:
-        peak = cfg.lr * global_batch / 256.0
-        return cls(
-            lr=cosine_schedule(peak, cfg.min_lr, cfg.epochs, steps_per_epoch, cfg.warmup_epochs),
-            weight_decay=cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, steps_per_epoch),
-        )
-
-    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> tuple[float, float]:
-        i = min(max(step, 0), len(self.lr) - 1)
-        lr, wd = float(self.lr[i]), float(self.weight_decay[i])
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-            g["weight_decay"] = 0.0 if g.get("no_weight_decay") else wd
-        return lr, wd

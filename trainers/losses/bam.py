@@ -211,11 +211,3 @@ def cross_view_loss(p: torch.Tensor, log_q: torch.Tensor, num_global: int, num_c
     p_flat, log_q_flat = p.reshape(num_global, -1), log_q.reshape(num_crops, -1)
     total = (p_flat @ log_q_flat.sum(0)).sum() - (p_flat * log_q_flat[:num_global]).sum()
     return -total / (b * num_global * (num_crops - 1))
-
-
-def reg_schedule(reg: float, reg_final: float | None, warmup_epochs: int, epoch: float) -> float:
-    """Linear warm-up of ``reg`` to ``reg_final`` over ``warmup_epochs`` (official: 30), then constant."""
-    if reg_final is None or warmup_epochs <= 0:
-        return reg
-    t = min(max(epoch / warmup_epochs, 0.0), 1.0)
-    return reg + t * (reg_final - reg)

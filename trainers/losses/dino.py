@@ -17,18 +17,6 @@ from torch import nn
 from trainers import distributed as D
 
 
-def teacher_temperature(epoch: float, warmup_temp: float, final_temp: float, warmup_epochs: float) -> float:
-    """Linear warm-up of the teacher temperature from ``warmup_temp`` to ``final_temp`` over
-    ``warmup_epochs`` (fractional epochs, so it moves every step), then constant.
-
-    The official code steps it once per epoch; a high teacher temperature at the start keeps the
-    targets soft while the student is still random (DINO: 0.04 -> 0.07 over 30 epochs)."""
-    if warmup_epochs <= 0:
-        return final_temp
-    t = min(max(epoch / warmup_epochs, 0.0), 1.0)
-    return warmup_temp + t * (final_temp - warmup_temp)
-
-
 class DINOLoss(nn.Module):
     """Multi-crop DINO cross-entropy with a centring buffer.
 

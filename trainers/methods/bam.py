@@ -12,9 +12,10 @@ import dataclasses
 import torch
 
 from trainers.heads import MLPHead
-from trainers.losses.bam import BAMLoss, reg_schedule
+from trainers.losses.bam import BAMLoss
 from trainers.methods.base import Method, MethodContext, forward_by_resolution, make_teacher
 from trainers.options import ConfigError, opt
+from trainers.schedules import reg_schedule
 
 
 @dataclasses.dataclass

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from trainers import schedules
 
 
 @dataclasses.dataclass
@@ -75,10 +76,8 @@ class Method(nn.Module):
         return []
 
     def teacher_momentum(self, step: int) -> float:
-        """Cosine schedule from ``options.momentum`` to 1 over the run (BYOL, DINO, BAM teacher)."""
-        base = float(getattr(self.options, "momentum", 0.996))
-        progress = min(max(step / self.ctx.total_steps, 0.0), 1.0)
-        return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
+        """``options.momentum`` -> 1 over the run (``trainers.schedules.teacher_momentum``)."""
+        return schedules.teacher_momentum(float(getattr(self.options, "momentum", 0.996)), step, self.ctx.total_steps)
 
     @torch.no_grad()
     def update_teacher(self, step: int) -> float | None:

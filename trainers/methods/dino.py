@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from trainers.heads import DINOHead
-from trainers.losses.dino import DINOLoss, teacher_temperature
+from trainers.losses.dino import DINOLoss
 from trainers.methods.base import Method, MethodContext, forward_by_resolution, make_teacher
 from trainers.options import ConfigError, opt
+from trainers.schedules import teacher_temperature
 
 
 @dataclasses.dataclass

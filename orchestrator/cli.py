@@ -116,10 +116,15 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def cmd_config_show(args: argparse.Namespace) -> int:
     import yaml
 
-    from orchestrator.config import load_config
+    from orchestrator.config import DEBUG_SECTION, load_config
 
     cfg = load_config(args.config, list(args.set or []))
-    sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    settings = cfg.to_dict()
+    debug = settings.pop(DEBUG_SECTION)
+    sys.stdout.write(yaml.safe_dump(settings, sort_keys=False))
+    sys.stdout.write(f"# {DEBUG_SECTION}: fault injection for tests, not a training setting (never logged as an "
+                     "MLflow param)\n")
+    sys.stdout.write(yaml.safe_dump({DEBUG_SECTION: debug}, sort_keys=False))
     return EXIT_OK
 
 
@@ -195,15 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     lst = csub.add_parser("list", help="shipped configs")
     lst.set_defaults(func=cmd_config_list)
 
-    # Optional commands owned by other modules: registered when they are importable.
-    for module, name in (("orchestrator.sweep", "add_sweep_parser"), ("orchestrator.submit", "add_submit_parser")):
-        try:
-            mod = __import__(module, fromlist=[name])
-        except ImportError:
-            continue
-        hook = getattr(mod, name, None)
-        if hook is not None:
-            hook(sub)
+    # Commands that live with their module; an import error there is an error here, never a silently
+    # missing command.
+    from orchestrator.submit import add_submit_parser
+    from orchestrator.sweep import add_sweep_parser
+
+    add_sweep_parser(sub)
+    add_submit_parser(sub)
     return p
 
 

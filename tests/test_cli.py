@@ -83,6 +83,16 @@ def test_config_show_is_the_resolved_config(tmp_path):
     assert proc.returncode == 0 and "bam_fmnist" in proc.stdout.split()
 
 
+def test_config_show_marks_the_debug_section(tmp_path):
+    proc = _bamray(tmp_path, "config", "show", "--config", "bam_fmnist", "--set", "debug.fail_at_step=3")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    at = lines.index("debug:")
+    assert lines[at - 1].startswith("# debug: fault injection for tests") and "MLflow" in lines[at - 1]
+    assert "debug:" not in lines[:at] and "fail_at_step" not in "\n".join(lines[:at])  # last, set apart
+    assert config_from_dict(yaml.safe_load(proc.stdout)).debug.fail_at_step == 3
+
+
 def test_data_prepare_fashion_mnist_limit(tmp_path, fmnist_src):
     out = tmp_path / "shards"
     proc = _bamray(tmp_path, "data", "prepare", "fashion-mnist", "--limit", "64", "--out", str(out),

@@ -10,6 +10,7 @@ from orchestrator.config import (
     apply_overrides,
     config_from_dict,
     load_config,
+    upgrade_saved_config,
 )
 from trainers.options import ConfigError, flatten
 
@@ -132,3 +133,25 @@ def test_published_bam_defaults():
     assert (m.reg, m.temperature, m.num_sink_iter, m.top_k_sink, m.positive_masking, m.num_target_crops) == (
         0.05, 0.1, 3, 0, True, 2)
     assert m.teacher is True
+
+
+def test_debug_section_is_not_a_run_param():
+    """Fault injection lives in ``debug:`` (not ``train:``) and is never logged as an MLflow param."""
+    cfg = load_config("bam_fmnist", ["debug.fail_at_step=5", "debug.nan_at_step=7"])
+    assert (cfg.debug.fail_at_step, cfg.debug.nan_at_step) == (5, 7)
+    params = cfg.run_params()
+    assert not [k for k in params if k.startswith("debug.") or k.endswith(("fail_at_step", "nan_at_step"))]
+    assert set(flatten(cfg.to_dict())) - set(params) == {"debug.fail_at_step", "debug.nan_at_step"}
+    with pytest.raises(ConfigError) as err:
+        load_config("bam_fmnist", ["train.fail_at_step=5"])
+    assert err.value.field == "train.fail_at_step"
+
+
+def test_saved_config_with_train_fault_fields_loads_into_debug():
+    """Configs saved by runs before the debug section had the test hooks under ``train:``."""
+    raw = load_config("bam_fmnist").to_dict()
+    raw.pop("debug")
+    raw["train"].update(fail_at_step=-1, nan_at_step=4)
+    cfg = config_from_dict(upgrade_saved_config(raw))
+    assert cfg.debug.nan_at_step == 4 and cfg.debug.fail_at_step == -1
+

@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from trainers.options import ConfigError
 
@@ -109,8 +110,9 @@ def cmd_eval_linear(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from orchestrator import tracking
+    from orchestrator.mlflow_ui import serve_ui
 
-    return tracking.serve_ui(tracking.resolve_tracking_uri(args.tracking_uri), args.port)
+    return serve_ui(tracking.resolve_tracking_uri(args.tracking_uri), args.port)
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -140,10 +142,21 @@ def cmd_config_list(args: argparse.Namespace) -> int:
 
 # ================================================================================================ parser
 def build_parser() -> argparse.ArgumentParser:
+    """Every sub-command, registered explicitly: an import error in a command's module is an error here,
+    never a silently missing command."""
+    from orchestrator.submit import add_submit_parser
+    from orchestrator.sweep import add_sweep_parser
+
     p = argparse.ArgumentParser(prog="bamray", description="Distributed self-supervised learning on Ray "
                                 "(BAM, BYOL, DINO, SimCLR, MAE) tracked in MLflow.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_train_parser, _add_data_parser, _add_eval_parser, _add_ui_parser, _add_config_parser,
+                add_sweep_parser, add_submit_parser):
+        add(sub)
+    return p
 
+
+def _add_train_parser(sub: Any) -> None:
     t = sub.add_parser("train", help="train a method with Ray Train, tracked in MLflow")
     t.add_argument("--config", help="shipped config name (bamray config list) or YAML path")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. optim.lr=1e-3")
@@ -155,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
     t.set_defaults(func=cmd_train)
 
+
+def _add_data_parser(sub: Any) -> None:
     d = sub.add_parser("data", help="prepare data sets as Parquet shards")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     prep = dsub.add_parser("prepare", help="write shards + meta.json")
@@ -177,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     pq.add_argument("--out", help="default: .bamray/data/<name>")
     pq.set_defaults(func=cmd_data_prepare)
 
+
+def _add_eval_parser(sub: Any) -> None:
     e = sub.add_parser("eval", help="evaluate a trained backbone")
     esub = e.add_subparsers(dest="eval_command", required=True, metavar="PROTOCOL")
     lin = esub.add_parser("linear", help="linear probe on the frozen backbone of an MLflow run")
@@ -186,11 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("--tracking-uri")
     lin.set_defaults(func=cmd_eval_linear)
 
+
+def _add_ui_parser(sub: Any) -> None:
     u = sub.add_parser("ui", help="MLflow UI on 127.0.0.1 for the tracking store")
     u.add_argument("--port", type=int, default=5000)
     u.add_argument("--tracking-uri")
     u.set_defaults(func=cmd_ui)
 
+
+def _add_config_parser(sub: Any) -> None:
     c = sub.add_parser("config", help="inspect configs")
     csub = c.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = csub.add_parser("show", help="print the resolved, validated config as YAML")
@@ -199,15 +220,6 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_config_show)
     lst = csub.add_parser("list", help="shipped configs")
     lst.set_defaults(func=cmd_config_list)
-
-    # Commands that live with their module; an import error there is an error here, never a silently
-    # missing command.
-    from orchestrator.submit import add_submit_parser
-    from orchestrator.sweep import add_sweep_parser
-
-    add_sweep_parser(sub)
-    add_submit_parser(sub)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,8 +34,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
-
-import numpy as np
 
 from trainers.fileio import file_lock
 
@@ -400,72 +397,3 @@ class MetricLogger:
 
     def log_image(self, image: Any, artifact_file: str) -> None:
         with_retry(self._client.log_image, self.run_id, image, artifact_file=artifact_file)
-
-
-# ---------------------------------------------------------------------------------------------- pictures
-def crop_grid(batch: Mapping[str, Any], max_images: int = 8, pad: int = 2):
-    """A PIL image: one row per image of the batch, its global crops then its local crops (upscaled
-    to the global size, nearest neighbour), so the augmentations can be eyeballed in the MLflow UI."""
-    from PIL import Image
-
-    g = np.asarray(batch["global"])[:max_images]  # (N, G, C, H, W) uint8
-    local = batch.get("local")
-    loc = np.asarray(local)[:max_images] if local is not None and np.asarray(local).shape[1] > 0 else None
-    n, num_g, c, h, w = g.shape
-    tiles_per_row = num_g + (loc.shape[1] if loc is not None else 0)
-    canvas = np.full((n * (h + pad) + pad, tiles_per_row * (w + pad) + pad, 3), 255, dtype=np.uint8)
-
-    def put(tile: np.ndarray, r: int, col: int) -> None:
-        t = np.transpose(tile, (1, 2, 0))
-        t = np.repeat(t, 3, axis=2) if t.shape[2] == 1 else t[..., :3]
-        if t.shape[0] != h or t.shape[1] != w:
-            t = np.asarray(Image.fromarray(t).resize((w, h), Image.NEAREST))
-        y, x = pad + r * (h + pad), pad + col * (w + pad)
-        canvas[y:y + h, x:x + w] = t
-
-    for i in range(n):
-        for v in range(num_g):
-            put(g[i, v], i, v)
-        if loc is not None:
-            for v in range(loc.shape[1]):
-                put(loc[i, v], i, num_g + v)
-    img = Image.fromarray(canvas)
-    scale = max(1, 256 // max(canvas.shape[0], 1))
-    return img.resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST) if scale > 1 else img
-
-
-# ---------------------------------------------------------------------------------------------- UI
-def ui_command(uri: str, port: int = 5000, host: str = "127.0.0.1") -> list[str]:
-    """``mlflow ui`` on ``uri``, bound to localhost (never 0.0.0.0: the store is not for the network)."""
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    root = artifact_root(uri)
-    if root:
-        cmd += ["--default-artifact-root", root]
-    return cmd
-
-
-def serve_ui(uri: str, port: int = 5000) -> int:
-    """Run the MLflow UI in the foreground until Ctrl-C; returns its exit code."""
-    path = sqlite_path(uri)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = ui_command(uri, port)
-    print(f"MLflow UI for {uri}\n  open http://127.0.0.1:{port}  (Ctrl-C to stop)", flush=True)
-    proc = subprocess.Popen(cmd)
-
-    def stop(signum: int, frame: object) -> None:
-        # A SIGTERM to `bamray ui` must not orphan the server (it would keep the port and the store open).
-        proc.terminate()
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        return 0
-    finally:
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        signal.signal(signal.SIGTERM, previous)

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from orchestrator import tracking
+from orchestrator.mlflow_ui import ui_command
+from orchestrator.pictures import crop_grid
 
 
 def _uri(tmp_path: Path) -> str:
@@ -175,7 +177,7 @@ def test_crop_grid_places_real_crops(tmp_path, fmnist_src):
     imgs = np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(4, 1, 28, 28)
     batch = {"global": np.stack([imgs, imgs[..., ::-1]], axis=1),
              "local": np.stack([imgs[..., :14, :14]], axis=1)}
-    img = tracking.crop_grid(batch, pad=2)
+    img = crop_grid(batch, pad=2)
     arr = np.asarray(img)
     scale = arr.shape[1] // (3 * 30 + 2)
     assert arr.shape == ((4 * 30 + 2) * scale, (3 * 30 + 2) * scale, 3)
@@ -192,6 +194,6 @@ def test_crop_grid_places_real_crops(tmp_path, fmnist_src):
 
 
 def test_ui_command_binds_localhost():
-    cmd = tracking.ui_command("sqlite:////tmp/x/.bamray/mlflow.db", 5123)
+    cmd = ui_command("sqlite:////tmp/x/.bamray/mlflow.db", 5123)
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "5123"
     assert cmd[cmd.index("--default-artifact-root") + 1] == "file:///tmp/x/.bamray/mlartifacts"

@@ -26,6 +26,7 @@ import torch
 
 from orchestrator import checkpointing as ckpt
 from orchestrator import tracking
+from orchestrator.pictures import crop_grid
 from orchestrator.training.online_eval import SHARDS, EvalCache, online_knn
 from orchestrator.training.plan import WorkerPlan, knn_epochs, plan_epochs, with_epochs
 from trainers.loop import EpochStats, train_one_epoch
@@ -195,7 +196,7 @@ class _Worker:
 
     def _before_step(self, batch: dict[str, torch.Tensor]) -> None:
         if self.log is not None and self.engine.step == 0:
-            self.log.log_image(tracking.crop_grid({k: v.cpu().numpy() for k, v in batch.items()}),
+            self.log.log_image(crop_grid({k: v.cpu().numpy() for k, v in batch.items()}),
                                "crops/first_batch.png")
         self.plan.faults.before_step(self.engine.step, self.rank, self.plan.run_dir)
 

@@ -31,8 +31,8 @@ def sweep_config(ctx: BenchContext, data_path, uri: str):
 
     batch = 32 if ctx.quick else 64
     # Every epoch of a trial re-executes three Ray Data pipelines (train, k-NN bank, k-NN val) and
-    # reports a checkpoint: ~30 s of fixed cost per epoch on 2 CPUs, so 2 epochs keep the two sweeps
-    # within ~6 minutes; ASHA's first rung (grace period 1) still halves the grid after epoch 1.
+    # reports a checkpoint, a fixed cost per epoch: 2 epochs keep the two sweeps short, and ASHA's first
+    # rung (grace period 1) still halves the grid after epoch 1.
     epochs = 1 if ctx.quick else 2
     o = train_overrides(ctx, data_path, **{
         "optim.batch_size": batch, "optim.epochs": epochs, "optim.warmup_epochs": 1,
@@ -40,7 +40,7 @@ def sweep_config(ctx: BenchContext, data_path, uri: str):
         "eval.knn_freq": 1, "eval.knn_train_fraction": 1.0, "eval.knn_eval_fraction": 1.0,
         "train.workers": 1, "train.max_failures": 0, "tracking.tracking_uri": uri, "name": "bench-sweep",
         "method.top_k_sink": min(128, 2 * batch), "data.local_shuffle_buffer": 0})
-    # CPU: the shipped ResNet-18 (a few tenths of a second per step at batch 64 on 2 cores).
+    # the shipped ResNet-18: the sweep compares schedulers, not backbones
     return load_config("bam_fmnist", o)
 
 

@@ -395,6 +395,7 @@ def test_asha_sweep_stops_bad_trials_and_records_lineage(ray_local, tiny_data, t
         row = rows[trial_id]
         assert float(run.data.params["optim.lr"]) == row["params"]["optim.lr"]
         assert run.data.tags["bamray.sweep"] == "asha-test"
+        assert not [k for k in run.data.params if k.startswith("debug.")]  # fault injection is no run param
         knn = _history(client, run.info.run_id, "knn_top1")
         if row["status"] == "completed":
             assert run.info.status == "FINISHED" and run.data.tags["bamray.trial_status"] == "completed"

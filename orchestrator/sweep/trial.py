@@ -31,7 +31,6 @@ from orchestrator.sweep.lineage import (
 )
 from orchestrator.sweep.plan import TrialPlan, trial_params
 from orchestrator.sweep.relay import fit_reporting_to_tune
-from trainers.options import flatten
 
 
 class NonFiniteTrialError(RuntimeError):
@@ -78,7 +77,7 @@ def _open_child_run(plan: TrialPlan, trial_id: str, cfg: ExperimentConfig, param
         tracking.TAG_RAY_RUN: train_name, tracking.TAG_STORAGE: plan.train_storage,
     })
     run_id = tracking.create_run(uri, plan.experiment, f"{plan.sweep_name}-{trial_id}", tags)
-    tracking.log_params(uri, run_id, flatten(cfg.to_dict()))
+    tracking.log_params(uri, run_id, cfg.run_params())
     tracking.log_tags(uri, run_id, {"bamray.sampled": json.dumps(params, sort_keys=True)})
     tracking.log_config_artifact(uri, run_id, cfg)
     return run_id

@@ -1,6 +1,7 @@
 # bamray: two commands on a fresh machine.
 #   make run    set up (.venv, Fashion-MNIST) and train BAM on Fashion-MNIST with 2 local Ray workers
 #   make test   set up and run the test suite (what .ci/run runs)
+#   make test-fast  the fast unit tests alone (no Ray, no subprocess-heavy tests): under a minute
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
@@ -10,7 +11,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export RAY_USAGE_STATS_ENABLED := 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup data run test lint bench ui clean
+.PHONY: setup data run test test-fast lint bench ui clean
 
 setup: $(STAMP) $(FMNIST)
 
@@ -39,7 +40,13 @@ run: setup
 
 test: setup
 	$(BIN)/ruff check .
+# enabled once the tree is formatted:
+#	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+
+# Markers `ray` / `slow` are set by tests/conftest.py (Ray files and fixtures, CLI subprocess tests).
+test-fast: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not ray and not slow"
 
 lint: setup
 	$(BIN)/ruff check .

@@ -110,9 +110,11 @@ def bare_loop(cfg, device: str, max_steps: int, on_step: Callable[[int, float, f
         if on_step is not None:
             on_step(done, batch / logs["images_per_sec"], logs["data_wait_s"])
 
-    train_one_epoch(bare["engine"], itertools.islice(bare["loader"], max_steps), cfg.data, epoch=0,
-                    steps_per_epoch=bare["steps_per_epoch"], global_batch=batch,
-                    channels_last=cfg.train.channels_last, on_step=report, synchronize=True)
+    stats = train_one_epoch(bare["engine"], itertools.islice(bare["loader"], max_steps), cfg.data, epoch=0,
+                            steps_per_epoch=bare["steps_per_epoch"], global_batch=batch,
+                            channels_last=cfg.train.channels_last, on_step=report, synchronize=True)
+    if stats.nan_error is not None:
+        raise stats.nan_error
     return {"steps": done, "batch": batch}
 
 

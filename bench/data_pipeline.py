@@ -52,7 +52,7 @@ def torch_pass(dataset, batch: int, workers: int, epoch: int) -> tuple[float, fl
     """One epoch of a plain DataLoader over the torch twin (fresh workers, as a new epoch's iterator)."""
     from torch.utils.data import DataLoader
 
-    from data.pipeline import collate_batch
+    from data.torch_dataset import collate_batch
 
     dataset.set_epoch(epoch)
     seen: set[int] = set()
@@ -68,7 +68,8 @@ def torch_pass(dataset, batch: int, workers: int, epoch: int) -> tuple[float, fl
 
 
 def run(ctx: BenchContext) -> SectionResult:
-    from data.pipeline import MultiCropTorchDataset, build_train_dataset, configure_data_context
+    from data.pipeline import build_train_dataset, configure_data_context
+    from data.torch_dataset import MultiCropTorchDataset
 
     res = SectionResult("data")
     path = shards(ctx)

@@ -52,12 +52,11 @@ class GatedEpochs:
     epochs: frozenset[int]
 
     @classmethod
-    def of(cls, value: GatedEpochs | tuple[Any, Any] | None) -> GatedEpochs | None:
-        """Accept a ``GatedEpochs`` or the ``(gate, epochs)`` pair callers have passed so far."""
-        if value is None or isinstance(value, GatedEpochs):
-            return value
-        gate, epochs = value
-        return cls(gate, frozenset(int(e) for e in epochs))
+    def of(cls, value: GatedEpochs | None) -> GatedEpochs | None:
+        """Type check at the driver: a wrong object would only fail inside a Ray worker."""
+        if value is not None and not isinstance(value, GatedEpochs):
+            raise TypeError(f"epoch_gate: expected GatedEpochs or None, got {type(value).__name__}")
+        return value
 
     def hold_after(self, epoch: int) -> None:
         """Block until the gate is open through ``epoch`` when that is a decision epoch: no training past it

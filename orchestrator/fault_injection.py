@@ -12,12 +12,16 @@ MLflow does not log it as run params), one from the environment:
   run's saved config, and the resumed driver must not die again. The workers hold after the N-th
   checkpoint until the driver is gone, so "killed right after that checkpoint" is exact instead of a
   race with the next epoch.
+- ``BAMRAY_TEST_INTERRUPT_SWEEP_AFTER_TRIALS=N``: once N trials ended, the sweep process interrupts itself
+  exactly as Ctrl-C does (Tune's SIGUSR1 handler: save the experiment state, stop the running trials,
+  return), so ``bamray sweep --resume`` can be tested deterministically.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import tempfile
 import threading
 import time
@@ -32,6 +36,7 @@ from trainers.options import opt
 EXIT_AFTER_EPOCHS_ENV = "BAMRAY_TEST_EXIT_DRIVER_AFTER_EPOCHS"
 EXIT_CODE = 17
 FAIL_MARKER = ".fail_at_step.fired"
+INTERRUPT_SWEEP_ENV = "BAMRAY_TEST_INTERRUPT_SWEEP_AFTER_TRIALS"
 
 
 @dataclasses.dataclass
@@ -122,3 +127,14 @@ def driver_exit_callbacks() -> list[Any]:
 
     threading.Thread(target=watch, daemon=True).start()
     return [ExitAfter()]
+
+
+def interrupt_sweep_after(ended_trials: int) -> None:
+    """The :data:`INTERRUPT_SWEEP_ENV` hook, called by the sweep after each trial ends. Tune installs its
+    SIGUSR1 handler only when fit() runs in the main thread; anywhere else the signal's default action would
+    kill the process, so it stays off there."""
+    limit = int(os.environ.get(INTERRUPT_SWEEP_ENV, "0") or 0)
+    handled = signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+    if limit and ended_trials >= limit and handled:
+        print(f"{INTERRUPT_SWEEP_ENV}={limit}: interrupting the sweep like Ctrl-C", flush=True)
+        os.kill(os.getpid(), signal.SIGUSR1)

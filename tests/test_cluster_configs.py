@@ -173,7 +173,7 @@ def test_structural_checks_catch_broken_manifests(breakage):
 # ================================================================================================ submit helpers
 def test_submit_entrypoint_and_runtime_env():
     env = submit.build_runtime_env()
-    assert env["working_dir"] == str(submit.project_root())
+    assert env["working_dir"] == str(submit.submit_working_dir())
     assert {".venv", ".bamray", ".git"} <= set(env["excludes"])
     assert "pip" not in env
     assert submit.entrypoint(["sweep", "--config", "bam_fmnist", "--set", "optim.lr=1e-3"]) == (

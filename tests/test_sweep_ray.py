@@ -17,8 +17,9 @@ import yaml
 
 import orchestrator.sweep
 from orchestrator.config import load_config
+from orchestrator.fault_injection import INTERRUPT_SWEEP_ENV as INTERRUPT_ENV
 from orchestrator.sweep import report, run_sweep, tune_setup
-from orchestrator.sweep.lineage import INTERRUPT_ENV, TAG_RAY_RUN_PREFIX, trial_outcome
+from orchestrator.sweep.lineage import TAG_RAY_RUN_PREFIX, trial_outcome
 from orchestrator.sweep.settings import METRIC, MODE, SweepSettings
 from orchestrator.sweep.settings import sweep_space as load_space
 from trainers.options import ConfigError

@@ -8,11 +8,9 @@ stopped by the scheduler loses its actor abruptly, so its status is written by t
 
 from __future__ import annotations
 
-import os
-import signal
 from typing import Any
 
-from orchestrator import tracking
+from orchestrator import fault_injection, tracking
 from orchestrator.sweep.plan import trial_epochs
 from orchestrator.sweep.settings import TIME_ATTR
 
@@ -24,10 +22,6 @@ TAG_SWEEP_STATUS = "bamray.sweep_status"
 TAG_RAY_RUN_PREFIX = "bamray.pbt.train_run."
 OUTCOMES = ("completed", "stopped_early", "failed", "unfinished")
 _MLFLOW_STATUS = {"completed": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED", "unfinished": "KILLED"}
-#: Test hook: after this many trials ended, the sweep process interrupts itself exactly as Ctrl-C does
-#: (Tune's SIGUSR1 handler: save the experiment state, stop the running trials, return), so resume can be
-#: tested deterministically.
-INTERRUPT_ENV = "BAMRAY_TEST_INTERRUPT_SWEEP_AFTER_TRIALS"
 
 
 def trial_outcome(status: str, last_result: dict[str, Any] | None, target_epochs: int) -> str:
@@ -67,16 +61,6 @@ def mark_interrupted(uri: str, run: Any) -> None:
         tracking.finish_run(uri, run.info.run_id, "KILLED")
 
 
-def _interrupt_after(ended: int) -> None:
-    """The :data:`INTERRUPT_ENV` test hook. Tune installs its SIGUSR1 handler only when fit() runs in the
-    main thread; anywhere else the signal's default action would kill the process, so it stays off there."""
-    limit = int(os.environ.get(INTERRUPT_ENV, "0") or 0)
-    handled = signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None)
-    if limit and ended >= limit and handled:
-        print(f"{INTERRUPT_ENV}={limit}: interrupting the sweep like Ctrl-C", flush=True)
-        os.kill(os.getpid(), signal.SIGUSR1)
-
-
 def lineage_callback(uri: str, experiment_id: str, parent_run_id: str, base_epochs: int) -> Any:
     """A :class:`SweepLineageCallback`, its class built here because ``ray.tune.Callback`` must not be
     imported by ``bamray sweep --help``."""
@@ -102,7 +86,7 @@ def lineage_callback(uri: str, experiment_id: str, parent_run_id: str, base_epoc
             except Exception as err:  # noqa: BLE001 - lineage must not kill the sweep; reconciled at the end
                 print(f"bamray sweep: could not mark trial {trial.trial_id} in MLflow yet: {err}", flush=True)
             self.ended += 1
-            _interrupt_after(self.ended)
+            fault_injection.interrupt_sweep_after(self.ended)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self._finalise(trial, errored=False)

@@ -15,17 +15,14 @@ import torch
 
 from data.config import DataConfig
 from data.pipeline import (
-    CleanTorchDataset,
-    MultiCropTorchDataset,
     build_eval_datasets,
     build_train_dataset,
-    collate_batch,
     configure_data_context,
     corrupt_count,
     get_epoch_clock,
-    select_eval_indices,
 )
 from data.sources import prepare_fashion_mnist, read_split_table
+from data.torch_dataset import CleanTorchDataset, MultiCropTorchDataset, collate_batch, select_eval_indices
 
 pytestmark = pytest.mark.ray
 

@@ -76,7 +76,7 @@ def build_bare(cfg, device: str) -> dict[str, Any]:
     batch, steps_per_epoch, device``."""
     from torch.utils.data import DataLoader
 
-    from data.pipeline import MultiCropTorchDataset, collate_batch
+    from data.torch_dataset import MultiCropTorchDataset, collate_batch
     from trainers.build import build_engine, build_method
 
     dev = torch.device(device)

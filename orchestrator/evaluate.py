@@ -28,7 +28,7 @@ def clean_loader(data_cfg: Any, split: str, *, fraction: float = 1.0, seed: int 
     k-NN's selection for the same ``fraction`` and ``seed``)."""
     from torch.utils.data import DataLoader
 
-    from data.pipeline import CleanTorchDataset, collate_batch
+    from data.torch_dataset import CleanTorchDataset, collate_batch
 
     ds = CleanTorchDataset(data_cfg, split=split, fraction=fraction, seed=seed)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate_batch)

@@ -3,7 +3,7 @@
 Why this exists: Ray Train workers do not wait for the controller, let alone for Tune, after a
 ``ray.train.report``: by the time ASHA has compared a trial at a rung and Tune has killed it, its workers
 have trained on, and on short epochs they had finished (and logged to MLflow) the next one, so a trial
-recorded as stopped after epoch 1 showed curves to epoch 2 (seen in CI). Training past the rung is also
+recorded as stopped after epoch 1 could show curves to epoch 2. Training past the rung is also
 compute thrown away on a cluster.
 
 The trial's driver reports each epoch to Tune itself (``ray.tune.report`` returns only once Tune has

@@ -6,7 +6,7 @@ groups live as long as the *job*. Ray Train V2 ships a ``PlacementGroupCleaner``
 asks the dashboard's State API whether the controller is alive, and where Ray runs without a dashboard
 (``bamray sweep`` on a local Ray, the tests) that question always fails and the group is never removed.
 Each stopped trial then keeps its CPUs reserved until the sweep ends, and a sweep with more trials than
-free CPUs hangs waiting for them (seen in CI: PBT after an ASHA sweep on one cluster).
+free CPUs hangs waiting for them (or a PBT sweep after an ASHA sweep on the same cluster).
 
 The reaper asks the trial actor itself: one ``num_cpus=0`` actor per sweep, owned by the sweep's driver,
 pings every registered trial actor; once a ping says the actor died, it removes the placement groups

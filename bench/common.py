@@ -112,7 +112,9 @@ class SectionResult:
         }
 
 
-def measure(fn: Callable[[], Any], repeats: int, warmup: int = 1, sync: Callable[[], None] | None = None) -> list[float]:
+def measure(
+    fn: Callable[[], Any], repeats: int, warmup: int = 1, sync: Callable[[], None] | None = None
+) -> list[float]:
     """Seconds per call of ``fn`` for ``repeats`` calls after ``warmup`` untimed ones.
 
     ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each clock read so asynchronous device work
@@ -183,8 +185,12 @@ def environment(device: str) -> dict[str, Any]:
     return env
 
 
-def results_path(device: str, out_dir: Path | None = None, date: _dt.date | None = None,
-                 sections: list[str] | tuple[str, ...] = SECTIONS) -> Path:
+def results_path(
+    device: str,
+    out_dir: Path | None = None,
+    date: _dt.date | None = None,
+    sections: list[str] | tuple[str, ...] = SECTIONS,
+) -> Path:
     """``<date>-<machine>.json`` for a full run; a run of some sections only (``--only``) gets
     ``<date>-<machine>-only-<sections>.json``, so it never replaces the day's full results."""
     date = date or _dt.date.today()
@@ -232,15 +238,24 @@ def markdown_table(sections: dict[str, SectionResult]) -> str:
     ]
     for name, sec in sections.items():
         if sec.error or sec.skipped:
-            lines.append(f"| {name} | {'ERROR' if sec.error else 'skipped'}: "
-                         f"{(sec.error or sec.skipped or '').splitlines()[-1][:150]} | | | | |")
+            lines.append(
+                f"| {name} | {'ERROR' if sec.error else 'skipped'}: "
+                f"{(sec.error or sec.skipped or '').splitlines()[-1][:150]} | | | | |"
+            )
             continue
         for f in sec.figures:
             ratio = f"{f.ratio:.2f}x vs {f.baseline}" if f.ratio is not None else ""
             label = f.name + (f" ({f.unit})" if f.unit not in ("s", "MiB") else "")
-            lines.append(f"| {name} | {label} | {_fmt(f.median, f.unit)} | {_fmt(f.min, f.unit)} | "
-                         f"{_fmt(f.max, f.unit)} | {ratio} |")
-    derived = [(n, k, v) for n, s in sections.items() for k, v in s.derived.items() if not isinstance(v, (dict, list))]
+            lines.append(
+                f"| {name} | {label} | {_fmt(f.median, f.unit)} | {_fmt(f.min, f.unit)} | "
+                f"{_fmt(f.max, f.unit)} | {ratio} |"
+            )
+    derived = [
+        (n, k, v)
+        for n, s in sections.items()
+        for k, v in s.derived.items()
+        if not isinstance(v, (dict, list))
+    ]
     if derived:
         lines += ["", "| section | derived figure | value |", "|---|---|---|"]
         for n, k, v in derived:
@@ -251,8 +266,9 @@ def markdown_table(sections: dict[str, SectionResult]) -> str:
     return "\n".join(lines)
 
 
-def launch(cmd: list[str], cwd: Path, env: dict[str, str] | None = None,
-           timeout: float = 300) -> tuple[float, list[tuple[float, str]], int]:
+def launch(
+    cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
+) -> tuple[float, list[tuple[float, str]], int]:
     """Run ``cmd`` (stdout + stderr merged); returns ``(unix launch time, [(unix arrival time, line)], exit
     code)``. Lines are time-stamped as they arrive by a reader thread; past ``timeout`` the process is
     killed (exit code then negative)."""
@@ -261,8 +277,9 @@ def launch(cmd: list[str], cwd: Path, env: dict[str, str] | None = None,
 
     lines: list[tuple[float, str]] = []
     t0 = time.time()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
 
     def read() -> None:
         assert proc.stdout is not None

@@ -29,9 +29,17 @@ LOCAL_CROPS = 6
 def _cfg(path, g: int, loc: int, n: int, batch: int, workers: int):
     from data.config import DataConfig
 
-    return DataConfig(path=str(path), global_crops=2, global_crop_size=g, local_crops=LOCAL_CROPS,
-                      local_crop_size=loc, train_limit=n, map_workers=workers, map_cpus=1.0,
-                      map_batch_size=batch)
+    return DataConfig(
+        path=str(path),
+        global_crops=2,
+        global_crop_size=g,
+        local_crops=LOCAL_CROPS,
+        local_crop_size=loc,
+        train_limit=n,
+        map_workers=workers,
+        map_cpus=1.0,
+        map_batch_size=batch,
+    )
 
 
 def ray_pass(ds, cfg, batch: int) -> tuple[float, float, set[int]]:
@@ -40,8 +48,11 @@ def ray_pass(ds, cfg, batch: int) -> tuple[float, float, set[int]]:
     seen: set[int] = set()
     first = None
     t0 = time.perf_counter()
-    for b in ds.iter_torch_batches(batch_size=batch, prefetch_batches=cfg.prefetch_batches,
-                                   local_shuffle_buffer_size=cfg.local_shuffle_buffer or None):
+    for b in ds.iter_torch_batches(
+        batch_size=batch,
+        prefetch_batches=cfg.prefetch_batches,
+        local_shuffle_buffer_size=cfg.local_shuffle_buffer or None,
+    ):
         if first is None:
             first = time.perf_counter() - t0
         seen.update(b["index"].tolist())
@@ -58,8 +69,15 @@ def torch_pass(dataset, batch: int, workers: int, epoch: int) -> tuple[float, fl
     seen: set[int] = set()
     first = None
     t0 = time.perf_counter()
-    loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=collate_batch,
-                        drop_last=False, prefetch_factor=2 if workers > 0 else None)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        collate_fn=collate_batch,
+        drop_last=False,
+        prefetch_factor=2 if workers > 0 else None,
+    )
     for b in loader:
         if first is None:
             first = time.perf_counter() - t0
@@ -80,12 +98,20 @@ def run(ctx: BenchContext) -> SectionResult:
     # Data waits forever (``backpressured: ResourceBudget``). Physical cores stay ``cpus``.
     init_ray(ctx, num_cpus=workers + 1)
     configure_data_context(float(workers + 1))
-    res.notes.append(f"{workers} CPUs each side: {workers} Ray Data map actors vs {workers} DataLoader workers; "
-                     "one repeat = one epoch over the same images (2 global + 6 local crops).")
+    res.notes.append(
+        f"{workers} CPUs each side: {workers} Ray Data map actors vs {workers} DataLoader workers; "
+        "one repeat = one epoch over the same images (2 global + 6 local crops)."
+    )
     for g, loc, n, batch in sizes:
         cfg = _cfg(path, g, loc, n, batch, workers)
-        params = {"global_px": g, "local_px": loc, "images": n, "batch": batch, "cpus": workers,
-                  "crops": f"2x{g}+{LOCAL_CROPS}x{loc}"}
+        params = {
+            "global_px": g,
+            "local_px": loc,
+            "images": n,
+            "batch": batch,
+            "cpus": workers,
+            "crops": f"2x{g}+{LOCAL_CROPS}x{loc}",
+        }
         ds = build_train_dataset(cfg, seed=0)
         ray_runs, ray_first, ray_seen = [], [], set()
         for i in range(warmup + repeats):
@@ -103,8 +129,9 @@ def run(ctx: BenchContext) -> SectionResult:
                 torch_runs.append(n / dt)
                 torch_first.append(first)
         if ray_seen != torch_seen or len(ray_seen) != n:
-            raise AssertionError(f"{g}px: Ray saw {len(ray_seen)} images, DataLoader {len(torch_seen)}, expected "
-                                 f"the same {n}")
+            raise AssertionError(
+                f"{g}px: Ray saw {len(ray_seen)} images, DataLoader {len(torch_seen)}, expected the same {n}"
+            )
         tag = f"{g}px+{loc}px"
         res.add(Figure("data", f"Ray Data multi-crop {tag}", "img/s", ray_runs, True, params))
         res.add(Figure("data", f"torch DataLoader multi-crop {tag}", "img/s", torch_runs, True, params))
@@ -112,6 +139,8 @@ def run(ctx: BenchContext) -> SectionResult:
         res.add(Figure("data", f"Ray Data first batch {tag}", "s", ray_first, False, params))
         res.add(Figure("data", f"torch DataLoader first batch {tag}", "s", torch_first, False, params))
         res.compare(f"Ray Data first batch {tag}", f"torch DataLoader first batch {tag}")
-        ctx.log(f"  data: {tag}: ray {res.get(f'Ray Data multi-crop {tag}').median:.0f} img/s, "
-                f"torch {res.get(f'torch DataLoader multi-crop {tag}').median:.0f} img/s")
+        ctx.log(
+            f"  data: {tag}: ray {res.get(f'Ray Data multi-crop {tag}').median:.0f} img/s, "
+            f"torch {res.get(f'torch DataLoader multi-crop {tag}').median:.0f} img/s"
+        )
     return res

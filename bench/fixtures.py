@@ -26,10 +26,13 @@ def shards(ctx: BenchContext) -> Path:
     out = ctx.workdir / "fashion-mnist"
     if not (out / "meta.json").exists():
         if not Path(FMNIST_SRC, "train-images-idx3-ubyte.gz").exists():
-            raise FileNotFoundError(f"Fashion-MNIST IDX files not found in {FMNIST_SRC} "
-                                    "(apt-get install dataset-fashion-mnist, or set BAMRAY_FMNIST_SRC)")
-        prepare_fashion_mnist(out, src_dir=FMNIST_SRC, shard_size=SHARD_SIZE, limit=TRAIN_IMAGES,
-                              test_limit=TEST_IMAGES)
+            raise FileNotFoundError(
+                f"Fashion-MNIST IDX files not found in {FMNIST_SRC} "
+                "(apt-get install dataset-fashion-mnist, or set BAMRAY_FMNIST_SRC)"
+            )
+        prepare_fashion_mnist(
+            out, src_dir=FMNIST_SRC, shard_size=SHARD_SIZE, limit=TRAIN_IMAGES, test_limit=TEST_IMAGES
+        )
     read_meta(str(out))
     return out
 
@@ -53,8 +56,14 @@ def init_ray(ctx: BenchContext, num_cpus: float, num_gpus: int | None = None) ->
     if num_gpus is not None:
         kwargs["num_gpus"] = num_gpus
     # The same local Ray as `bamray train` (its worker set-up hook included).
-    start_local_ray(num_cpus, log_to_driver=False, configure_logging=False, object_store_memory=512 * 2**20,
-                    _temp_dir=str(ctx.workdir / "ray"), **kwargs)
+    start_local_ray(
+        num_cpus,
+        log_to_driver=False,
+        configure_logging=False,
+        object_store_memory=512 * 2**20,
+        _temp_dir=str(ctx.workdir / "ray"),
+        **kwargs,
+    )
 
 
 def tracking_uri(ctx: BenchContext, name: str) -> str:
@@ -78,11 +87,19 @@ def train_overrides(ctx: BenchContext, data_path: Path, **extra: Any) -> dict[st
         "data.val_limit": 200,
     }
     if ctx.cuda:
-        o.update({
-            "model.backbone": "vit_small_patch16_224", "model.backbone_kwargs": {},
-            "data.global_crop_size": 224, "data.local_crop_size": 96, "data.local_crops": 6,
-            "optim.batch_size": 256, "train.precision": "bf16", "train.gpus_per_worker": 1.0,
-            "data.map_workers": max(1, ctx.cpus - 2), "method.top_k_sink": 128,
-        })
+        o.update(
+            {
+                "model.backbone": "vit_small_patch16_224",
+                "model.backbone_kwargs": {},
+                "data.global_crop_size": 224,
+                "data.local_crop_size": 96,
+                "data.local_crops": 6,
+                "optim.batch_size": 256,
+                "train.precision": "bf16",
+                "train.gpus_per_worker": 1.0,
+                "data.map_workers": max(1, ctx.cpus - 2),
+                "method.top_k_sink": 128,
+            }
+        )
     o.update(extra)
     return o

@@ -69,8 +69,9 @@ def _autocast(device: str, enabled: bool = True):
     return torch.autocast(device_type=dev, dtype=torch.bfloat16, enabled=enabled and dev == "cuda")
 
 
-def make_loss_step(kind: str, batch: int, n_global: int, n_local: int, device: str,
-                   seed: int = 0, autocast: bool = True) -> Callable[[], torch.Tensor] | None:
+def make_loss_step(
+    kind: str, batch: int, n_global: int, n_local: int, device: str, seed: int = 0, autocast: bool = True
+) -> Callable[[], torch.Tensor] | None:
     """A closure doing one forward + backward of loss ``kind`` on fixed random projections.
 
     Returns None where the combination does not exist (SimCLR consumes exactly 2 views)."""
@@ -84,8 +85,15 @@ def make_loss_step(kind: str, batch: int, n_global: int, n_local: int, device: s
     z_teacher = torch.randn(n_views * batch, EMBED_DIM, generator=gen).to(device)
 
     if kind in ("bam", "bam_loop"):
-        loss_mod = BAMLoss(num_crops=n_views, num_global_crops=n_global, num_target_crops=n_global,
-                           reg=0.05, temperature=0.1, num_sink_iter=3, vectorized=kind == "bam").to(device)
+        loss_mod = BAMLoss(
+            num_crops=n_views,
+            num_global_crops=n_global,
+            num_target_crops=n_global,
+            reg=0.05,
+            temperature=0.1,
+            num_sink_iter=3,
+            vectorized=kind == "bam",
+        ).to(device)
 
         def forward() -> torch.Tensor:
             return loss_mod(z, z_teacher)  # teacher variant, as every published BAM run
@@ -130,12 +138,15 @@ def reduction_steps(batch: int, n_global: int, n_local: int, device: str) -> dic
         def step() -> None:
             logits.grad = None
             fn(p, torch.log_softmax(logits, dim=-1), n_global, n_views).backward()
+
         return step
 
     return {"bam": make(cross_view_loss), "bam_loop": make(cross_view_loss_loop)}
 
 
-def check_bam_fused_equals_loop(batch: int, n_global: int, n_local: int, device: str, tol: float = 1e-5) -> dict:
+def check_bam_fused_equals_loop(
+    batch: int, n_global: int, n_local: int, device: str, tol: float = 1e-5
+) -> dict:
     """Loss and gradient of the fused and the loop reduction on the same inputs, in fp32.
 
     Raises AssertionError when they differ by more than ``tol`` (absolute on the loss, relative to
@@ -191,8 +202,10 @@ def _run(ctx: BenchContext) -> SectionResult:
     res.derived["bam_fused_vs_loop_max_grad_rel_diff"] = worst
     res.derived["bam_fused_vs_loop_max_loss_abs_diff"] = max(c["loss_abs_diff"] for c in checks.values())
     res.derived["bam_fused_vs_loop_checks"] = checks
-    res.notes.append(f"BAM fused == loop checked on every (batch, crops): worst gradient difference {worst:.2g} "
-                     "relative, loss difference within 1e-5 (asserted).")
+    res.notes.append(
+        f"BAM fused == loop checked on every (batch, crops): worst gradient difference {worst:.2g} "
+        "relative, loss difference within 1e-5 (asserted)."
+    )
 
     medians: dict[tuple[str, str, int], tuple[float, float]] = {}
     for crop_name, (g, loc) in CROPS.items():
@@ -201,9 +214,16 @@ def _run(ctx: BenchContext) -> SectionResult:
                 step = make_loss_step(kind, b, g, loc, device)
                 if step is None:
                     continue
-                params = {"loss": kind, "batch": b, "global_crops": g, "local_crops": loc, "dim": EMBED_DIM,
-                          "device": device, "precision": "bf16-autocast" if ctx.cuda else "fp32",
-                          "threads": torch.get_num_threads()}
+                params = {
+                    "loss": kind,
+                    "batch": b,
+                    "global_crops": g,
+                    "local_crops": loc,
+                    "dim": EMBED_DIM,
+                    "device": device,
+                    "precision": "bf16-autocast" if ctx.cuda else "fp32",
+                    "threads": torch.get_num_threads(),
+                }
                 times = timed(step, repeats, warmup, device)
                 mems = [peak_memory_mib(step, device) for _ in range(mem_repeats)]
                 tname, mname = f"{kind} fwd+bwd {crop_name} B={b}", f"{kind} peak mem {crop_name} B={b}"
@@ -219,9 +239,15 @@ def _run(ctx: BenchContext) -> SectionResult:
     for crop_name, (g, loc) in CROPS.items():
         b = batches[-1]
         for label, fn in reduction_steps(b, g, loc, device).items():
-            res.add(Figure("loss", f"{label} reduction only {crop_name} B={b}", "s",
-                           timed(fn, repeats, warmup, device),
-                           params={"batch": b, "global_crops": g, "local_crops": loc, "device": device}))
+            res.add(
+                Figure(
+                    "loss",
+                    f"{label} reduction only {crop_name} B={b}",
+                    "s",
+                    timed(fn, repeats, warmup, device),
+                    params={"batch": b, "global_crops": g, "local_crops": loc, "device": device},
+                )
+            )
         res.compare(f"bam reduction only {crop_name} B={b}", f"bam_loop reduction only {crop_name} B={b}")
 
     # Growth: log-log slope in the batch (1 = linear, 2 = quadratic) and the crops factor.
@@ -233,7 +259,9 @@ def _run(ctx: BenchContext) -> SectionResult:
                 span = math.log(hi / lo)
                 res.derived[f"{kind} {crop_name} time slope vs batch ({lo}->{hi})"] = math.log(t1 / t0) / span
                 if m0 > 0 and m1 > 0:
-                    res.derived[f"{kind} {crop_name} memory slope vs batch ({lo}->{hi})"] = math.log(m1 / m0) / span
+                    res.derived[f"{kind} {crop_name} memory slope vs batch ({lo}->{hi})"] = (
+                        math.log(m1 / m0) / span
+                    )
         if (kind, "2g", hi) in medians and (kind, "2g+6l", hi) in medians:
             (t2, m2), (t8, m8) = medians[(kind, "2g", hi)], medians[(kind, "2g+6l", hi)]
             res.derived[f"{kind} time x (2g+6l / 2g) at B={hi}"] = t8 / t2

@@ -45,11 +45,22 @@ QUICK = {"methods": ["bam"], "budget_min": 0.1, "train_limit": 2000, "val_limit"
 def run_overrides(args: argparse.Namespace, data_path: str, storage: str, uri: str, method: str) -> list[str]:
     """``--set`` values of one method's run: the shipped recipe, the whole split, the budget, k-NN every
     epoch on the whole bank, and this benchmark's own MLflow store and Ray storage."""
-    sets = [f"data.path={data_path}", f"data.train_limit={args.train_limit}", f"data.val_limit={args.val_limit}",
-            f"train.time_budget_min={args.budget_min}", f"optim.epochs={args.max_epochs}",
-            f"train.workers={args.workers}", "eval.knn_freq=1", "eval.knn_train_fraction=1.0",
-            "eval.knn_eval_fraction=1.0", f"train.storage_path={storage}", f"tracking.tracking_uri={uri}",
-            "tracking.experiment=bamray-quality", f"tracking.run_name=quality-{method}", "train.max_failures=0"]
+    sets = [
+        f"data.path={data_path}",
+        f"data.train_limit={args.train_limit}",
+        f"data.val_limit={args.val_limit}",
+        f"train.time_budget_min={args.budget_min}",
+        f"optim.epochs={args.max_epochs}",
+        f"train.workers={args.workers}",
+        "eval.knn_freq=1",
+        "eval.knn_train_fraction=1.0",
+        "eval.knn_eval_fraction=1.0",
+        f"train.storage_path={storage}",
+        f"tracking.tracking_uri={uri}",
+        "tracking.experiment=bamray-quality",
+        f"tracking.run_name=quality-{method}",
+        "train.max_failures=0",
+    ]
     return sets + list(args.set)
 
 
@@ -95,7 +106,9 @@ def baselines(cfg, device: torch.device) -> dict[str, Any]:
     out["raw_pixels"] = _PIXELS[key]
     method = build_method(cfg, device=device, steps_per_epoch=1, batch_size=cfg.optim.batch_size)
     model = method.eval_backbone()
-    init = {split: clean_features(model, cfg.data, split, device, seed=cfg.seed) for split in ("train", "test")}
+    init = {
+        split: clean_features(model, cfg.data, split, device, seed=cfg.seed) for split in ("train", "test")
+    }
     out["random_init"] = evaluate_features(cfg, init)
     return out
 
@@ -107,9 +120,20 @@ def evaluate_features(cfg, feats: dict[str, tuple[torch.Tensor, torch.Tensor]]) 
 
     (xb, yb), (xq, yq) = feats["train"], feats["test"]
     classes = int(max(int(yb.max()), int(yq.max()))) + 1
-    knn = knn_classify(xb, yb, xq, yq, classes, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)["top1"]
-    linear = linear_probe(xb, yb, xq, yq, classes, epochs=cfg.eval.linear_epochs, lr=cfg.eval.linear_lr,
-                          batch_size=cfg.eval.linear_batch_size, seed=cfg.seed)["top1"]
+    knn = knn_classify(xb, yb, xq, yq, classes, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)[
+        "top1"
+    ]
+    linear = linear_probe(
+        xb,
+        yb,
+        xq,
+        yq,
+        classes,
+        epochs=cfg.eval.linear_epochs,
+        lr=cfg.eval.linear_lr,
+        batch_size=cfg.eval.linear_batch_size,
+        seed=cfg.seed,
+    )["top1"]
     return {"knn_top1": knn, "linear_top1": linear}
 
 
@@ -126,26 +150,41 @@ def measure(method: str, args: argparse.Namespace, work: Path, data_path: str, u
     linear = run_linear_eval(run_id, uri)
     cfg = load_config(f"{method}_fmnist", sets)
     base = baselines(cfg, torch.device("cpu"))
-    return {"method": method, "run_id": run_id, "backbone": cfg.model.backbone,
-            "backbone_kwargs": dict(cfg.model.backbone_kwargs), "stem": cfg.model.stem,
-            "budget_min": args.budget_min, "train_minutes": curve[-1]["minutes"] if curve else 0.0,
-            "epochs": curve[-1]["epoch"] if curve else 0, "global_batch": cfg.optim.batch_size * cfg.world_size,
-            "wall_minutes": wall / 60, "curve": curve, "knn_top1": curve[-1]["knn_top1"] if curve else None,
-            "linear_top1": linear, **{f"{k}_{m}": v for k, d in base.items() for m, v in d.items()},
-            "bank": "train split" + (f" (first {args.train_limit})" if args.train_limit else ""),
-            "queries": "test split" + (f" (first {args.val_limit})" if args.val_limit else ""), "overrides": sets}
+    return {
+        "method": method,
+        "run_id": run_id,
+        "backbone": cfg.model.backbone,
+        "backbone_kwargs": dict(cfg.model.backbone_kwargs),
+        "stem": cfg.model.stem,
+        "budget_min": args.budget_min,
+        "train_minutes": curve[-1]["minutes"] if curve else 0.0,
+        "epochs": curve[-1]["epoch"] if curve else 0,
+        "global_batch": cfg.optim.batch_size * cfg.world_size,
+        "wall_minutes": wall / 60,
+        "curve": curve,
+        "knn_top1": curve[-1]["knn_top1"] if curve else None,
+        "linear_top1": linear,
+        **{f"{k}_{m}": v for k, d in base.items() for m, v in d.items()},
+        "bank": "train split" + (f" (first {args.train_limit})" if args.train_limit else ""),
+        "queries": "test split" + (f" (first {args.val_limit})" if args.val_limit else ""),
+        "overrides": sets,
+    }
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| method | backbone | epochs in budget | train min | k-NN | k-NN random init | k-NN raw pixels | "
-            "linear | linear random init | linear raw pixels |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    head = (
+        "| method | backbone | epochs in budget | train min | k-NN | k-NN random init | k-NN raw pixels | "
+        "linear | linear random init | linear raw pixels |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    )
     lines = []
     for r in rows:
         kw = ", ".join(f"{k}={v}" for k, v in r["backbone_kwargs"].items())
-        lines.append(f"| {r['method']} | {r['backbone']} ({r['stem']} stem{', ' + kw if kw else ''}) | {r['epochs']} | "
-                     f"{r['train_minutes']:.1f} | **{r['knn_top1']:.1f} %** | {r['random_init_knn_top1']:.1f} % | "
-                     f"{r['raw_pixels_knn_top1']:.1f} % | **{r['linear_top1']:.1f} %** | "
-                     f"{r['random_init_linear_top1']:.1f} % | {r['raw_pixels_linear_top1']:.1f} % |")
+        lines.append(
+            f"| {r['method']} | {r['backbone']} ({r['stem']} stem{', ' + kw if kw else ''}) | {r['epochs']} | "
+            f"{r['train_minutes']:.1f} | **{r['knn_top1']:.1f} %** | {r['random_init_knn_top1']:.1f} % | "
+            f"{r['raw_pixels_knn_top1']:.1f} % | **{r['linear_top1']:.1f} %** | "
+            f"{r['random_init_linear_top1']:.1f} % | {r['raw_pixels_linear_top1']:.1f} % |"
+        )
     return head + "\n".join(lines)
 
 
@@ -162,12 +201,19 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
         ys = [r["random_init_knn_top1"]] + [p["knn_top1"] for p in r["curve"]]
         ax.plot(xs, ys, marker="o", ms=3, label=r["method"])
     if rows:
-        ax.axhline(rows[0]["raw_pixels_knn_top1"], color="k", ls="--", lw=1,
-                   label=f"raw pixels {rows[0]['raw_pixels_knn_top1']:.1f} %")
+        ax.axhline(
+            rows[0]["raw_pixels_knn_top1"],
+            color="k",
+            ls="--",
+            lw=1,
+            label=f"raw pixels {rows[0]['raw_pixels_knn_top1']:.1f} %",
+        )
     ax.set_xlabel("training minutes (evaluations not counted)")
     ax.set_ylabel("k-NN top-1 % (k=20, T=0.07)")
-    ax.set_title(f"Fashion-MNIST, bank: {rows[0]['bank'] if rows else ''}, queries: {rows[0]['queries'] if rows else ''}",
-                 fontsize=9)
+    ax.set_title(
+        f"Fashion-MNIST, bank: {rows[0]['bank'] if rows else ''}, queries: {rows[0]['queries'] if rows else ''}",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
@@ -197,8 +243,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
     p.add_argument("--quick", action="store_true", help="CI smoke mode: " + json.dumps(QUICK))
     p.add_argument("--out", default=str(RESULTS_DIR))
-    p.add_argument("--tracking-uri", default="", help="MLflow store of the runs (default: the project's own, "
-                                                       "experiment bamray-quality, browsable with `bamray ui`)")
+    p.add_argument(
+        "--tracking-uri",
+        default="",
+        help="MLflow store of the runs (default: the project's own, "
+        "experiment bamray-quality, browsable with `bamray ui`)",
+    )
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.quick:
@@ -223,14 +273,24 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bamray-quality-") as tmp:
         work = Path(tmp)
-        data_path = quick_shards(work, args) if args.quick else prepare_data(load_config("bam_fmnist"))[0].data.path
+        data_path = (
+            quick_shards(work, args) if args.quick else prepare_data(load_config("bam_fmnist"))[0].data.path
+        )
         for method in args.methods:
             print(f"== {method}: {args.budget_min} min of training", flush=True)
             rows.append(measure(method, args, work, data_path, uri))
             print(table(rows[-1:]), flush=True)
-            json_path.write_text(json.dumps({"args": {k: v for k, v in vars(args).items()}, "rows": rows,
-                                             "load_average": os.getloadavg(), "torch": torch.__version__},
-                                            indent=1))
+            json_path.write_text(
+                json.dumps(
+                    {
+                        "args": {k: v for k, v in vars(args).items()},
+                        "rows": rows,
+                        "load_average": os.getloadavg(),
+                        "torch": torch.__version__,
+                    },
+                    indent=1,
+                )
+            )
         plot(rows, png_path)
         pics = work / "pics"
         pics.mkdir()

@@ -41,8 +41,13 @@ MODULES = {
 
 #: Seconds a section may take before it is stopped and recorded as an error (full, quick): a hung
 #: Ray job must not eat the whole 15-minute budget.
-TIME_LIMITS = {"loss": (240, 90), "data": (300, 90), "step": (600, 180), "startup": (300, 150),
-               "sweep": (600, 300)}
+TIME_LIMITS = {
+    "loss": (240, 90),
+    "data": (300, 90),
+    "step": (600, 180),
+    "startup": (300, 150),
+    "sweep": (600, 300),
+}
 
 
 class SectionTimeout(TimeoutError):
@@ -65,15 +70,30 @@ def _cancel_alarm() -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("--only", default=",".join(SECTIONS),
-                   help=f"comma-separated sections to run, of: {','.join(SECTIONS)} (default: all)")
-    p.add_argument("--quick", action="store_true", help="tiny smoke mode (seconds per section, not meaningful figures)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cuda: bf16, ViT-S/16 224 px, batch 256, 2+6 crops)")
+    p.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections to run, of: {','.join(SECTIONS)} (default: all)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="tiny smoke mode (seconds per section, not meaningful figures)"
+    )
+    p.add_argument(
+        "--device", default="cpu", help="cpu or cuda[:N] (cuda: bf16, ViT-S/16 224 px, batch 256, 2+6 crops)"
+    )
     p.add_argument("--out", type=Path, default=None, help="results directory (default: bench/results)")
-    p.add_argument("--time-limit-scale", type=float, default=1.0,
-                   help="multiply every section's time limit (a slow or shared machine)")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="scratch directory for shards, Ray and MLflow (default: a fresh /tmp dir, removed after)")
+    p.add_argument(
+        "--time-limit-scale",
+        type=float,
+        default=1.0,
+        help="multiply every section's time limit (a slow or shared machine)",
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="scratch directory for shards, Ray and MLflow (default: a fresh /tmp dir, removed after)",
+    )
     args = p.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     bad = [s for s in only if s not in SECTIONS]
@@ -143,21 +163,27 @@ def main(argv: list[str] | None = None) -> int:
             res.derived["load_average_1min_after"] = os.getloadavg()[0]
             busiest = max(load_before[0], res.derived["load_average_1min_after"])
             if busiest > 1.5 * ctx.cpus and not res.error:
-                res.notes.append(f"MACHINE BUSY: 1-min load average up to {busiest:.1f} on {ctx.cpus} CPUs during "
-                                 "this section; other processes shaped these figures -- rerun it on an idle machine.")
+                res.notes.append(
+                    f"MACHINE BUSY: 1-min load average up to {busiest:.1f} on {ctx.cpus} CPUs during "
+                    "this section; other processes shaped these figures -- rerun it on an idle machine."
+                )
             results[name] = res
             payload["sections"][name] = res.to_dict()
             payload["total_seconds"] = time.time() - started
             write_results(path, payload)
-            log(f"section {name}: {'ERROR' if res.error else 'skipped' if res.skipped else 'ok'} "
-                f"in {res.seconds:.1f}s")
+            log(
+                f"section {name}: {'ERROR' if res.error else 'skipped' if res.skipped else 'ok'} "
+                f"in {res.seconds:.1f}s"
+            )
             if res.error:
                 print(res.error, file=sys.stderr)
     finally:
         if own_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(f"# bamray bench: {payload['machine']} ({args.device}{', quick' if args.quick else ''}), "
-          f"{payload['date']}, {payload['total_seconds']:.0f} s\n")
+    print(
+        f"# bamray bench: {payload['machine']} ({args.device}{', quick' if args.quick else ''}), "
+        f"{payload['date']}, {payload['total_seconds']:.0f} s\n"
+    )
     print(markdown_table(results))
     print(f"\nresults: {path}")
     return 1 if any(r.error for r in results.values()) else 0

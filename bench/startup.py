@@ -55,11 +55,27 @@ def run(ctx: BenchContext) -> SectionResult:
     repeats, plain_repeats = (1, 1) if ctx.quick else (2, 3)
     # A small batch: the figure is start-up, not the step (that is section "step").
     batch = 16 if not ctx.cuda else 256
-    base = train_overrides(ctx, path, **{
-        "optim.batch_size": batch, "optim.epochs": 1, "data.train_limit": 2 * batch, "train.workers": 1,
-        "train.max_failures": 0, "tracking.tracking_uri": uri, "method.top_k_sink": min(128, 2 * batch)})
+    base = train_overrides(
+        ctx,
+        path,
+        **{
+            "optim.batch_size": batch,
+            "optim.epochs": 1,
+            "data.train_limit": 2 * batch,
+            "train.workers": 1,
+            "train.max_failures": 0,
+            "tracking.tracking_uri": uri,
+            "method.top_k_sink": min(128, 2 * batch),
+        },
+    )
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
-    params = {"config": "bam_fmnist", "workers": 1, "batch": batch, "train_limit": 2 * batch, "device": ctx.device}
+    params = {
+        "config": "bam_fmnist",
+        "workers": 1,
+        "batch": batch,
+        "train_limit": 2 * batch,
+        "device": ctx.device,
+    }
 
     totals, ready, first_steps = [], [], []
     for i in range(repeats):
@@ -91,8 +107,14 @@ def run(ctx: BenchContext) -> SectionResult:
     res.add(Figure("startup", "bare PyTorch script: launch -> first step", "s", plain, False, params))
     res.compare("bamray train: launch -> first step", "bare PyTorch script: launch -> first step")
     if ready:
-        res.add(Figure("startup", "bamray train: launch -> driver ready (MLflow run line)", "s", ready, False, params))
+        res.add(
+            Figure(
+                "startup", "bamray train: launch -> driver ready (MLflow run line)", "s", ready, False, params
+            )
+        )
     res.add(Figure("startup", "bamray train: whole 1-epoch run (process exit)", "s", totals, False, params))
-    res.notes.append("Start-up = seconds from spawning the process to the end of the first optimiser step "
-                     "(MLflow step-1 timestamp for bamray; a printed timestamp for the bare script).")
+    res.notes.append(
+        "Start-up = seconds from spawning the process to the end of the first optimiser step "
+        "(MLflow step-1 timestamp for bamray; a printed timestamp for the bare script)."
+    )
     return res

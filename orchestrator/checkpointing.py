@@ -72,8 +72,11 @@ def rng_state() -> dict[str, Any]:
             "has_gauss": int(np_has_gauss),
             "cached_gaussian": float(np_gauss),
         },
-        "python": {"version": int(py_version), "internal": [int(x) for x in py_internal],
-                   "gauss_next": None if py_gauss is None else float(py_gauss)},
+        "python": {
+            "version": int(py_version),
+            "internal": [int(x) for x in py_internal],
+            "gauss_next": None if py_gauss is None else float(py_gauss),
+        },
     }
     if torch.cuda.is_available():
         state["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
@@ -84,8 +87,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     """Inverse of :func:`rng_state`."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
@@ -112,7 +116,9 @@ def save_training_state(
         "extra": dict(extra or {}),
     }
     out = atomic_torch_save(state, Path(directory) / STATE_FILE)
-    atomic_write(Path(directory) / EPOCH_FILE, lambda tmp: Path(tmp).write_text(f'{{"epoch": {int(epoch)}}}\n'))
+    atomic_write(
+        Path(directory) / EPOCH_FILE, lambda tmp: Path(tmp).write_text(f'{{"epoch": {int(epoch)}}}\n')
+    )
     return out
 
 
@@ -155,10 +161,16 @@ def export_backbone(method: nn.Module, cfg: Any, out_dir: str | os.PathLike) -> 
     feat_dim = int(getattr(backbone, "num_features", 0))
     which = "teacher" if backbone is not getattr(method, "backbone", backbone) else "student"
     saved = built_model_section(cfg, backbone)
-    metadata = {"feat_dim": str(feat_dim), "network": which, "backbone": str(cfg.model.backbone),
-                "method": str(cfg.method_name), "in_chans": str(cfg.data.channels),
-                "img_size": str(cfg.data.global_crop_size), "stem": saved["stem"],
-                "patch_size": str(saved["patch_size"] or "")}
+    metadata = {
+        "feat_dim": str(feat_dim),
+        "network": which,
+        "backbone": str(cfg.model.backbone),
+        "method": str(cfg.method_name),
+        "in_chans": str(cfg.data.channels),
+        "img_size": str(cfg.data.global_crop_size),
+        "stem": saved["stem"],
+        "patch_size": str(saved["patch_size"] or ""),
+    }
     atomic_write(out / BACKBONE_FILE, lambda tmp: save_model(backbone, tmp, metadata=metadata))
     text = yaml.safe_dump({**cfg.to_dict(), "model": saved}, sort_keys=False)
     atomic_write(out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
@@ -187,8 +199,12 @@ def load_backbone(export_dir: str | os.PathLike, device: torch.device | str = "c
     export_dir = Path(export_dir)
     with open(export_dir / CONFIG_FILE) as f:
         cfg = config_from_dict(upgrade_saved_config(yaml.safe_load(f)))
-    module, _ = build_backbone(cfg.model, in_chans=cfg.data.channels, default_img_size=cfg.data.global_crop_size,
-                               crop_sizes=crop_sizes(cfg.data))
+    module, _ = build_backbone(
+        cfg.model,
+        in_chans=cfg.data.channels,
+        default_img_size=cfg.data.global_crop_size,
+        crop_sizes=crop_sizes(cfg.data),
+    )
     missing, unexpected = load_model(module, str(export_dir / BACKBONE_FILE), strict=True)
     if missing or unexpected:  # strict=True already raises; kept for clarity of the contract
         raise RuntimeError(f"backbone weights do not match: missing={missing} unexpected={unexpected}")

@@ -51,11 +51,14 @@ def _resume_config_path(run_id: str, tracking_uri: str | None, dst: str) -> str:
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
     try:
-        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml", dst_path=dst,
-                                                   tracking_uri=uri)
+        return mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="config.yaml", dst_path=dst, tracking_uri=uri
+        )
     except Exception as err:  # noqa: BLE001 - any MLflow error means the same thing to the user
-        raise ConfigError("--resume", f"cannot read config.yaml of MLflow run {run_id!r} in {uri}: {err}; "
-                                      "pass --config as well") from err
+        raise ConfigError(
+            "--resume",
+            f"cannot read config.yaml of MLflow run {run_id!r} in {uri}: {err}; pass --config as well",
+        ) from err
 
 
 # ================================================================================================ commands
@@ -90,13 +93,16 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         name = args.name
     else:
         out = args.out or str(_data_root() / args.name)
-        summary = sources.prepare_parquet(args.src, out, image_column=args.image_column,
-                                          label_column=args.label_column, name=args.name)
+        summary = sources.prepare_parquet(
+            args.src, out, image_column=args.image_column, label_column=args.label_column, name=args.name
+        )
         name = args.name
     print(f"prepared {name} in {out}: {summary}")
     if name != "fashion-mnist":
-        print(f"train on it with: bamray train --config bam_fmnist --set data.dataset={name} "
-              f"--set data.channels=<1|3>")
+        print(
+            f"train on it with: bamray train --config bam_fmnist --set data.dataset={name} "
+            f"--set data.channels=<1|3>"
+        )
     return EXIT_OK
 
 
@@ -124,8 +130,10 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     settings = cfg.to_dict()
     debug = settings.pop(DEBUG_SECTION)
     sys.stdout.write(yaml.safe_dump(settings, sort_keys=False))
-    sys.stdout.write(f"# {DEBUG_SECTION}: fault injection for tests, not a training setting (never logged as an "
-                     "MLflow param)\n")
+    sys.stdout.write(
+        f"# {DEBUG_SECTION}: fault injection for tests, not a training setting (never logged as an "
+        "MLflow param)\n"
+    )
     sys.stdout.write(yaml.safe_dump({DEBUG_SECTION: debug}, sort_keys=False))
     return EXIT_OK
 
@@ -147,11 +155,21 @@ def build_parser() -> argparse.ArgumentParser:
     from orchestrator.submit import add_submit_parser
     from orchestrator.sweep import add_sweep_parser
 
-    p = argparse.ArgumentParser(prog="bamray", description="Distributed self-supervised learning on Ray "
-                                "(BAM, BYOL, DINO, SimCLR, MAE) tracked in MLflow.")
+    p = argparse.ArgumentParser(
+        prog="bamray",
+        description="Distributed self-supervised learning on Ray "
+        "(BAM, BYOL, DINO, SimCLR, MAE) tracked in MLflow.",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train_parser, _add_data_parser, _add_eval_parser, _add_ui_parser, _add_config_parser,
-                add_sweep_parser, add_submit_parser):
+    for add in (
+        _add_train_parser,
+        _add_data_parser,
+        _add_eval_parser,
+        _add_ui_parser,
+        _add_config_parser,
+        add_sweep_parser,
+        add_submit_parser,
+    ):
         add(sub)
     return p
 
@@ -164,7 +182,9 @@ def _add_train_parser(sub: Any) -> None:
     t.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (train.gpus_per_worker)")
     t.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (train.cpus_per_worker)")
     t.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    t.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else .bamray/mlflow.db)")
+    t.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else .bamray/mlflow.db)"
+    )
     t.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
     t.set_defaults(func=cmd_train)
 
@@ -174,12 +194,16 @@ def _add_data_parser(sub: Any) -> None:
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     prep = dsub.add_parser("prepare", help="write shards + meta.json")
     psub = prep.add_subparsers(dest="source", required=True, metavar="SOURCE")
-    f = psub.add_parser("fashion-mnist", help="from the IDX files of the Debian package dataset-fashion-mnist")
+    f = psub.add_parser(
+        "fashion-mnist", help="from the IDX files of the Debian package dataset-fashion-mnist"
+    )
     f.add_argument("--out", help="default: .bamray/data/fashion-mnist")
     f.add_argument("--src", help="IDX folder (default: /usr/share/datasets/fashion-mnist)")
     f.add_argument("--limit", type=int, help="first N images per split (quick experiments)")
     f.set_defaults(func=cmd_data_prepare)
-    fo = psub.add_parser("folder", help="an ImageFolder tree ROOT/<split>/<class>/*.png|jpg or ROOT/<class>/...")
+    fo = psub.add_parser(
+        "folder", help="an ImageFolder tree ROOT/<split>/<class>/*.png|jpg or ROOT/<class>/..."
+    )
     fo.add_argument("root")
     fo.add_argument("--name", required=True, help="data set name (data.dataset)")
     fo.add_argument("--out", help="default: .bamray/data/<name>")

@@ -36,14 +36,21 @@ class TrainConfig:
     workers: int = opt(2, ge=0, le=1024, help="Ray Train workers (0 = run the loop in-process, no Ray)")
     gpus_per_worker: float = opt(0.0, ge=0.0, le=8.0)
     cpus_per_worker: float = opt(1.0, gt=0.0, le=256.0)
-    precision: str = opt("auto", choices=("auto", "fp32", "bf16", "fp16"),
-                         help="auto = bf16 on GPU and on CPUs with native bf16 (AVX512-BF16 / AMX), else fp32")
+    precision: str = opt(
+        "auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="auto = bf16 on GPU and on CPUs with native bf16 (AVX512-BF16 / AMX), else fp32",
+    )
     channels_last: bool = opt(True, help="NHWC memory layout for convolutions (faster on CPU and GPU)")
-    time_budget_min: float = opt(0.0, ge=0.0, le=100000.0,
-                                 help="train about this many minutes (evaluations not counted): after epoch 1 the "
-                                      "run keeps the whole number of epochs nearest the budget (at most optim.epochs) "
-                                      "and fits every schedule to them; "
-                                      "0 = off")
+    time_budget_min: float = opt(
+        0.0,
+        ge=0.0,
+        le=100000.0,
+        help="train about this many minutes (evaluations not counted): after epoch 1 the "
+        "run keeps the whole number of epochs nearest the budget (at most optim.epochs) "
+        "and fits every schedule to them; "
+        "0 = off",
+    )
     checkpoint_freq: int = opt(1, ge=1, help="report a checkpoint every N epochs")
     keep_checkpoints: int = opt(2, ge=1)
     max_failures: int = opt(3, ge=0, help="worker failures Ray Train recovers from (restart from checkpoint)")
@@ -76,8 +83,12 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dict; round-trips through ``config_from_dict``."""
-        d = {f.name: to_dict(getattr(self, f.name)) if dataclasses.is_dataclass(getattr(self, f.name))
-             else getattr(self, f.name) for f in dataclasses.fields(self)}
+        d = {
+            f.name: to_dict(getattr(self, f.name))
+            if dataclasses.is_dataclass(getattr(self, f.name))
+            else getattr(self, f.name)
+            for f in dataclasses.fields(self)
+        }
         d["method"] = {"name": d.pop("method_name"), **(d["method"] or {})}
         return d
 
@@ -159,7 +170,10 @@ def upgrade_saved_config(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None, *, saved: bool = False,
+    path: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    *,
+    saved: bool = False,
 ) -> ExperimentConfig:
     """Load a YAML config (a path, or the name of a shipped config such as ``bam_fmnist``).
     ``saved``: the file is a config a run wrote (see :func:`upgrade_saved_config`)."""
@@ -197,21 +211,27 @@ def validate_cross_fields(cfg: ExperimentConfig) -> None:
         if not 0.0 < lo <= hi <= 1.0:
             raise ConfigError(f"data.{name}", f"got ({lo}, {hi}); need 0 < min <= max <= 1")
     if d.local_crops and d.local_crop_size > d.global_crop_size:
-        raise ConfigError("data.local_crop_size",
-                          f"got {d.local_crop_size}; must be <= data.global_crop_size ({d.global_crop_size})")
+        raise ConfigError(
+            "data.local_crop_size",
+            f"got {d.local_crop_size}; must be <= data.global_crop_size ({d.global_crop_size})",
+        )
     if len(d.mean) < d.channels or len(d.std) < d.channels:
         raise ConfigError("data.mean", f"need {d.channels} values for data.channels={d.channels}")
     if any(s <= 0 for s in d.std):
         raise ConfigError("data.std", "all values must be > 0")
     if m.img_size is not None and m.img_size != d.global_crop_size:
-        raise ConfigError("model.img_size", f"got {m.img_size}; must equal data.global_crop_size ({d.global_crop_size})")
+        raise ConfigError(
+            "model.img_size", f"got {m.img_size}; must equal data.global_crop_size ({d.global_crop_size})"
+        )
     if m.patch_size is not None:
         sizes = [("data.global_crop_size", d.global_crop_size)]
         if d.local_crops:
             sizes.append(("data.local_crop_size", d.local_crop_size))
         for field, size in sizes:
             if size % m.patch_size:
-                raise ConfigError(field, f"got {size}; must be a multiple of model.patch_size ({m.patch_size})")
+                raise ConfigError(
+                    field, f"got {size}; must be a multiple of model.patch_size ({m.patch_size})"
+                )
     ctx = {
         "batch_size": cfg.optim.batch_size,
         "world_size": cfg.world_size,

@@ -22,8 +22,9 @@ from trainers.loop import embed
 EMBED_BATCH = 256
 
 
-def clean_loader(data_cfg: Any, split: str, *, fraction: float = 1.0, seed: int = 0,
-                 batch_size: int = EMBED_BATCH):
+def clean_loader(
+    data_cfg: Any, split: str, *, fraction: float = 1.0, seed: int = 0, batch_size: int = EMBED_BATCH
+):
     """Batches ``{"image": uint8 (N, C, S, S), "label"}`` of the clean views of ``split`` (the online
     k-NN's selection for the same ``fraction`` and ``seed``)."""
     from torch.utils.data import DataLoader
@@ -35,15 +36,23 @@ def clean_loader(data_cfg: Any, split: str, *, fraction: float = 1.0, seed: int 
     return (b for b in loader if b)
 
 
-def clean_features(model: nn.Module, data_cfg: Any, split: str, device: torch.device | str, *,
-                   fraction: float = 1.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def clean_features(
+    model: nn.Module,
+    data_cfg: Any,
+    split: str,
+    device: torch.device | str,
+    *,
+    fraction: float = 1.0,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised features of ``model`` (eval mode) on the clean views, and their labels."""
     batches = ((b["image"], b["label"]) for b in clean_loader(data_cfg, split, fraction=fraction, seed=seed))
     return embed(model, batches, device, data_cfg=data_cfg)
 
 
-def raw_pixel_features(data_cfg: Any, split: str, *, fraction: float = 1.0,
-                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def raw_pixel_features(
+    data_cfg: Any, split: str, *, fraction: float = 1.0, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The clean views themselves as features: pixels / 255, flattened, L2-normalised (the online k-NN's
     raw-pixel row), with their labels."""
     batches = ((b["image"], b["label"]) for b in clean_loader(data_cfg, split, fraction=fraction, seed=seed))
@@ -70,14 +79,29 @@ def run_linear_eval(
     uri = tracking.resolve_tracking_uri(tracking_uri)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with tempfile.TemporaryDirectory() as tmp:
-        local = tracking.with_retry(mlflow.artifacts.download_artifacts, run_id=run_id, artifact_path=artifact,
-                                    dst_path=tmp, tracking_uri=uri)
+        local = tracking.with_retry(
+            mlflow.artifacts.download_artifacts,
+            run_id=run_id,
+            artifact_path=artifact,
+            dst_path=tmp,
+            tracking_uri=uri,
+        )
         model, cfg = ckpt.load_backbone(local, device=dev)
     cfg, meta = prepare_data(cfg)
     train_f, train_y = clean_features(model, cfg.data, "train", dev, seed=cfg.seed)
     val_f, val_y = clean_features(model, cfg.data, "test", dev, seed=cfg.seed)
-    res = linear_probe(train_f, train_y, val_f, val_y, int(meta["num_classes"]), epochs=epochs or cfg.eval.linear_epochs,
-                       lr=cfg.eval.linear_lr, batch_size=cfg.eval.linear_batch_size, seed=cfg.seed, device=dev)
+    res = linear_probe(
+        train_f,
+        train_y,
+        val_f,
+        val_y,
+        int(meta["num_classes"]),
+        epochs=epochs or cfg.eval.linear_epochs,
+        lr=cfg.eval.linear_lr,
+        batch_size=cfg.eval.linear_batch_size,
+        seed=cfg.seed,
+        device=dev,
+    )
     ts = int(time.time() * 1000)
     points = [Metric("linear_val_top1", float(h["val_top1"]), ts, int(h["epoch"])) for h in res["history"]]
     points.append(Metric("linear_top1", float(res["top1"]), ts, 0))

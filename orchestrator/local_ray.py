@@ -27,7 +27,9 @@ def start_local_ray(num_cpus: int, **kwargs: Any) -> None:
     import ray
 
     hook = f"{__name__}.{quiet_dashboardless_warnings.__name__}"
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"worker_process_setup_hook": hook}, **kwargs)
+    ray.init(
+        num_cpus=num_cpus, include_dashboard=False, runtime_env={"worker_process_setup_hook": hook}, **kwargs
+    )
 
 
 def connect_or_start(address: str | None, num_cpus: int, num_gpus: int | None = None) -> bool:

@@ -16,7 +16,18 @@ from orchestrator.tracking import artifact_root, sqlite_path
 
 def ui_command(uri: str, port: int = 5000, host: str = "127.0.0.1") -> list[str]:
     """``mlflow ui`` on ``uri``, bound to localhost (never 0.0.0.0: the store is not for the network)."""
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
     root = artifact_root(uri)
     if root:
         cmd += ["--default-artifact-root", root]

@@ -30,7 +30,7 @@ def crop_grid(batch: Mapping[str, Any], max_images: int = 8, pad: int = 2):
         if t.shape[0] != h or t.shape[1] != w:
             t = np.asarray(Image.fromarray(t).resize((w, h), Image.NEAREST))
         y, x = pad + r * (h + pad), pad + col * (w + pad)
-        canvas[y:y + h, x:x + w] = t
+        canvas[y : y + h, x : x + w] = t
 
     for i in range(n):
         for v in range(num_g):

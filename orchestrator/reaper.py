@@ -39,7 +39,9 @@ class PlacementGroupReaper:
 
     def register(self, owner: Any, pg: PlacementGroup) -> None:
         with self._lock:
-            entry = self._watched.setdefault(owner._actor_id.hex(), {"owner": owner, "groups": [], "ping": None})
+            entry = self._watched.setdefault(
+                owner._actor_id.hex(), {"owner": owner, "groups": [], "ping": None}
+            )
             entry["groups"].append(pg)
 
     def settle(self, timeout_s: float = 15.0) -> int:

@@ -33,8 +33,18 @@ from trainers.options import ConfigError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 #: Never uploaded: the local virtual environment, MLflow store / data shards / Ray results, VCS data.
-EXCLUDES = [".venv", ".bamray", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache", "mlruns",
-            "mlflow.db", "bench/results"]
+EXCLUDES = [
+    ".venv",
+    ".bamray",
+    ".git",
+    "**/__pycache__",
+    "*.egg-info",
+    ".pytest_cache",
+    ".ruff_cache",
+    "mlruns",
+    "mlflow.db",
+    "bench/results",
+]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -45,11 +55,18 @@ def submit_working_dir() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-def build_runtime_env(working_dir: str | os.PathLike | None = None, pip: list[str] | None = None,
-                      env_vars: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_runtime_env(
+    working_dir: str | os.PathLike | None = None,
+    pip: list[str] | None = None,
+    env_vars: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """``runtime_env`` for the job: the project as ``working_dir`` (with :data:`EXCLUDES`), optional pip
     requirements (a cluster whose image lacks the project's dependencies) and environment variables."""
-    env: dict[str, Any] = {"working_dir": str(working_dir or submit_working_dir()), "excludes": list(EXCLUDES)}
+    env: dict[str, Any] = {
+        "working_dir": str(working_dir or submit_working_dir()),
+        "excludes": list(EXCLUDES),
+    }
     if pip:
         env["pip"] = list(pip)
     if env_vars:
@@ -61,7 +78,9 @@ def build_runtime_env(working_dir: str | os.PathLike | None = None, pip: list[st
 def entrypoint(args: list[str], python: str = "python") -> str:
     """``python -m orchestrator <args>``, shell-quoted (the job server runs it through a shell)."""
     if not args:
-        raise ConfigError("submit", "nothing to run: give a bamray command after --, e.g. -- sweep --config ...")
+        raise ConfigError(
+            "submit", "nothing to run: give a bamray command after --, e.g. -- sweep --config ..."
+        )
     if args[0] in ("submit",):
         raise ConfigError("submit", "a submitted job cannot submit another job")
     return " ".join([shlex.quote(python), "-m", "orchestrator", *(shlex.quote(a) for a in args)])
@@ -87,12 +106,23 @@ def job_client(address: str):
     return JobSubmissionClient(address)
 
 
-def submit_job(args: list[str], address: str = DEFAULT_ADDRESS, *, runtime_env: dict[str, Any] | None = None,
-               submission_id: str | None = None, python: str = "python", metadata: dict[str, str] | None = None) -> str:
+def submit_job(
+    args: list[str],
+    address: str = DEFAULT_ADDRESS,
+    *,
+    runtime_env: dict[str, Any] | None = None,
+    submission_id: str | None = None,
+    python: str = "python",
+    metadata: dict[str, str] | None = None,
+) -> str:
     """Submit ``python -m orchestrator <args>``; returns the submission id."""
     client = job_client(address)
-    return client.submit_job(entrypoint=entrypoint(args, python), runtime_env=runtime_env or build_runtime_env(),
-                             submission_id=submission_id, metadata=metadata or {"bamray": "1"})
+    return client.submit_job(
+        entrypoint=entrypoint(args, python),
+        runtime_env=runtime_env or build_runtime_env(),
+        submission_id=submission_id,
+        metadata=metadata or {"bamray": "1"},
+    )
 
 
 def follow_logs(address: str, job_id: str) -> None:
@@ -138,11 +168,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
     address = args.address or os.environ.get("RAY_JOB_ADDRESS") or DEFAULT_ADDRESS
     extra = json.loads(args.runtime_env_json) if args.runtime_env_json else None
     runtime_env = build_runtime_env(args.working_dir, args.pip, _env_pairs(args.env), extra)
-    job_id = submit_job(command, address, runtime_env=runtime_env, submission_id=args.job_id, python=args.python)
+    job_id = submit_job(
+        command, address, runtime_env=runtime_env, submission_id=args.job_id, python=args.python
+    )
     print(f"submitted job {job_id} to {address}: {entrypoint(command, args.python)}", flush=True)
     if args.no_wait:
-        print(f"  follow it with `ray job logs --address {address} --follow {job_id}`; "
-              f"stop it with `ray job stop --address {address} {job_id}`")
+        print(
+            f"  follow it with `ray job logs --address {address} --follow {job_id}`; "
+            f"stop it with `ray job stop --address {address} {job_id}`"
+        )
         return 0
     follow_logs(address, job_id)
     status = wait_for_job(address, job_id)
@@ -153,11 +187,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def add_submit_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``bamray submit`` on the CLI's subparsers."""
     s = subparsers.add_parser(
-        "submit", help="run a bamray command as a Ray Job on a cluster (project uploaded as working_dir)",
+        "submit",
+        help="run a bamray command as a Ray Job on a cluster (project uploaded as working_dir)",
         description="bamray submit [--address URL] -- sweep --config ... : submits `python -m orchestrator <args>` "
-                    "with the project as runtime_env working_dir, then follows its logs.")
-    s.add_argument("--address", help=f"Ray job server (dashboard) URL (default: RAY_JOB_ADDRESS or {DEFAULT_ADDRESS})")
-    s.add_argument("--no-wait", action="store_true", help="return after submitting instead of following the logs")
+        "with the project as runtime_env working_dir, then follows its logs.",
+    )
+    s.add_argument(
+        "--address", help=f"Ray job server (dashboard) URL (default: RAY_JOB_ADDRESS or {DEFAULT_ADDRESS})"
+    )
+    s.add_argument(
+        "--no-wait", action="store_true", help="return after submitting instead of following the logs"
+    )
     s.add_argument("--working-dir", help="directory to upload (default: the project root)")
     s.add_argument("--pip", action="append", metavar="REQ", help="pip requirement for the job's environment")
     s.add_argument("--env", action="append", metavar="KEY=VALUE", help="environment variable for the job")

@@ -99,7 +99,7 @@ def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI, else None."""
     if not uri.startswith("sqlite:///"):
         return None
-    return Path(uri[len("sqlite:///"):])
+    return Path(uri[len("sqlite:///") :])
 
 
 def artifact_root(uri: str) -> str | None:
@@ -140,7 +140,9 @@ def _is_transient(err: BaseException) -> bool:
     return False
 
 
-def with_retry(fn: Callable[..., T], *args: Any, attempts: int = 8, base_delay: float = 0.2, **kwargs: Any) -> T:
+def with_retry(
+    fn: Callable[..., T], *args: Any, attempts: int = 8, base_delay: float = 0.2, **kwargs: Any
+) -> T:
     """Call ``fn`` and retry transient store errors (locked SQLite, server unreachable) with exponential
     backoff (0.2 s, 0.4 s, ... capped at 10 s) rather than dropping the write."""
     for attempt in range(attempts):
@@ -199,10 +201,16 @@ def git_commit(path: str | os.PathLike | None = None) -> str:
     """``HEAD`` of the repository holding this package (``+dirty`` when modified), or ``unknown``."""
     cwd = Path(path) if path else Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -247,7 +255,7 @@ def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> list[str]:
             continue
         new.append(Param(k, value))
     for i in range(0, len(new), PARAMS_PER_BATCH):
-        with_retry(c.log_batch, run_id, params=new[i:i + PARAMS_PER_BATCH])
+        with_retry(c.log_batch, run_id, params=new[i : i + PARAMS_PER_BATCH])
     return changed
 
 
@@ -257,7 +265,7 @@ def log_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
     items = [RunTag(k, str(v)[:MAX_TAG_LENGTH]) for k, v in tags.items()]
     c = client(uri)
     for i in range(0, len(items), PARAMS_PER_BATCH):
-        with_retry(c.log_batch, run_id, tags=items[i:i + PARAMS_PER_BATCH])
+        with_retry(c.log_batch, run_id, tags=items[i : i + PARAMS_PER_BATCH])
 
 
 def create_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str]) -> str:
@@ -292,7 +300,9 @@ def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) 
         with_retry(client(uri).log_batch, run_id, metrics=items)
 
 
-def log_artifacts(uri: str, run_id: str, local_dir: str | os.PathLike, artifact_path: str | None = None) -> None:
+def log_artifacts(
+    uri: str, run_id: str, local_dir: str | os.PathLike, artifact_path: str | None = None
+) -> None:
     with_retry(client(uri).log_artifacts, run_id, str(local_dir), artifact_path)
 
 
@@ -364,8 +374,15 @@ class MetricLogger:
     Non-finite values are dropped (MLflow stores NaN, but a NaN point in a loss chart hides the rest).
     """
 
-    def __init__(self, uri: str, run_id: str, *, flush_every: int = 200, flush_secs: float = 15.0,
-                 skip_upto: Mapping[str, int] | None = None):
+    def __init__(
+        self,
+        uri: str,
+        run_id: str,
+        *,
+        flush_every: int = 200,
+        flush_secs: float = 15.0,
+        skip_upto: Mapping[str, int] | None = None,
+    ):
         self.uri = uri
         self.run_id = run_id
         self.flush_every = flush_every
@@ -391,7 +408,7 @@ class MetricLogger:
         while self._buffer:
             chunk = self._buffer[:METRICS_PER_BATCH]
             with_retry(self._client.log_batch, self.run_id, metrics=chunk)
-            del self._buffer[:len(chunk)]
+            del self._buffer[: len(chunk)]
             self.logged += len(chunk)
         self._last_flush = time.monotonic()
 

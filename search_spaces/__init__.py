@@ -32,6 +32,16 @@ from search_spaces.space import CLIP_RULES, DISCRETE_TYPES, PARAM_TYPES, SearchS
 from search_spaces.validate import ConfigCheck, load_space, validate_space
 
 __all__ = [
-    "CLIP_RULES", "DISCRETE_TYPES", "PARAM_TYPES", "SPACES_DIR", "ConfigCheck", "SearchSpace", "SpaceParam",
-    "available_spaces", "load_space", "read_space", "space_from_dict", "validate_space",
+    "CLIP_RULES",
+    "DISCRETE_TYPES",
+    "PARAM_TYPES",
+    "SPACES_DIR",
+    "ConfigCheck",
+    "SearchSpace",
+    "SpaceParam",
+    "available_spaces",
+    "load_space",
+    "read_space",
+    "space_from_dict",
+    "validate_space",
 ]

@@ -35,14 +35,19 @@ def _parse_header(key: Any, spec: Any, space: str) -> tuple[str, str | None, str
         raise ConfigError(where, f"search space {space!r}: expected a mapping with 'type', got {spec!r}")
     unknown = set(spec) - {"type", "low", "high", "values", "clip", "help"}
     if unknown:
-        raise ConfigError(where, f"search space {space!r}: unknown entries {sorted(unknown)}; "
-                                 "allowed: type, low, high, values, clip, help")
+        raise ConfigError(
+            where,
+            f"search space {space!r}: unknown entries {sorted(unknown)}; "
+            "allowed: type, low, high, values, clip, help",
+        )
     kind = spec.get("type")
     if kind not in PARAM_TYPES:
         raise ConfigError(where, f"search space {space!r}: type {kind!r}; allowed: {list(PARAM_TYPES)}")
     clip = spec.get("clip")
     if clip is not None and clip not in CLIP_RULES:
-        raise ConfigError(where, f"search space {space!r}: unknown clip rule {clip!r}; allowed: {sorted(CLIP_RULES)}")
+        raise ConfigError(
+            where, f"search space {space!r}: unknown clip rule {clip!r}; allowed: {sorted(CLIP_RULES)}"
+        )
     return kind, clip, str(spec.get("help", ""))
 
 
@@ -55,14 +60,20 @@ def _parse_range(where: str, kind: str, spec: dict[str, Any], space: str) -> tup
     low, high = _number(spec["low"], where), _number(spec["high"], where)
     if kind == "randint":
         if not (float(low).is_integer() and float(high).is_integer()):
-            raise ConfigError(where, f"search space {space!r}: randint needs integer low/high, got {low!r}, {high!r}")
+            raise ConfigError(
+                where, f"search space {space!r}: randint needs integer low/high, got {low!r}, {high!r}"
+            )
         low, high = int(low), int(high)
         if low > high:
-            raise ConfigError(where, f"search space {space!r}: empty range low={low} > high={high} (need low <= high)")
+            raise ConfigError(
+                where, f"search space {space!r}: empty range low={low} > high={high} (need low <= high)"
+            )
         return low, high
     low, high = float(low), float(high)
     if not low < high:
-        raise ConfigError(where, f"search space {space!r}: empty range low={low} >= high={high} (need low < high)")
+        raise ConfigError(
+            where, f"search space {space!r}: empty range low={low} >= high={high} (need low < high)"
+        )
     if kind == "loguniform" and low <= 0:
         raise ConfigError(where, f"search space {space!r}: loguniform needs low > 0, got low={low}")
     return low, high
@@ -74,7 +85,9 @@ def _parse_param(key: str, spec: Any, space: str) -> SpaceParam:
     if kind in ("choice", "grid"):
         values = spec.get("values")
         if not isinstance(values, (list, tuple)) or not values:
-            raise ConfigError(where, f"search space {space!r}: {kind} needs a non-empty 'values' list, got {values!r}")
+            raise ConfigError(
+                where, f"search space {space!r}: {kind} needs a non-empty 'values' list, got {values!r}"
+            )
         if "low" in spec or "high" in spec:
             raise ConfigError(where, f"search space {space!r}: {kind} takes 'values', not low/high")
         return SpaceParam(key, kind, values=tuple(values), clip=clip, help=help_text)
@@ -88,7 +101,10 @@ def space_from_dict(raw: dict[str, Any], default_name: str = "custom", source: s
         raise ConfigError("--space", f"a search space must be a YAML mapping, got {type(raw).__name__}")
     unknown = set(raw) - {"name", "description", "method", "params"}
     if unknown:
-        raise ConfigError("--space", f"unknown top-level entries {sorted(unknown)}; allowed: name, description, method, params")
+        raise ConfigError(
+            "--space",
+            f"unknown top-level entries {sorted(unknown)}; allowed: name, description, method, params",
+        )
     name = str(raw.get("name") or default_name)
     params_raw = raw.get("params")
     if not isinstance(params_raw, dict) or not params_raw:
@@ -97,8 +113,9 @@ def space_from_dict(raw: dict[str, Any], default_name: str = "custom", source: s
     method = raw.get("method")
     if method is not None and not isinstance(method, str):
         raise ConfigError("--space", f"search space {name!r}: 'method' must be a method name, got {method!r}")
-    return SearchSpace(name=name, params=params, description=str(raw.get("description") or ""),
-                       method=method, source=source)
+    return SearchSpace(
+        name=name, params=params, description=str(raw.get("description") or ""), method=method, source=source
+    )
 
 
 def read_space(name_or_path: str | Path | dict[str, Any]) -> SearchSpace:
@@ -114,6 +131,11 @@ def read_space(name_or_path: str | Path | dict[str, Any]) -> SearchSpace:
     shipped = SPACES_DIR / f"{p.name}.yaml"
     if shipped.exists():
         with open(shipped) as f:
-            return space_from_dict(yaml.safe_load(f), default_name=p.name, source=f"search_spaces/{p.name}.yaml")
-    raise ConfigError("--space", f"unknown space {str(name_or_path)!r}; shipped spaces: {available_spaces()} "
-                                 "(or a path to a YAML file)")
+            return space_from_dict(
+                yaml.safe_load(f), default_name=p.name, source=f"search_spaces/{p.name}.yaml"
+            )
+    raise ConfigError(
+        "--space",
+        f"unknown space {str(name_or_path)!r}; shipped spaces: {available_spaces()} "
+        "(or a path to a YAML file)",
+    )

@@ -15,7 +15,11 @@ DISCRETE_TYPES = ("choice", "grid", "randint")
 def _bam_targets(d: dict[str, Any]) -> int:
     """Targets in BAM's global batch: the columns the top-k keeps (``num_target_crops x B x W``)."""
     method = d.get("method") or {}
-    return int(method.get("num_target_crops", 2)) * int(d["optim"]["batch_size"]) * max(int(d["train"]["workers"]), 1)
+    return (
+        int(method.get("num_target_crops", 2))
+        * int(d["optim"]["batch_size"])
+        * max(int(d["train"]["workers"]), 1)
+    )
 
 
 #: clip rules: name -> (limit from the nested config dict, what the limit is)

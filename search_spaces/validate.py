@@ -28,17 +28,25 @@ def validate_space(space: SearchSpace, base: Mapping[str, Any], check: ConfigChe
     """
     base_method = (base.get("method") or {}).get("name")
     if space.method and space.method != base_method:
-        raise ConfigError("method.name", f"search space {space.name!r} tunes method {space.method!r} but the base "
-                                         f"config uses {base_method!r}; pick a {space.method} config")
+        raise ConfigError(
+            "method.name",
+            f"search space {space.name!r} tunes method {space.method!r} but the base "
+            f"config uses {base_method!r}; pick a {space.method} config",
+        )
     flat_base = flatten(dict(base))
     params: dict[str, SpaceParam] = {}
     for key, p in space.params.items():
         if key == "method.name":
-            raise ConfigError(key, f"search space {space.name!r}: the method cannot be searched inside one space")
+            raise ConfigError(
+                key, f"search space {space.name!r}: the method cannot be searched inside one space"
+            )
         current = flat_base.get(key)
         if p.type in ("uniform", "loguniform") and isinstance(current, int) and not isinstance(current, bool):
-            raise ConfigError(key, f"search space {space.name!r}: {key} is an integer field; use randint or choice, "
-                                   f"not {p.type}")
+            raise ConfigError(
+                key,
+                f"search space {space.name!r}: {key} is an integer field; use randint or choice, "
+                f"not {p.type}",
+            )
         if p.clip:
             p = _clip_param(p, CLIP_RULES[p.clip][0](dict(base)), space.name)
         for value in p.candidates():
@@ -53,7 +61,9 @@ def _check_value(p: SpaceParam, value: Any, check: ConfigCheck, space: str) -> N
         check({p.key: value})
     except ConfigError as err:
         detail = err.message if err.field == p.key else f"{err.field}: {err.message}"
-        raise ConfigError(p.key, f"search space {space!r}: {p.type} {what}={value!r} is invalid: {detail}") from err
+        raise ConfigError(
+            p.key, f"search space {space!r}: {p.type} {what}={value!r} is invalid: {detail}"
+        ) from err
 
 
 def _clip_param(p: SpaceParam, limit: float, space: str) -> SpaceParam:
@@ -66,10 +76,14 @@ def _clip_param(p: SpaceParam, limit: float, space: str) -> SpaceParam:
                 clipped.append(v)
         return dataclasses.replace(p, values=tuple(clipped))
     if p.low > limit:
-        raise ConfigError(p.key, f"search space {space!r}: low={p.low} exceeds the clip limit {limit} ({rule})")
+        raise ConfigError(
+            p.key, f"search space {space!r}: low={p.low} exceeds the clip limit {limit} ({rule})"
+        )
     return dataclasses.replace(p, high=min(p.high, type(p.high)(limit)))
 
 
-def load_space(name_or_path: str | Path | dict[str, Any], base: Mapping[str, Any], check: ConfigCheck) -> SearchSpace:
+def load_space(
+    name_or_path: str | Path | dict[str, Any], base: Mapping[str, Any], check: ConfigCheck
+) -> SearchSpace:
     """Load a shipped space by name, a YAML file, or a dict; validate and clip it against ``base``."""
     return validate_space(read_space(name_or_path), base, check)

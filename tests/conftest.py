@@ -37,7 +37,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         name = Path(str(item.fspath)).name
         if any(fnmatch.fnmatch(name, p) for p in RAY_FILE_PATTERNS) or RAY_FIXTURES.intersection(
-                getattr(item, "fixturenames", ())):
+            getattr(item, "fixturenames", ())
+        ):
             item.add_marker(pytest.mark.ray)
         if any(fnmatch.fnmatch(name, p) for p in SLOW_FILE_PATTERNS) or f"{name}::{item.name}" in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
@@ -72,5 +73,7 @@ def ray_local():
 def fmnist_src() -> Path:
     """The real Fashion-MNIST IDX files (Debian package dataset-fashion-mnist)."""
     if not (FMNIST_DIR / "train-images-idx3-ubyte.gz").exists():
-        pytest.fail(f"Fashion-MNIST not found in {FMNIST_DIR}: run `make setup` (apt-get install dataset-fashion-mnist)")
+        pytest.fail(
+            f"Fashion-MNIST not found in {FMNIST_DIR}: run `make setup` (apt-get install dataset-fashion-mnist)"
+        )
     return FMNIST_DIR

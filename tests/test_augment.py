@@ -18,8 +18,15 @@ from trainers.options import ConfigError
 
 # Every random op off and a full-image "random" crop (scale 1 forces the centred full box): the views
 # are then exactly the input image, so each test can switch on one op and predict the pixels.
-IDENTITY = dict(global_crop_scale=(1.0, 1.0), local_crop_scale=(1.0, 1.0), flip_p=0.0, color_jitter_p=0.0,
-                grayscale_p=0.0, blur_p=(0.0, 0.0, 0.0), solarize_p=0.0)
+IDENTITY = dict(
+    global_crop_scale=(1.0, 1.0),
+    local_crop_scale=(1.0, 1.0),
+    flip_p=0.0,
+    color_jitter_p=0.0,
+    grayscale_p=0.0,
+    blur_p=(0.0, 0.0, 0.0),
+    solarize_p=0.0,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,7 +52,9 @@ def test_shapes_and_dtypes(images):
     g, loc = aug(_t(images[0]), seed=0, epoch=0, index=0)
     assert g.shape == (2, 1, 28, 28) and g.dtype == torch.uint8
     assert loc.shape == (6, 1, 12, 12) and loc.dtype == torch.uint8
-    cfg = DataConfig(channels=3, mean=(0.5,) * 3, std=(0.5,) * 3, global_crops=3, local_crops=0, global_crop_size=32)
+    cfg = DataConfig(
+        channels=3, mean=(0.5,) * 3, std=(0.5,) * 3, global_crops=3, local_crops=0, global_crop_size=32
+    )
     g, loc = MultiCropAugment(cfg)(Image.fromarray(images[1]), seed=0, epoch=0, index=1)
     assert g.shape == (3, 3, 32, 32) and loc.shape == (0, 3, 12, 12)
     gb, lb = MultiCropAugment(DataConfig()).augment_batch([_t(im) for im in images[:5]], 0, 0, range(5))
@@ -58,8 +67,11 @@ def test_deterministic_per_seed_epoch_index(images):
     g0, l0 = aug(x, seed=7, epoch=2, index=3)
     g1, l1 = MultiCropAugment(DataConfig())(x, seed=7, epoch=2, index=3)  # a fresh instance: no hidden state
     assert torch.equal(g0, g1) and torch.equal(l0, l1)
-    for other in ({"seed": 8, "epoch": 2, "index": 3}, {"seed": 7, "epoch": 3, "index": 3},
-                  {"seed": 7, "epoch": 2, "index": 4}):
+    for other in (
+        {"seed": 8, "epoch": 2, "index": 3},
+        {"seed": 7, "epoch": 3, "index": 3},
+        {"seed": 7, "epoch": 2, "index": 4},
+    ):
         g2, l2 = aug(x, **other)
         assert not torch.equal(g0, g2), other
         assert not torch.equal(l0, l2), other
@@ -152,8 +164,12 @@ def test_grayscale_saturation_hue_on_rgb(images):
     for view in g:
         assert torch.equal(view[0], view[1]) and torch.equal(view[1], view[2])
         np.testing.assert_allclose(view[0].numpy(), luma, atol=1)
-    cfg = DataConfig(**{**IDENTITY, "color_jitter_p": 1.0, "color_jitter": (0.0, 0.0, 0.0, 0.5)},
-                     channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
+    cfg = DataConfig(
+        **{**IDENTITY, "color_jitter_p": 1.0, "color_jitter": (0.0, 0.0, 0.0, 0.5)},
+        channels=3,
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+    )
     g, _ = MultiCropAugment(cfg)(x, 0, 0, 9)
     assert not torch.equal(g[0], x)
     gray = torch.from_numpy(np.repeat(images[9][None], 3, 0))  # hue leaves grey pixels alone
@@ -176,7 +192,9 @@ def test_blur_per_view_probability(images):
 def test_clean_transform_resize_and_centre_crop(images):
     x = _t(images[13])
     assert torch.equal(clean_transform(x, 28), x)
-    wide = torch.from_numpy(np.concatenate([images[14][:, :6], images[13], images[14][:, :6]], axis=1)).unsqueeze(0)
+    wide = torch.from_numpy(
+        np.concatenate([images[14][:, :6], images[13], images[14][:, :6]], axis=1)
+    ).unsqueeze(0)
     assert wide.shape == (1, 28, 40)
     assert torch.equal(clean_transform(wide, 28), x)  # shorter side already 28: centre columns 6..33
     small = clean_transform(x, 14)
@@ -192,7 +210,9 @@ def test_decode_image(images):
     assert torch.equal(decode_image(png, 1)[0], torch.from_numpy(images[15].copy()))
     assert decode_image(png, 3).shape == (3, 28, 28)
     assert decode_image(png[: len(png) // 2], 1) is None
-    assert decode_image(b"garbage", 1) is None and decode_image(b"", 1) is None and decode_image(None, 1) is None
+    assert (
+        decode_image(b"garbage", 1) is None and decode_image(b"", 1) is None and decode_image(None, 1) is None
+    )
 
 
 def test_input_conversions_and_bad_config(images):

@@ -19,13 +19,16 @@ TINY_RESNET = {"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]}
 
 
 def _resnet(stem: str, size: int = 28, kwargs: dict | None = None) -> nn.Module:
-    cfg = ModelConfig(backbone="resnet18", stem=stem, backbone_kwargs=dict(TINY_RESNET if kwargs is None else kwargs))
+    cfg = ModelConfig(
+        backbone="resnet18", stem=stem, backbone_kwargs=dict(TINY_RESNET if kwargs is None else kwargs)
+    )
     model, _ = build_backbone(cfg, in_chans=1, default_img_size=size)
     return model
 
 
-@pytest.mark.parametrize("size, expected", [(28, "small"), (32, "small"), (64, "small"), (96, "imagenet"),
-                                            (224, "imagenet")])
+@pytest.mark.parametrize(
+    "size, expected", [(28, "small"), (32, "small"), (64, "small"), (96, "imagenet"), (224, "imagenet")]
+)
 def test_auto_stem_picks_by_image_size(size, expected):
     assert resolve_stem("auto", size) == expected
     assert resolve_stem("imagenet", 28) == "imagenet" and resolve_stem("small", 224) == "small"
@@ -52,16 +55,18 @@ def test_auto_stem_is_small_at_28px_and_timm_constructor_arguments_pass_through(
 
 
 def test_deep_stem_resnets_get_the_small_stem_too():
-    cfg = ModelConfig(backbone="resnet26d", stem="small", backbone_kwargs={"channels": [8, 16, 32, 64],
-                                                                            "stem_width": 8})
+    cfg = ModelConfig(
+        backbone="resnet26d", stem="small", backbone_kwargs={"channels": [8, 16, 32, 64], "stem_width": 8}
+    )
     model, dim = build_backbone(cfg, in_chans=3, default_img_size=32)
     assert model.conv1.out_channels == model.bn1.num_features == 16  # deep stem: 2 x stem_width
     with torch.no_grad():
         assert model.forward_features(torch.randn(1, 3, 32, 32)).shape[-1] == 4
 
 
-@pytest.mark.parametrize("sizes, patch", [((28, 12), 4), ((32,), 4), ((32, 16), 4), ((64, 32), 8),
-                                          ((224, 96), 16), ((30,), 2)])
+@pytest.mark.parametrize(
+    "sizes, patch", [((28, 12), 4), ((32,), 4), ((32, 16), 4), ((64, 32), 8), ((224, 96), 16), ((30,), 2)]
+)
 def test_small_patch_divides_every_crop_and_leaves_a_7x7_grid(sizes, patch):
     assert small_patch_size(sizes) == patch
     assert all(s % patch == 0 for s in sizes) and sizes[0] // patch >= 7
@@ -83,7 +88,9 @@ def test_small_stem_on_an_unsupported_family_is_a_config_error_and_auto_leaves_i
     cfg = ModelConfig(backbone="efficientnet_b0", stem="small")
     with pytest.raises(ConfigError, match="model.stem"):
         build_backbone(cfg, in_chans=1, default_img_size=28)
-    model, _ = build_backbone(ModelConfig(backbone="efficientnet_b0", stem="auto"), in_chans=1, default_img_size=28)
+    model, _ = build_backbone(
+        ModelConfig(backbone="efficientnet_b0", stem="auto"), in_chans=1, default_img_size=28
+    )
     assert model.conv_stem.stride == (2, 2)  # timm's own
 
 
@@ -93,9 +100,18 @@ def test_stem_is_a_checked_config_field():
 
 
 def _tiny_bam_cfg(extra=()):
-    return load_config("bam_fmnist", ["model.backbone_kwargs={layers: [1, 1, 1, 1], channels: [8, 16, 32, 64]}",
-                                      "method.proj_hidden_dim=32", "method.proj_out_dim=16", "method.top_k_sink=0",
-                                      "optim.batch_size=4", "train.workers=1", *extra])
+    return load_config(
+        "bam_fmnist",
+        [
+            "model.backbone_kwargs={layers: [1, 1, 1, 1], channels: [8, 16, 32, 64]}",
+            "method.proj_hidden_dim=32",
+            "method.proj_out_dim=16",
+            "method.top_k_sink=0",
+            "optim.batch_size=4",
+            "train.workers=1",
+            *extra,
+        ],
+    )
 
 
 def test_export_records_the_stem_it_built_and_reloads_to_the_same_outputs(tmp_path):
@@ -122,8 +138,9 @@ def test_training_checkpoint_of_a_small_stem_run_resumes_to_the_same_next_step(t
 
     cfg = _tiny_bam_cfg(["train.precision=fp32"])
     gen = torch.Generator().manual_seed(0)
-    crops = [torch.randn(4, 1, 28, 28, generator=gen) for _ in range(2)] + \
-        [torch.randn(4, 1, 12, 12, generator=gen) for _ in range(2)]
+    crops = [torch.randn(4, 1, 28, 28, generator=gen) for _ in range(2)] + [
+        torch.randn(4, 1, 12, 12, generator=gen) for _ in range(2)
+    ]
 
     def fresh(c):
         m = build_method(c, device="cpu", steps_per_epoch=4, batch_size=4)
@@ -131,13 +148,16 @@ def test_training_checkpoint_of_a_small_stem_run_resumes_to_the_same_next_step(t
 
     method, engine = fresh(cfg)
     engine.train_step(crops)
-    ckpt.save_training_state(tmp_path, engine_state=engine.state_dict(), epoch=1, mlflow_run_id=None,
-                             config=cfg.to_dict())
+    ckpt.save_training_state(
+        tmp_path, engine_state=engine.state_dict(), epoch=1, mlflow_run_id=None, config=cfg.to_dict()
+    )
     expected = engine.train_step(crops)["loss"]
 
     state = ckpt.load_training_state(tmp_path)
     restored_cfg = config_from_dict(upgrade_saved_config(state["config"]))
-    assert restored_cfg.model.stem == "auto" and restored_cfg.model.backbone_kwargs == cfg.model.backbone_kwargs
+    assert (
+        restored_cfg.model.stem == "auto" and restored_cfg.model.backbone_kwargs == cfg.model.backbone_kwargs
+    )
     method2, engine2 = fresh(restored_cfg)
     assert isinstance(method2.backbone.maxpool, nn.Identity) and method2.backbone.conv1.stride == (1, 1)
     engine2.load_state_dict(state["engine"])

@@ -23,13 +23,16 @@ from trainers.schedules import reg_schedule
 
 # The loss may offer several equivalent implementations of the cross-view reduction; test each.
 LOSS_VARIANTS = [pytest.param({}, id="default")] + (
-    [pytest.param({"vectorized": False}, id="loop")] if "vectorized" in inspect.signature(BAMLoss).parameters else []
+    [pytest.param({"vectorized": False}, id="loop")]
+    if "vectorized" in inspect.signature(BAMLoss).parameters
+    else []
 )
 
 
 # ---------------------------------------------------------------- independent reference (float64)
-def official_positive_mask(batch_size: int, num_crops: int, num_target_crops: int, world: int = 1,
-                           rank: int = 0) -> torch.Tensor:
+def official_positive_mask(
+    batch_size: int, num_crops: int, num_target_crops: int, world: int = 1, rank: int = 0
+) -> torch.Tensor:
     """``get_positive_mask`` of the official ``bam/masks.py``: built for every crop, sliced to targets."""
     mask = torch.zeros(batch_size, batch_size * num_crops * world)
     start = torch.arange(num_crops) * (batch_size * world) + rank * batch_size
@@ -38,8 +41,9 @@ def official_positive_mask(batch_size: int, num_crops: int, num_target_crops: in
     return mask.repeat(num_crops, 1).bool()[:, : num_target_crops * world * batch_size]
 
 
-def official_sinkhorn(scores: torch.Tensor, mask: torch.Tensor, reg: float, num_iters: int,
-                      n_masked: int) -> torch.Tensor:
+def official_sinkhorn(
+    scores: torch.Tensor, mask: torch.Tensor, reg: float, num_iters: int, n_masked: int
+) -> torch.Tensor:
     """The official multiplicative Sinkhorn: ``BAMLoss._sinkhorn`` + ``distributed_sinkhorn`` (1 worker)."""
     a = (scores / reg).masked_fill(mask, torch.finfo(scores.dtype).min)
     a = a - a.max()
@@ -63,9 +67,19 @@ def official_keep_top_values(p: torch.Tensor, num_views: int, top_k: int) -> tor
     return out / out.sum(dim=-1, keepdim=True)
 
 
-def official_bam_loss(z: torch.Tensor, z_teacher: torch.Tensor | None, num_crops: int, num_global: int,
-                      num_target: int, reg: float, temperature: float, num_iters: int, top_k: int = 0,
-                      positive_masking: bool = True, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def official_bam_loss(
+    z: torch.Tensor,
+    z_teacher: torch.Tensor | None,
+    num_crops: int,
+    num_global: int,
+    num_target: int,
+    reg: float,
+    temperature: float,
+    num_iters: int,
+    top_k: int = 0,
+    positive_masking: bool = True,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
     """``BAMLoss.compute_loss`` / ``DistillBAMLoss.compute_loss`` of the official code, single worker."""
     b = z.shape[0] // num_crops
     z = F.normalize(z.detach().to(dtype), dim=-1)
@@ -77,7 +91,9 @@ def official_bam_loss(z: torch.Tensor, z_teacher: torch.Tensor | None, num_crops
         mask = official_positive_mask(b, num_crops, num_target)
     else:
         mask = torch.zeros_like(q, dtype=torch.bool)
-    p = official_sinkhorn(q_tgt, mask, reg, num_iters, num_target if positive_masking else 0)[: b * num_global]
+    p = official_sinkhorn(q_tgt, mask, reg, num_iters, num_target if positive_masking else 0)[
+        : b * num_global
+    ]
     if top_k > 0:
         p = official_keep_top_values(p, num_global, top_k)
     p_views = p.chunk(num_global)
@@ -104,14 +120,16 @@ def make_bam(variant: dict, **kwargs) -> BAMLoss:
 def test_positive_mask_single_worker_by_hand():
     # 3 crops x B=2 rows, targets = first 2 crops: columns (t0,i0) (t0,i1) (t1,i0) (t1,i1).
     x, o = True, False
-    expected = torch.tensor([
-        [x, o, x, o],  # crop 0, image 0
-        [o, x, o, x],  # crop 0, image 1
-        [x, o, x, o],  # crop 1, image 0
-        [o, x, o, x],
-        [x, o, x, o],  # crop 2 (not a target) still masks its image's target views
-        [o, x, o, x],
-    ])
+    expected = torch.tensor(
+        [
+            [x, o, x, o],  # crop 0, image 0
+            [o, x, o, x],  # crop 0, image 1
+            [x, o, x, o],  # crop 1, image 0
+            [o, x, o, x],
+            [x, o, x, o],  # crop 2 (not a target) still masks its image's target views
+            [o, x, o, x],
+        ]
+    )
     assert torch.equal(positive_mask(3, 2, 2), expected)
     assert torch.equal(official_positive_mask(2, 3, 2), expected)
 
@@ -198,8 +216,17 @@ def test_loss_equals_official_reference(setting, teacher, variant):
     g = torch.Generator().manual_seed(hash(setting) % 2**31)
     z = torch.randn(num_crops * b, dim, generator=g)
     z_teacher = z + 0.5 * torch.randn(num_crops * b, dim, generator=g) if teacher else None
-    loss_fn = make_bam(variant, num_crops=num_crops, num_global_crops=num_global, num_target_crops=num_target,
-                       reg=reg, temperature=0.1, num_sink_iter=iters, top_k_sink=top_k, positive_masking=masking)
+    loss_fn = make_bam(
+        variant,
+        num_crops=num_crops,
+        num_global_crops=num_global,
+        num_target_crops=num_target,
+        reg=reg,
+        temperature=0.1,
+        num_sink_iter=iters,
+        top_k_sink=top_k,
+        positive_masking=masking,
+    )
     ours = loss_fn(z, z_teacher)
     ref = official_bam_loss(z, z_teacher, num_crops, num_global, num_target, reg, 0.1, iters, top_k, masking)
     assert torch.isfinite(ref)
@@ -213,8 +240,12 @@ def _angles_case():
     angles = {(0, 0): 0.0, (0, 1): 100.0, (1, 0): 30.0, (1, 1): 160.0}
     norms = {(0, 0): 2.0, (0, 1): 0.5, (1, 0): 3.0, (1, 1): 1.0}
     order = [(0, 0), (0, 1), (1, 0), (1, 1)]
-    z = torch.tensor([[norms[v] * math.cos(math.radians(angles[v])), norms[v] * math.sin(math.radians(angles[v]))]
-                      for v in order])
+    z = torch.tensor(
+        [
+            [norms[v] * math.cos(math.radians(angles[v])), norms[v] * math.sin(math.radians(angles[v]))]
+            for v in order
+        ]
+    )
 
     def s(a, b):  # cosine similarity of crops a, b
         return math.cos(math.radians(angles[a] - angles[b]))
@@ -255,17 +286,26 @@ def test_tiny_case_converged_plan_closed_form(variant):
     # image 0's rows (a, c) x image 1's columns (b, d); by symmetry of s image 1's block has the same rho
     log_rho = (s(a, b) + s(c, d) - s(a, d) - s(c, b)) / reg
     x = 1.0 / (1.0 + math.exp(-log_rho / 2))
-    expected_p = torch.tensor([
-        [0.0, x, 0.0, 1 - x],   # row (0, 0): columns (0, 1) and (1, 1)
-        [x, 0.0, 1 - x, 0.0],   # row (0, 1): columns (0, 0) and (1, 0)
-        [0.0, 1 - x, 0.0, x],   # row (1, 0)
-        [1 - x, 0.0, x, 0.0],   # row (1, 1)
-    ])
+    expected_p = torch.tensor(
+        [
+            [0.0, x, 0.0, 1 - x],  # row (0, 0): columns (0, 1) and (1, 1)
+            [x, 0.0, 1 - x, 0.0],  # row (0, 1): columns (0, 0) and (1, 0)
+            [0.0, 1 - x, 0.0, x],  # row (1, 0)
+            [1 - x, 0.0, x, 0.0],  # row (1, 1)
+        ]
+    )
     zn = F.normalize(z, dim=1)
     p = sinkhorn((zn @ zn.t() / reg).masked_fill(positive_mask(2, 2, 2), float("-inf")), 300)
     assert torch.allclose(p, expected_p, atol=1e-6)
-    loss_fn = make_bam(variant, num_crops=2, num_global_crops=2, num_target_crops=2, reg=reg, temperature=temp,
-                       num_sink_iter=300)
+    loss_fn = make_bam(
+        variant,
+        num_crops=2,
+        num_global_crops=2,
+        num_target_crops=2,
+        reg=reg,
+        temperature=temp,
+        num_sink_iter=300,
+    )
     expected = _hand_loss(s, (x, 1 - x), (x, 1 - x), temp)
     assert loss_fn(z).item() == pytest.approx(expected, rel=1e-5)
 
@@ -291,12 +331,14 @@ def test_tiny_case_one_iteration_closed_form(variant):
     row_b = (col_a / (col_a + col_c), col_c / (col_a + col_c))
     row_d = ((1 - col_a) / (2 - col_a - col_c), (1 - col_c) / (2 - col_a - col_c))
 
-    expected_p = torch.tensor([
-        [0.0, row_a[0], 0.0, row_a[1]],
-        [row_b[0], 0.0, row_b[1], 0.0],
-        [0.0, row_c[0], 0.0, row_c[1]],
-        [row_d[0], 0.0, row_d[1], 0.0],
-    ])
+    expected_p = torch.tensor(
+        [
+            [0.0, row_a[0], 0.0, row_a[1]],
+            [row_b[0], 0.0, row_b[1], 0.0],
+            [0.0, row_c[0], 0.0, row_c[1]],
+            [row_d[0], 0.0, row_d[1], 0.0],
+        ]
+    )
     zn = F.normalize(z, dim=1)
     p = sinkhorn((zn @ zn.t() / reg).masked_fill(positive_mask(2, 2, 2), float("-inf")), 1)
     assert torch.allclose(p, expected_p, atol=1e-6)
@@ -306,15 +348,24 @@ def test_tiny_case_one_iteration_closed_form(variant):
         (_cross_entropy(row_a, q(c, b, d)) + _cross_entropy(row_b, q(d, a, c))) / 2
         + (_cross_entropy(row_c, q(a, b, d)) + _cross_entropy(row_d, q(b, a, c))) / 2
     ) / 2
-    loss_fn = make_bam(variant, num_crops=2, num_global_crops=2, num_target_crops=2, reg=reg, temperature=temp,
-                       num_sink_iter=1)
+    loss_fn = make_bam(
+        variant,
+        num_crops=2,
+        num_global_crops=2,
+        num_target_crops=2,
+        reg=reg,
+        temperature=temp,
+        num_sink_iter=1,
+    )
     assert loss_fn(z).item() == pytest.approx(expected, rel=1e-5)
 
 
 # ---------------------------------------------------------------- 5. invariants
 @pytest.mark.parametrize("variant", LOSS_VARIANTS)
 def test_extreme_inputs_stay_finite(variant):
-    loss_fn = make_bam(variant, num_crops=4, num_global_crops=2, num_target_crops=2, reg=0.01, temperature=0.05)
+    loss_fn = make_bam(
+        variant, num_crops=4, num_global_crops=2, num_target_crops=2, reg=0.01, temperature=0.05
+    )
     identical = torch.ones(4 * 8, 32)
     assert torch.isfinite(loss_fn(identical))
     # identical embeddings: every target is uniform over the K - T unmasked columns, so is every source:
@@ -370,7 +421,9 @@ def test_gradients_reach_z_and_never_the_teacher(variant):
 @pytest.mark.parametrize("variant", LOSS_VARIANTS)
 def test_loss_decreases_on_a_toy_problem(variant):
     torch.manual_seed(0)
-    loss_fn = make_bam(variant, num_crops=2, num_global_crops=2, num_target_crops=2, reg=0.05, temperature=0.1)
+    loss_fn = make_bam(
+        variant, num_crops=2, num_global_crops=2, num_target_crops=2, reg=0.05, temperature=0.1
+    )
     z = torch.nn.Parameter(torch.randn(2 * 16, 8))
     opt = torch.optim.Adam([z], lr=0.05)
     losses = []
@@ -467,8 +520,15 @@ def _loss_and_grad(images: torch.Tensor, setting: tuple) -> tuple[float, torch.T
     x = images.transpose(0, 1).reshape(-1, DIST_IN)  # crop-major: rows v*B + i
     z = x @ weight.t()
     z_teacher = (x @ teacher_weight.t()) if teacher else None
-    loss_fn = BAMLoss(num_crops=num_crops, num_global_crops=num_global, num_target_crops=num_target, reg=0.1,
-                      temperature=0.1, num_sink_iter=3, top_k_sink=top_k)
+    loss_fn = BAMLoss(
+        num_crops=num_crops,
+        num_global_crops=num_global,
+        num_target_crops=num_target,
+        reg=0.1,
+        temperature=0.1,
+        num_sink_iter=3,
+        top_k_sink=top_k,
+    )
     loss = loss_fn(z, z_teacher)
     loss.backward()
     return loss.item(), weight.grad
@@ -481,7 +541,7 @@ def _bam_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         results = []
         for setting in DIST_SETTINGS:
             images, _, _ = _dist_inputs(setting)
-            local = images[rank * DIST_B:(rank + 1) * DIST_B]  # this worker's 4 images
+            local = images[rank * DIST_B : (rank + 1) * DIST_B]  # this worker's 4 images
             results.append(_loss_and_grad(local, setting))
         torch.save(results, f"{out_dir}/bam_rank{rank}.pt")
     finally:
@@ -522,7 +582,6 @@ def _local_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     os._exit(0)
 
 
-
 def test_gather_distributed_false_is_a_purely_local_loss(tmp_path):
     """Without gathering, each worker's loss must be the single-process loss of its own batch."""
     mp.spawn(_local_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
@@ -533,7 +592,9 @@ def test_gather_distributed_false_is_a_purely_local_loss(tmp_path):
         assert dist_loss == pytest.approx(official_bam_loss(z, None, 3, 2, 2, 0.05, 0.1, 3).item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("num_global, num_crops", [(1, 1), (1, 4), (2, 2), (2, 3), (2, 4), (2, 5), (2, 8), (1, 8)])
+@pytest.mark.parametrize(
+    "num_global, num_crops", [(1, 1), (1, 4), (2, 2), (2, 3), (2, 4), (2, 5), (2, 8), (1, 8)]
+)
 def test_cross_view_reduction_equals_the_loop_in_value_and_gradient(num_global, num_crops):
     """Whichever form ``cross_view_loss`` picks for a crop count, it is the loop's value and gradient."""
     from trainers.losses.bam import cross_view_loss, cross_view_loss_loop

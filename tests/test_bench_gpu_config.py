@@ -6,7 +6,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is a folder of the repo, not an installed package
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # bench/ is a folder of the repo, not an installed package
 
 from bench.common import BenchContext  # noqa: E402
 from bench.fixtures import train_overrides  # noqa: E402
@@ -21,7 +23,9 @@ def test_cuda_overrides_give_a_vit_small_that_builds(tmp_path: Path) -> None:
     assert cfg.model.backbone == "vit_small_patch16_224"
     assert cfg.train.precision == "bf16" and cfg.optim.batch_size == 256
     assert (cfg.data.global_crop_size, cfg.data.local_crop_size, cfg.data.local_crops) == (224, 96, 6)
-    model, dim = build_backbone(cfg.model, in_chans=cfg.data.channels, default_img_size=cfg.data.global_crop_size)
+    model, dim = build_backbone(
+        cfg.model, in_chans=cfg.data.channels, default_img_size=cfg.data.global_crop_size
+    )
     assert dim == 384  # ViT-S width
     with torch.no_grad():
         for size in crop_sizes(cfg.data):

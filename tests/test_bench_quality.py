@@ -41,8 +41,23 @@ def test_quick_quality_benchmark(tmp_path, fmnist_src):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", BAMRAY_FMNIST_SRC=str(fmnist_src))
-    proc = subprocess.run([sys.executable, "-m", "bench.quality", "--quick", "--out", str(tmp_path / "results"),
-                           "--tracking-uri", uri], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.quality",
+            "--quick",
+            "--out",
+            str(tmp_path / "results"),
+            "--tracking-uri",
+            uri,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     (json_file,) = (tmp_path / "results").glob("*-quality-quick.json")
     (png_file,) = (tmp_path / "results").glob("*-quality-quick.png")
@@ -54,13 +69,20 @@ def test_quick_quality_benchmark(tmp_path, fmnist_src):
     xb, yb = _idx(fmnist_src, "train", QUICK["train_limit"])
     xq, yq = _idx(fmnist_src, "t10k", QUICK["val_limit"])
     assert row["raw_pixels_knn_top1"] == pytest.approx(raw_pixel_baseline(xb, yb, xq, yq), abs=1e-9)
-    for key in ("knn_top1", "random_init_knn_top1", "linear_top1", "random_init_linear_top1",
-                "raw_pixels_linear_top1"):
+    for key in (
+        "knn_top1",
+        "random_init_knn_top1",
+        "linear_top1",
+        "random_init_linear_top1",
+        "raw_pixels_linear_top1",
+    ):
         assert 10.0 < row[key] <= 100.0, key  # above chance on 10 classes
 
     # the curve: one k-NN per planned epoch, on the training clock, within the budget's plan
     curve = row["curve"]
-    assert 1 <= len(curve) <= QUICK["max_epochs"] and [p["epoch"] for p in curve] == list(range(1, len(curve) + 1))
+    assert 1 <= len(curve) <= QUICK["max_epochs"] and [p["epoch"] for p in curve] == list(
+        range(1, len(curve) + 1)
+    )
     minutes = [p["minutes"] for p in curve]
     assert all(a < b for a, b in zip([0.0] + minutes, minutes))  # > 0 and rising
     assert row["knn_top1"] == curve[-1]["knn_top1"] and row["epochs"] == len(curve)
@@ -71,7 +93,9 @@ def test_quick_quality_benchmark(tmp_path, fmnist_src):
 
     c = MlflowClient(tracking_uri=uri)
     run = c.get_run(row["run_id"])
-    assert run.info.status == "FINISHED" and run.data.params["train.time_budget_min"] == str(QUICK["budget_min"])
+    assert run.info.status == "FINISHED" and run.data.params["train.time_budget_min"] == str(
+        QUICK["budget_min"]
+    )
     # the run's online raw-pixel k-NN ran on the very same bank and queries
     (pixels,) = c.get_metric_history(row["run_id"], "knn_pixels_top1")
     assert pixels.value == pytest.approx(row["raw_pixels_knn_top1"], abs=1e-9)

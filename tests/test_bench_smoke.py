@@ -42,15 +42,23 @@ def test_results_path_keeps_partial_runs_apart(tmp_path):
     full = results_path("cpu", tmp_path, day)
     assert full.name == f"2026-01-02-{machine_name('cpu')}.json"
     assert results_path("cpu", tmp_path, day, sections=list(reversed(SECTIONS))) == full
-    assert results_path("cpu", tmp_path, day, sections=["step", "loss"]).name == \
-        f"2026-01-02-{machine_name('cpu')}-only-loss+step.json"
+    assert (
+        results_path("cpu", tmp_path, day, sections=["step", "loss"]).name
+        == f"2026-01-02-{machine_name('cpu')}-only-loss+step.json"
+    )
 
 
 def test_quick_mode_writes_valid_json(tmp_path, fmnist_src):
     out_dir = tmp_path / "results"
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", BAMRAY_FMNIST_SRC=str(fmnist_src))
-    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "loss,data", "--out", str(out_dir)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "loss,data", "--out", str(out_dir)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
     files = list(out_dir.glob("*.json"))

@@ -26,12 +26,23 @@ def _fmnist_images(src: Path, n: int) -> np.ndarray:
 
 
 def _tiny_cfg():
-    return load_config("bam_fmnist", [
-        "model.backbone=vit_tiny_patch16_224", "model.patch_size=4", "model.backbone_kwargs={depth: 1}",
-        "data.local_crops=2", "data.local_crop_size=12", "method.top_k_sink=0", "method.proj_hidden_dim=64",
-        "method.proj_out_dim=32", "optim.batch_size=8", "optim.epochs=2", "train.workers=1",
-        "method.momentum=0.9",
-    ])
+    return load_config(
+        "bam_fmnist",
+        [
+            "model.backbone=vit_tiny_patch16_224",
+            "model.patch_size=4",
+            "model.backbone_kwargs={depth: 1}",
+            "data.local_crops=2",
+            "data.local_crop_size=12",
+            "method.top_k_sink=0",
+            "method.proj_hidden_dim=64",
+            "method.proj_out_dim=32",
+            "optim.batch_size=8",
+            "optim.epochs=2",
+            "train.workers=1",
+            "method.momentum=0.9",
+        ],
+    )
 
 
 def _batch(images: np.ndarray) -> dict[str, torch.Tensor]:
@@ -45,9 +56,18 @@ def _batch(images: np.ndarray) -> dict[str, torch.Tensor]:
 def _engine(cfg, steps_per_epoch: int = 4):
     torch.manual_seed(0)
     backbone, dim = build_backbone(cfg.model, in_chans=1, default_img_size=cfg.data.global_crop_size)
-    ctx = MethodContext(backbone=backbone, feat_dim=dim, num_global_crops=2, num_local_crops=2,
-                        batch_size=cfg.optim.batch_size, world_size=1, steps_per_epoch=steps_per_epoch,
-                        epochs=cfg.optim.epochs, in_chans=1, image_size=28)
+    ctx = MethodContext(
+        backbone=backbone,
+        feat_dim=dim,
+        num_global_crops=2,
+        num_local_crops=2,
+        batch_size=cfg.optim.batch_size,
+        world_size=1,
+        steps_per_epoch=steps_per_epoch,
+        epochs=cfg.optim.epochs,
+        in_chans=1,
+        image_size=28,
+    )
     method = get_method("bam")(cfg.method, ctx)
     return Engine(method, cfg.optim, steps_per_epoch=steps_per_epoch, global_batch=cfg.optim.batch_size)
 
@@ -72,15 +92,23 @@ def test_restored_engine_continues_bit_for_bit(tmp_path, fmnist_src):
     a = _engine(cfg)
     for c in crops:
         a.train_step(c)
-    ckpt.save_training_state(tmp_path, engine_state=a.state_dict(), epoch=1, mlflow_run_id="abc123",
-                             config=cfg.to_dict(), extra={"best_knn_top1": 12.5})
+    ckpt.save_training_state(
+        tmp_path,
+        engine_state=a.state_dict(),
+        epoch=1,
+        mlflow_run_id="abc123",
+        config=cfg.to_dict(),
+        extra={"best_knn_top1": 12.5},
+    )
     # a different engine (other init seed) gets the checkpoint
     torch.manual_seed(123)
     b = _engine(cfg)
     b.method.projector.net[0].weight.data.add_(1.0)
     state = ckpt.load_training_state(tmp_path)
     b.load_state_dict(state["engine"])
-    assert state["epoch"] == 1 and state["mlflow_run_id"] == "abc123" and state["extra"]["best_knn_top1"] == 12.5
+    assert (
+        state["epoch"] == 1 and state["mlflow_run_id"] == "abc123" and state["extra"]["best_knn_top1"] == 12.5
+    )
     assert b.step == a.step == 2
     # only tensors and primitives: loadable without unpickling arbitrary objects
     assert all(isinstance(v, (torch.Tensor, int, float, str, bool, type(None))) for v in _leaves(state))
@@ -102,7 +130,12 @@ def test_rng_state_roundtrip_weights_only(tmp_path):
     random.seed(3)
     np.random.standard_normal()  # leaves a cached gaussian in numpy's legacy state
     ckpt.save_rng_state(tmp_path, rank=3)
-    expected = (torch.rand(5), np.random.rand(5), [random.random() for _ in range(5)], np.random.standard_normal())
+    expected = (
+        torch.rand(5),
+        np.random.rand(5),
+        [random.random() for _ in range(5)],
+        np.random.standard_normal(),
+    )
     torch.manual_seed(99)
     np.random.seed(99)
     random.seed(99)

@@ -20,32 +20,49 @@ from orchestrator.config import config_from_dict, load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 # Prints whether Ray / MLflow were imported at all: a refused config must not even load them.
-_PROBE = ("import sys; from orchestrator.cli import main; rc = main(sys.argv[1:]); "
-          "print('IMPORTED', 'ray' in sys.modules, 'mlflow' in sys.modules); sys.exit(rc)")
+_PROBE = (
+    "import sys; from orchestrator.cli import main; rc = main(sys.argv[1:]); "
+    "print('IMPORTED', 'ray' in sys.modules, 'mlflow' in sys.modules); sys.exit(rc)"
+)
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"BAMRAY_HOME": str(tmp_path), "RAY_USAGE_STATS_ENABLED": "0",
-                # nothing listens there: any attempt to reach Ray would fail loudly or hang
-                "RAY_ADDRESS": "127.0.0.1:1"})
+    env.update(
+        {
+            "BAMRAY_HOME": str(tmp_path),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # nothing listens there: any attempt to reach Ray would fail loudly or hang
+            "RAY_ADDRESS": "127.0.0.1:1",
+        }
+    )
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
 
 
-def _bamray(tmp_path: Path, *args: str, timeout: float = 120, probe: bool = False) -> subprocess.CompletedProcess:
+def _bamray(
+    tmp_path: Path, *args: str, timeout: float = 120, probe: bool = False
+) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-c", _PROBE, *args] if probe else [sys.executable, "-m", "orchestrator", *args]
-    return subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout
+    )
 
 
-@pytest.mark.parametrize("args, field", [
-    (["--set", "optim.lr=-1"], "optim.lr"),
-    (["--set", "method.reg=0"], "method.reg"),
-    (["--set", "data.local_crop_size=64"], "data.local_crop_size"),
-    (["--set", "optim.nope=3"], "optim.nope"),
-    (["--workers", "-2"], "train.workers"),
-    (["--set", "optim.batch_size=20000"], "optim.batch_size"),  # no full batch from 10000 images x 2 workers
-])
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (["--set", "optim.lr=-1"], "optim.lr"),
+        (["--set", "method.reg=0"], "method.reg"),
+        (["--set", "data.local_crop_size=64"], "data.local_crop_size"),
+        (["--set", "optim.nope=3"], "optim.nope"),
+        (["--workers", "-2"], "train.workers"),
+        (
+            ["--set", "optim.batch_size=20000"],
+            "optim.batch_size",
+        ),  # no full batch from 10000 images x 2 workers
+    ],
+)
 def test_config_errors_exit_2_fast_without_ray(tmp_path, args, field):
     if field == "optim.batch_size":
         # needs the shards' size: use a tiny prepared set so the check runs without auto-preparing 70k images
@@ -61,7 +78,9 @@ def test_config_errors_exit_2_fast_without_ray(tmp_path, args, field):
 def test_unknown_config_file_and_missing_data_exit_2(tmp_path):
     proc = _bamray(tmp_path, "train", "--config", "no_such_config", probe=True)
     assert proc.returncode == 2 and "--config" in proc.stderr and "bam_fmnist" in proc.stderr
-    proc = _bamray(tmp_path, "train", "--config", "bam_fmnist", "--set", "data.dataset=cifar-none", probe=True)
+    proc = _bamray(
+        tmp_path, "train", "--config", "bam_fmnist", "--set", "data.dataset=cifar-none", probe=True
+    )
     assert proc.returncode == 2, proc.stderr
     assert "bamray data prepare" in proc.stderr and "cifar-none" in proc.stderr
     assert "IMPORTED False False" in proc.stdout
@@ -72,8 +91,17 @@ def test_unknown_config_file_and_missing_data_exit_2(tmp_path):
 
 
 def test_config_show_is_the_resolved_config(tmp_path):
-    proc = _bamray(tmp_path, "config", "show", "--config", "bam_fmnist", "--set", "optim.lr=0.002",
-                   "--set", "model.backbone=resnet18")
+    proc = _bamray(
+        tmp_path,
+        "config",
+        "show",
+        "--config",
+        "bam_fmnist",
+        "--set",
+        "optim.lr=0.002",
+        "--set",
+        "model.backbone=resnet18",
+    )
     assert proc.returncode == 0, proc.stderr
     shown = yaml.safe_load(proc.stdout)
     cfg = config_from_dict(shown)
@@ -95,15 +123,27 @@ def test_config_show_marks_the_debug_section(tmp_path):
 
 def test_data_prepare_fashion_mnist_limit(tmp_path, fmnist_src):
     out = tmp_path / "shards"
-    proc = _bamray(tmp_path, "data", "prepare", "fashion-mnist", "--limit", "64", "--out", str(out),
-                   "--src", str(fmnist_src))
+    proc = _bamray(
+        tmp_path,
+        "data",
+        "prepare",
+        "fashion-mnist",
+        "--limit",
+        "64",
+        "--out",
+        str(out),
+        "--src",
+        str(fmnist_src),
+    )
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((out / "meta.json").read_text())
     assert meta["counts"] == {"train": 64, "test": 64} and meta["num_classes"] == 10 and meta["channels"] == 1
     # default location: <project>/.bamray/data/fashion-mnist
     proc = _bamray(tmp_path, "data", "prepare", "fashion-mnist", "--limit", "10")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((tmp_path / ".bamray/data/fashion-mnist/meta.json").read_text())["counts"]["train"] == 10
+    assert (
+        json.loads((tmp_path / ".bamray/data/fashion-mnist/meta.json").read_text())["counts"]["train"] == 10
+    )
 
 
 def _free_port() -> int:
@@ -114,9 +154,15 @@ def _free_port() -> int:
 
 def test_ui_serves_the_store_on_localhost(tmp_path):
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "ui", "--port", str(port)], cwd=tmp_path,
-                            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "ui", "--port", str(port)],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline, status = time.time() + 90, None
         while time.time() < deadline and status is None:
@@ -128,8 +174,9 @@ def test_ui_serves_the_store_on_localhost(tmp_path):
                     break
                 time.sleep(1)
         assert status == 200, proc.stdout.read() if proc.poll() is not None else "no answer"
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=5",
-                                    timeout=10) as r:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=5", timeout=10
+        ) as r:
             assert r.status == 200 and "experiments" in json.loads(r.read())
         assert (tmp_path / ".bamray" / "mlflow.db").exists()  # the embedded store of this project
     finally:

@@ -44,7 +44,9 @@ def test_ray_up_config_shape(name):
     types = cfg["available_node_types"]
     head = types[cfg["head_node_type"]]
     assert "GPU" not in head["resources"], "the head is a CPU node"
-    gpu_types = [t for k, t in types.items() if k != cfg["head_node_type"] and t["resources"].get("GPU", 0) >= 1]
+    gpu_types = [
+        t for k, t in types.items() if k != cfg["head_node_type"] and t["resources"].get("GPU", 0) >= 1
+    ]
     assert gpu_types, "an autoscaled GPU worker type"
     for t in gpu_types:
         assert t["min_workers"] == 0 and t["max_workers"] >= 1
@@ -103,22 +105,43 @@ def check_rayjob(doc: dict) -> None:
     assert DNS1123.match(doc["metadata"]["name"]) and len(doc["metadata"]["name"]) <= 63
     spec = doc["spec"]
     assert isinstance(spec.get("entrypoint"), str) and spec["entrypoint"].strip()
-    for key, tp in (("runtimeEnvYAML", str), ("shutdownAfterJobFinishes", bool), ("ttlSecondsAfterFinished", int),
-                    ("activeDeadlineSeconds", int), ("submissionMode", str), ("rayClusterSpec", dict)):
+    for key, tp in (
+        ("runtimeEnvYAML", str),
+        ("shutdownAfterJobFinishes", bool),
+        ("ttlSecondsAfterFinished", int),
+        ("activeDeadlineSeconds", int),
+        ("submissionMode", str),
+        ("rayClusterSpec", dict),
+    ):
         if key in spec:
             value = spec[key]
-            assert isinstance(value, tp) and (tp is bool or not isinstance(value, bool)), f"spec.{key}: {tp.__name__}"
-    assert spec.get("submissionMode", "K8sJobMode") in ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
+            assert isinstance(value, tp) and (tp is bool or not isinstance(value, bool)), (
+                f"spec.{key}: {tp.__name__}"
+            )
+    assert spec.get("submissionMode", "K8sJobMode") in (
+        "K8sJobMode",
+        "HTTPMode",
+        "InteractiveMode",
+        "SidecarMode",
+    )
     if "runtimeEnvYAML" in spec:
-        assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict), "runtimeEnvYAML must be a YAML mapping"
+        assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict), (
+            "runtimeEnvYAML must be a YAML mapping"
+        )
     rc = spec["rayClusterSpec"]
     assert isinstance(rc.get("enableInTreeAutoscaling", False), bool)
     if "autoscalerOptions" in rc:
-        assert rc["autoscalerOptions"].get("upscalingMode", "Default") in ("Default", "Aggressive", "Conservative")
+        assert rc["autoscalerOptions"].get("upscalingMode", "Default") in (
+            "Default",
+            "Aggressive",
+            "Conservative",
+        )
         assert isinstance(rc["autoscalerOptions"].get("idleTimeoutSeconds", 0), int)
     head = rc["headGroupSpec"]
     assert isinstance(head.get("rayStartParams", {}), dict)
-    assert all(isinstance(v, str) for v in head.get("rayStartParams", {}).values()), "rayStartParams: map[string]string"
+    assert all(isinstance(v, str) for v in head.get("rayStartParams", {}).values()), (
+        "rayStartParams: map[string]string"
+    )
     check_pod_template(head["template"], "headGroupSpec")
     groups = rc.get("workerGroupSpecs", [])
     assert isinstance(groups, list)
@@ -130,7 +153,9 @@ def check_rayjob(doc: dict) -> None:
         assert g["minReplicas"] <= g["maxReplicas"], where
         if "replicas" in g:
             assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], where
-        assert all(isinstance(v, str) for v in g.get("rayStartParams", {}).values()), f"{where}.rayStartParams"
+        assert all(isinstance(v, str) for v in g.get("rayStartParams", {}).values()), (
+            f"{where}.rayStartParams"
+        )
         check_pod_template(g["template"], where)
 
 
@@ -141,28 +166,41 @@ def test_rayjob_manifest_matches_the_crd_essentials():
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["entrypoint"].startswith("python -m orchestrator sweep ")
     env = yaml.safe_load(spec["runtimeEnvYAML"])
-    assert env["working_dir"] and isinstance(env["pip"], list) and any(p.startswith("torch") for p in env["pip"])
+    assert (
+        env["working_dir"] and isinstance(env["pip"], list) and any(p.startswith("torch") for p in env["pip"])
+    )
     rc = spec["rayClusterSpec"]
     assert rc["enableInTreeAutoscaling"] is True and rc["rayVersion"] == RAY_VERSION
-    gpu = [g for g in rc["workerGroupSpecs"]
-           if any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {}) for c in g["template"]["spec"]["containers"])]
+    gpu = [
+        g
+        for g in rc["workerGroupSpecs"]
+        if any(
+            "nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
+            for c in g["template"]["spec"]["containers"]
+        )
+    ]
     assert gpu and all(g["minReplicas"] == 0 for g in gpu)
-    for c in [*rc["headGroupSpec"]["template"]["spec"]["containers"],
-              *[c for g in rc["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]]]:
+    for c in [
+        *rc["headGroupSpec"]["template"]["spec"]["containers"],
+        *[c for g in rc["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]],
+    ]:
         assert c["image"].startswith(f"rayproject/ray:{RAY_VERSION}-py311-")
 
 
-@pytest.mark.parametrize("breakage", [
-    lambda d: d["spec"].pop("entrypoint"),
-    lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(minReplicas="0"),
-    lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(minReplicas=9),
-    lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 8}),
-    lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"].update(containers=[]),
-    lambda d: d["spec"].update(runtimeEnvYAML="- not a mapping"),
-    lambda d: d["spec"].update(submissionMode="Batch"),
-    lambda d: d.update(apiVersion="ray.io/v1alpha0"),
-    lambda d: d["spec"].update(shutdownAfterJobFinishes="true"),
-])
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        lambda d: d["spec"].pop("entrypoint"),
+        lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(minReplicas="0"),
+        lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(minReplicas=9),
+        lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 8}),
+        lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"].update(containers=[]),
+        lambda d: d["spec"].update(runtimeEnvYAML="- not a mapping"),
+        lambda d: d["spec"].update(submissionMode="Batch"),
+        lambda d: d.update(apiVersion="ray.io/v1alpha0"),
+        lambda d: d["spec"].update(shutdownAfterJobFinishes="true"),
+    ],
+)
 def test_structural_checks_catch_broken_manifests(breakage):
     doc = load("rayjob.yaml")
     breakage(doc)
@@ -177,7 +215,8 @@ def test_submit_entrypoint_and_runtime_env():
     assert {".venv", ".bamray", ".git"} <= set(env["excludes"])
     assert "pip" not in env
     assert submit.entrypoint(["sweep", "--config", "bam_fmnist", "--set", "optim.lr=1e-3"]) == (
-        "python -m orchestrator sweep --config bam_fmnist --set optim.lr=1e-3")
+        "python -m orchestrator sweep --config bam_fmnist --set optim.lr=1e-3"
+    )
     assert submit.entrypoint(["sweep", "--name", "a b"]).endswith("--name 'a b'")
     from trainers.options import ConfigError
 

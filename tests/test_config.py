@@ -84,8 +84,17 @@ def test_unknown_fields_and_sections():
 
 
 def test_overrides_are_typed_and_applied():
-    cfg = load_config("bam_fmnist", ["method.reg=0.2", "method.num_sink_iter=5", "data.global_crop_scale=[0.3, 1.0]",
-                                     "model.backbone=resnet18", "model.patch_size=null", "method.teacher=false"])
+    cfg = load_config(
+        "bam_fmnist",
+        [
+            "method.reg=0.2",
+            "method.num_sink_iter=5",
+            "data.global_crop_scale=[0.3, 1.0]",
+            "model.backbone=resnet18",
+            "model.patch_size=null",
+            "method.teacher=false",
+        ],
+    )
     assert cfg.method.reg == pytest.approx(0.2)
     assert cfg.method.num_sink_iter == 5 and isinstance(cfg.method.num_sink_iter, int)
     assert cfg.data.global_crop_scale == (0.3, 1.0)
@@ -131,7 +140,13 @@ def test_published_bam_defaults():
     cfg = config_from_dict({"method": {"name": "bam"}})
     m = cfg.method
     assert (m.reg, m.temperature, m.num_sink_iter, m.top_k_sink, m.positive_masking, m.num_target_crops) == (
-        0.05, 0.1, 3, 0, True, 2)
+        0.05,
+        0.1,
+        3,
+        0,
+        True,
+        2,
+    )
     assert m.teacher is True
 
 
@@ -154,4 +169,3 @@ def test_saved_config_with_train_fault_fields_loads_into_debug():
     raw["train"].update(fail_at_step=-1, nan_at_step=4)
     cfg = config_from_dict(upgrade_saved_config(raw))
     assert cfg.debug.nan_at_step == 4 and cfg.debug.fail_at_step == -1
-

@@ -66,7 +66,9 @@ def test_idx_header_parsed_by_hand(idx):
 
 
 def test_prepare_fashion_mnist_limited_is_lossless(tmp_path, fmnist_src, idx):
-    meta = prepare_fashion_mnist(tmp_path / "fm", src_dir=fmnist_src, shard_size=128, limit=300, test_limit=100)
+    meta = prepare_fashion_mnist(
+        tmp_path / "fm", src_dir=fmnist_src, shard_size=128, limit=300, test_limit=100
+    )
     assert meta["counts"] == {"train": 300, "test": 100}
     assert meta["skipped"] == {"train": 0, "test": 0}
     assert meta["format"] == FORMAT and meta["name"] == "fashion-mnist"
@@ -82,7 +84,9 @@ def test_prepare_fashion_mnist_limited_is_lossless(tmp_path, fmnist_src, idx):
     for split, n in (("train", 300), ("test", 100)):
         table = read_split_table(str(tmp_path / "fm"), split)
         assert table.schema.field("image").type == pa.binary()
-        assert table.schema.field("label").type == pa.int64() and table.schema.field("index").type == pa.int64()
+        assert (
+            table.schema.field("label").type == pa.int64() and table.schema.field("index").type == pa.int64()
+        )
         assert table.column("index").to_pylist() == list(range(n))
         np.testing.assert_array_equal(table.column("label").to_numpy(), idx[f"{split}_labels"][:n])
         pixels = np.stack([d[0] for d in _decoded(table)])
@@ -106,9 +110,13 @@ def test_prepare_fashion_mnist_full(tmp_path, fmnist_src, idx):
 
 def test_reprepare_replaces_stale_shards(tmp_path, fmnist_src):
     prepare_fashion_mnist(tmp_path / "fm", src_dir=fmnist_src, shard_size=100, limit=300, test_limit=10)
-    meta = prepare_fashion_mnist(tmp_path / "fm", src_dir=fmnist_src, shard_size=100, limit=150, test_limit=10)
-    assert sorted(p.name for p in (tmp_path / "fm" / "train").iterdir()) == ["part-00000.parquet",
-                                                                               "part-00001.parquet"]
+    meta = prepare_fashion_mnist(
+        tmp_path / "fm", src_dir=fmnist_src, shard_size=100, limit=150, test_limit=10
+    )
+    assert sorted(p.name for p in (tmp_path / "fm" / "train").iterdir()) == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+    ]
     assert meta["counts"]["train"] == 150
     assert read_split_table(str(tmp_path / "fm"), "train").num_rows == 150
 
@@ -151,8 +159,12 @@ def _write_tree(base: Path, idx: dict, per_class: dict[str, list[int]], ext_of) 
 
 def test_image_folder_with_split_dirs_skips_corrupt(tmp_path, idx):
     root = tmp_path / "tree"
-    train = _write_tree(root / "train", idx, {"bag": [0, 1, 2, 3], "coat": [4, 5, 6], "dress": [7, 8]},
-                        lambda i: ".jpg" if i % 3 == 0 else ".png")
+    train = _write_tree(
+        root / "train",
+        idx,
+        {"bag": [0, 1, 2, 3], "coat": [4, 5, 6], "dress": [7, 8]},
+        lambda i: ".jpg" if i % 3 == 0 else ".png",
+    )
     _write_tree(root / "val", idx, {"bag": [10, 11], "coat": [12], "dress": [13]}, lambda i: ".png")
     good = (root / "train" / "bag" / "img00001.png").read_bytes()
     (root / "train" / "coat" / "broken.png").write_bytes(good[: len(good) // 2])  # truncated
@@ -199,8 +211,14 @@ def test_parquet_source_plain_bytes_and_corrupt_rows(tmp_path, idx):
     images[7] = None
     labels = idx["train_labels"][:12].astype(np.int64)
     pq.write_table(pa.table({"img": pa.array(images, pa.binary()), "y": labels}), tmp_path / "data.parquet")
-    meta = prepare_parquet(tmp_path / "data.parquet", tmp_path / "shards", image_column="img", label_column="y",
-                           val_fraction=0.25, seed=0)
+    meta = prepare_parquet(
+        tmp_path / "data.parquet",
+        tmp_path / "shards",
+        image_column="img",
+        label_column="y",
+        val_fraction=0.25,
+        seed=0,
+    )
     assert meta["counts"]["train"] + meta["counts"]["test"] == 10
     assert meta["skipped"]["train"] + meta["skipped"]["test"] == 2
     assert meta["class_names"] == [str(i) for i in range(int(labels.max()) + 1)]
@@ -217,16 +235,23 @@ def test_parquet_source_hugging_face_struct_and_split_files(tmp_path, idx):
     """HF ``datasets`` layout: data/train-*.parquet + data/test-*.parquet, image = {bytes, path} struct,
     label a ClassLabel whose names are in the schema metadata."""
     names = list(FASHION_MNIST_CLASSES)
-    hf_meta = {"info": {"features": {"image": {"_type": "Image"},
-                                     "label": {"names": names, "_type": "ClassLabel"}}}}
+    hf_meta = {
+        "info": {"features": {"image": {"_type": "Image"}, "label": {"names": names, "_type": "ClassLabel"}}}
+    }
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     (tmp_path / "hf" / "data").mkdir(parents=True)
     for split, start, n in (("train", 0, 8), ("test", 100, 4)):
-        structs = [{"bytes": _png(idx["train_images"][i]), "path": f"{i}.png"} for i in range(start, start + n)]
+        structs = [
+            {"bytes": _png(idx["train_images"][i]), "path": f"{i}.png"} for i in range(start, start + n)
+        ]
         if split == "train":
             structs[2] = {"bytes": _png(idx["train_images"][2])[:60], "path": "cut.png"}  # truncated
-        table = pa.table({"image": pa.array(structs, image_type),
-                          "label": pa.array(idx["train_labels"][start:start + n].astype(np.int64))})
+        table = pa.table(
+            {
+                "image": pa.array(structs, image_type),
+                "label": pa.array(idx["train_labels"][start : start + n].astype(np.int64)),
+            }
+        )
         table = table.replace_schema_metadata({"huggingface": json.dumps(hf_meta)})
         pq.write_table(table, tmp_path / "hf" / "data" / f"{split}-00000-of-00001.parquet")
     meta = prepare_parquet("file://" + str(tmp_path / "hf"), tmp_path / "shards")

@@ -56,7 +56,10 @@ def test_knn_toy_hand_computed_votes():
     # point 85: class 2 e^(cos5/T) vs class 1 e^(cos55/T) -> 2 (right).
     t = 0.07
     assert e(cosd(10) / t) > e(cosd(20) / t) and e(cosd(5) / t) > e(cosd(55) / t)
-    assert knn_classify(TRAIN_FEATS, TRAIN_LABELS, test_feats, test_labels, 3, k=2, temperature=t)["top1"] == 50.0
+    assert (
+        knn_classify(TRAIN_FEATS, TRAIN_LABELS, test_feats, test_labels, 3, k=2, temperature=t)["top1"]
+        == 50.0
+    )
 
     # k = 3, T = 0.07: point 0: class 0 = e^(cos10/T) = 1.29e6 beats class 1 = e^(cos20/T) + e^(cos30/T)
     # = 9.1e5 -> wrong. Point 85: class 2 = e^(cos5/T) = 1.5e6 beats class 1 = e^(cos55/T) + e^(cos65/T).
@@ -85,7 +88,9 @@ def test_knn_temperature_changes_the_vote():
     flat = knn_classify(TRAIN_FEATS, TRAIN_LABELS, test_feats, test_labels, 3, k=3, temperature=1.0)
     assert sharp["top1"] == pytest.approx(200 / 3) and flat["top1"] == pytest.approx(200 / 3)
     for t, predicted in ((0.07, [0, 2, 0]), (1.0, [1, 1, 0])):
-        res = knn_classify(TRAIN_FEATS, TRAIN_LABELS, test_feats, torch.tensor(predicted), 3, k=3, temperature=t)
+        res = knn_classify(
+            TRAIN_FEATS, TRAIN_LABELS, test_feats, torch.tensor(predicted), 3, k=3, temperature=t
+        )
         assert res["top1"] == 100.0
 
 
@@ -100,8 +105,11 @@ def test_knn_k_larger_than_bank_is_clipped():
     votes = {
         0: {0: e(2 * cosd(10)) + e(2 * cosd(180)), 1: e(2 * cosd(20)) + e(2 * cosd(30)), 2: e(2 * cosd(90))},
         85: {0: e(2 * cosd(75)) + e(2 * cosd(95)), 1: e(2 * cosd(65)) + e(2 * cosd(55)), 2: e(2 * cosd(5))},
-        200: {0: e(2 * cosd(190)) + e(2 * cosd(20)), 1: e(2 * cosd(180)) + e(2 * cosd(170)),
-              2: e(2 * cosd(110))},
+        200: {
+            0: e(2 * cosd(190)) + e(2 * cosd(20)),
+            1: e(2 * cosd(180)) + e(2 * cosd(170)),
+            2: e(2 * cosd(110)),
+        },
     }
     predictions = [max(v, key=v.get) for v in votes.values()]
     assert predictions == [1, 2, 0]  # 0 deg: two class-1 neighbours outweigh the nearest class-0 one
@@ -266,8 +274,9 @@ def test_linear_probe_handles_trailing_single_row_and_rejects_bad_args():
 
 
 # ---------------------------------------------------------------- distributed
-def _knn_worker(rank: int, world: int, init_file: str, shards: list, num_classes: int, k: int, t: float,
-                out_dir: str) -> None:
+def _knn_worker(
+    rank: int, world: int, init_file: str, shards: list, num_classes: int, k: int, t: float, out_dir: str
+) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         xtr, ytr, xte, yte = shards[rank]

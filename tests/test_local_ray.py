@@ -49,6 +49,8 @@ def test_local_ray_workers_and_detached_actors_run_the_hook(tmp_path):
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"LEVELS {logging.ERROR} {logging.ERROR}" in out.stdout, out.stdout[-2000:]

@@ -281,10 +281,15 @@ def test_shipped_config_builds_and_steps(name):
         batch["local"] = torch.randint(
             0, 256, (4, d.local_crops, 1, d.local_crop_size, d.local_crop_size), dtype=torch.uint8
         )
-    logs = engine.train_step(crops_from_batch(batch, d.mean, d.std, "cpu", method.crop_usage,
-                                              channels_last=cfg.train.channels_last))
+    logs = engine.train_step(
+        crops_from_batch(
+            batch, d.mean, d.std, "cpu", method.crop_usage, channels_last=cfg.train.channels_last
+        )
+    )
     assert math.isfinite(logs["loss"])
-    if name == "mae":  # DDP fails on a parameter the loss never reaches (seen: timm's fc_norm under global_pool=avg)
+    if (
+        name == "mae"
+    ):  # DDP fails on a parameter the loss never reaches (seen: timm's fc_norm under global_pool=avg)
         unused = [n for n, p in method.named_parameters() if p.requires_grad and p.grad is None]
         assert unused == []
 

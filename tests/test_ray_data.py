@@ -96,7 +96,9 @@ def test_ray_samples_equal_torch_dataset_bit_for_bit(cfg, epoch0):
     assert torch.equal(one["global"], torch.from_numpy(epoch0["global"][k]))
     loader = torch.utils.data.DataLoader(twin, batch_size=50, collate_fn=collate_batch)
     first = next(iter(loader))
-    assert first["global"].shape == (49, 2, 1, 28, 28) and first["label"].dtype == torch.int64  # index 5 dropped
+    assert (
+        first["global"].shape == (49, 2, 1, 28, 28) and first["label"].dtype == torch.int64
+    )  # index 5 dropped
 
 
 def test_epoch_clock_changes_views_and_limit_pushdown(cfg, epoch0):
@@ -119,8 +121,9 @@ def test_epoch_clock_changes_views_and_limit_pushdown(cfg, epoch0):
 
 
 def test_eval_datasets_sizes_balance_and_twin(cfg):
-    bank, val = build_eval_datasets(cfg, train_fraction=0.5, eval_fraction=1.0, seed=3,
-                                    corrupt_counter="test-corrupt-eval")
+    bank, val = build_eval_datasets(
+        cfg, train_fraction=0.5, eval_fraction=1.0, seed=3, corrupt_counter="test-corrupt-eval"
+    )
     b, v = _collect_eval(bank), _collect_eval(val)
     labels = read_split_table(cfg.path, "train", columns=["label"]).column("label").to_numpy()
     chosen = select_eval_indices(cfg.path, "train", 0.5, 3)

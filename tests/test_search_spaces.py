@@ -14,8 +14,13 @@ from orchestrator.sweep.settings import sweep_space as load_space
 from search_spaces import available_spaces, space_from_dict
 from trainers.options import ConfigError
 
-SHIPPED = {"bam_sinkhorn": "bam_fmnist", "dino": "dino_fmnist", "byol": "byol_fmnist", "simclr": "simclr_fmnist",
-           "mae": "mae_fmnist"}
+SHIPPED = {
+    "bam_sinkhorn": "bam_fmnist",
+    "dino": "dino_fmnist",
+    "byol": "byol_fmnist",
+    "simclr": "simclr_fmnist",
+    "mae": "mae_fmnist",
+}
 
 
 def bam_cfg(*overrides: str):
@@ -49,11 +54,16 @@ def test_shipped_space_loads_and_converts_to_tune(name, config):
 
 
 def test_bam_sinkhorn_declares_the_requested_ranges():
-    space = load_space("bam_sinkhorn", bam_cfg())  # batch 128 x 2 workers x 2 targets = 512 targets: no clipping
+    space = load_space(
+        "bam_sinkhorn", bam_cfg()
+    )  # batch 128 x 2 workers x 2 targets = 512 targets: no clipping
     p = space.params
     assert (p["method.reg"].type, p["method.reg"].low, p["method.reg"].high) == ("loguniform", 0.01, 0.3)
     assert (p["method.temperature"].type, p["method.temperature"].low, p["method.temperature"].high) == (
-        "loguniform", 0.03, 0.5)
+        "loguniform",
+        0.03,
+        0.5,
+    )
     assert p["method.num_sink_iter"].values == (1, 2, 3, 5, 10)
     assert p["method.top_k_sink"].values == (0, 32, 64, 128)
 
@@ -87,17 +97,25 @@ def test_top_k_sink_is_clipped_to_the_targets_in_the_global_batch(batch, workers
 
 
 def test_clip_is_recomputed_per_trial_when_the_batch_is_searched_too():
-    space = load_space({"name": "b", "params": {
-        "optim.batch_size": {"type": "choice", "values": [8, 64]},
-        "method.top_k_sink": {"type": "choice", "values": [0, 128], "clip": "bam_targets"}}},
-        bam_cfg("train.workers=1"))
+    space = load_space(
+        {
+            "name": "b",
+            "params": {
+                "optim.batch_size": {"type": "choice", "values": [8, 64]},
+                "method.top_k_sink": {"type": "choice", "values": [0, 128], "clip": "bam_targets"},
+            },
+        },
+        bam_cfg("train.workers=1"),
+    )
     base = bam_cfg("train.workers=1").to_dict()
     from orchestrator.config import apply_overrides
 
-    small = space.clip_values({"optim.batch_size": 8, "method.top_k_sink": 128},
-                              apply_overrides(base, {"optim.batch_size": 8}))
-    big = space.clip_values({"optim.batch_size": 64, "method.top_k_sink": 128},
-                            apply_overrides(base, {"optim.batch_size": 64}))
+    small = space.clip_values(
+        {"optim.batch_size": 8, "method.top_k_sink": 128}, apply_overrides(base, {"optim.batch_size": 8})
+    )
+    big = space.clip_values(
+        {"optim.batch_size": 64, "method.top_k_sink": 128}, apply_overrides(base, {"optim.batch_size": 64})
+    )
     assert small["method.top_k_sink"] == 16  # 2 targets x 8
     assert big["method.top_k_sink"] == 128  # 2 x 64 = 128: unchanged
 
@@ -106,29 +124,60 @@ BAD_SPACES = [
     # (params, field named, text in the message)
     ({"method.reg": {"type": "loguniform", "low": 0.3, "high": 0.01}}, "method.reg", "low=0.3 >= high=0.01"),
     ({"method.reg": {"type": "uniform", "low": 0.1, "high": 0.1}}, "method.reg", "need low < high"),
-    ({"method.num_sink_iter": {"type": "randint", "low": 5, "high": 2}}, "method.num_sink_iter", "low=5 > high=2"),
-    ({"method.num_sink_iter": {"type": "choice", "values": []}}, "method.num_sink_iter", "non-empty 'values'"),
+    (
+        {"method.num_sink_iter": {"type": "randint", "low": 5, "high": 2}},
+        "method.num_sink_iter",
+        "low=5 > high=2",
+    ),
+    (
+        {"method.num_sink_iter": {"type": "choice", "values": []}},
+        "method.num_sink_iter",
+        "non-empty 'values'",
+    ),
     ({"method.num_sink_iter": {"type": "grid", "values": []}}, "method.num_sink_iter", "non-empty 'values'"),
-    ({"method.no_such_knob": {"type": "uniform", "low": 0.1, "high": 0.2}}, "method.no_such_knob", "unknown field"),
+    (
+        {"method.no_such_knob": {"type": "uniform", "low": 0.1, "high": 0.2}},
+        "method.no_such_knob",
+        "unknown field",
+    ),
     ({"optim.no_such_knob": {"type": "choice", "values": [1]}}, "optim.no_such_knob", "unknown field"),
     ({"nosection.lr": {"type": "choice", "values": [1]}}, "nosection.lr", "unknown section"),
     # reg must be > 0: an endpoint at 0 is refused by the field's own opt(gt=0) range
     ({"method.reg": {"type": "uniform", "low": 0.0, "high": 0.3}}, "method.reg", "> 0.0"),
-    ({"method.reg": {"type": "loguniform", "low": 0.0, "high": 0.3}}, "method.reg", "loguniform needs low > 0"),
-    ({"method.reg": {"type": "uniform", "low": -0.1, "high": 0.3}}, "method.reg", "allowed: > 0.0 and <= 10.0"),
+    (
+        {"method.reg": {"type": "loguniform", "low": 0.0, "high": 0.3}},
+        "method.reg",
+        "loguniform needs low > 0",
+    ),
+    (
+        {"method.reg": {"type": "uniform", "low": -0.1, "high": 0.3}},
+        "method.reg",
+        "allowed: > 0.0 and <= 10.0",
+    ),
     ({"method.reg": {"type": "uniform", "low": 0.1, "high": 11.0}}, "method.reg", "<= 10.0"),
     ({"method.momentum": {"type": "uniform", "low": 0.9, "high": 1.5}}, "method.momentum", "<= 1.0"),
-    ({"optim.optimizer": {"type": "choice", "values": ["adamw", "adam"]}}, "optim.optimizer",
-     "one of ['adamw', 'lars', 'sgd']"),
+    (
+        {"optim.optimizer": {"type": "choice", "values": ["adamw", "adam"]}},
+        "optim.optimizer",
+        "one of ['adamw', 'lars', 'sgd']",
+    ),
     # top-k beyond the targets (2 target crops x 32 x 1 worker = 64) without a clip rule: the cross-field
     # rule of BAM.check decides
     ({"method.top_k_sink": {"type": "choice", "values": [0, 128]}}, "method.top_k_sink", "[0, 64]"),
     # an integer field cannot take a continuous distribution (trials would sample 2.7 iterations)
-    ({"method.num_sink_iter": {"type": "uniform", "low": 1, "high": 10}}, "method.num_sink_iter", "randint or choice"),
+    (
+        {"method.num_sink_iter": {"type": "uniform", "low": 1, "high": 10}},
+        "method.num_sink_iter",
+        "randint or choice",
+    ),
     ({"method.reg": {"type": "normal", "low": 0.1, "high": 0.2}}, "method.reg", "type 'normal'"),
     ({"method.reg": {"type": "choice", "low": 0.1, "high": 0.2}}, "method.reg", "non-empty 'values'"),
     ({"method.reg": {"type": "uniform", "values": [0.1]}}, "method.reg", "not 'values'"),
-    ({"method.reg": {"type": "uniform", "low": 0.1, "high": 0.2, "clip": "nope"}}, "method.reg", "unknown clip rule"),
+    (
+        {"method.reg": {"type": "uniform", "low": 0.1, "high": 0.2, "clip": "nope"}},
+        "method.reg",
+        "unknown clip rule",
+    ),
     ({"method.name": {"type": "choice", "values": ["bam", "dino"]}}, "method.name", "cannot be searched"),
 ]
 
@@ -145,8 +194,10 @@ def test_bad_space_is_refused_naming_the_param_and_range(params, field, text):
 
 def test_message_names_the_space_the_param_and_the_offending_endpoint():
     with pytest.raises(ConfigError) as err:
-        load_space({"name": "mine", "params": {"method.temperature": {"type": "uniform", "low": 0.0, "high": 0.5}}},
-                   bam_cfg())
+        load_space(
+            {"name": "mine", "params": {"method.temperature": {"type": "uniform", "low": 0.0, "high": 0.5}}},
+            bam_cfg(),
+        )
     text = str(err.value)
     assert text.startswith("method.temperature:")
     assert "search space 'mine'" in text and "low=0.0" in text and "> 0.0" in text
@@ -165,11 +216,19 @@ def test_unknown_space_name_lists_the_shipped_ones():
 
 def test_user_yaml_space_round_trips(tmp_path):
     path = tmp_path / "lr.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "lr_sweep", "description": "learning rate and Sinkhorn iterations",
-        "params": {"optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
-                   "method.num_sink_iter": {"type": "randint", "low": 1, "high": 5},
-                   "seed": {"type": "grid", "values": [0, 1, 2]}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "lr_sweep",
+                "description": "learning rate and Sinkhorn iterations",
+                "params": {
+                    "optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+                    "method.num_sink_iter": {"type": "randint", "low": 1, "high": 5},
+                    "seed": {"type": "grid", "values": [0, 1, 2]},
+                },
+            }
+        )
+    )
     space = load_space(str(path), bam_cfg())
     assert space.name == "lr_sweep" and space.source == str(path)
     assert space.grid_size("random") == 3

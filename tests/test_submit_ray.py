@@ -44,8 +44,13 @@ def _env() -> dict[str, str]:
 
 
 def _dashboard_dependency_error(env: dict[str, str]) -> str | None:
-    probe = subprocess.run([sys.executable, "-c", "import ray.dashboard.optional_deps"], env=env,
-                           capture_output=True, text=True, timeout=120)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import ray.dashboard.optional_deps"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return None if probe.returncode == 0 else (probe.stderr.strip().splitlines() or ["?"])[-1]
 
 
@@ -54,15 +59,38 @@ def job_server():
     env = _env()
     missing = _dashboard_dependency_error(env)
     if missing:
-        pytest.skip(f"the Ray job server (dashboard) needs ray[default]; `ray start --include-dashboard=true` "
-                    f"fails here with 'Cannot include dashboard with missing packages' ({missing})")
+        pytest.skip(
+            f"the Ray job server (dashboard) needs ray[default]; `ray start --include-dashboard=true` "
+            f"fails here with 'Cannot include dashboard with missing packages' ({missing})"
+        )
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
     dash_port = _free_port()
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "4",
-           "--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
-           "--port", str(_free_port()), "--ray-client-server-port", str(_free_port()),
-           "--dashboard-agent-listen-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
-           "--object-store-memory", str(300 * 2**20), "--temp-dir", temp_dir, "--disable-usage-stats"]
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus",
+        "4",
+        "--include-dashboard=true",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dash_port),
+        "--port",
+        str(_free_port()),
+        "--ray-client-server-port",
+        str(_free_port()),
+        "--dashboard-agent-listen-port",
+        str(_free_port()),
+        "--metrics-export-port",
+        str(_free_port()),
+        "--object-store-memory",
+        str(300 * 2**20),
+        "--temp-dir",
+        temp_dir,
+        "--disable-usage-stats",
+    ]
     log = open(Path(temp_dir) / "ray_start.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash_port}"
@@ -70,7 +98,9 @@ def job_server():
         deadline = time.monotonic() + 240
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"ray start exited with {proc.returncode}: {(Path(temp_dir) / 'ray_start.log').read_text()}")
+                pytest.fail(
+                    f"ray start exited with {proc.returncode}: {(Path(temp_dir) / 'ray_start.log').read_text()}"
+                )
             try:
                 submit.job_client(address).list_jobs()
                 break
@@ -100,15 +130,45 @@ def tiny_data(tmp_path_factory) -> str:
 
 def test_submitted_sweep_succeeds_with_lineage(job_server, tiny_data, tmp_path):
     space = tmp_path / "seeds.yaml"
-    space.write_text(yaml.safe_dump({"name": "seeds", "params": {"seed": {"type": "grid", "values": [0, 1]}}}))
+    space.write_text(
+        yaml.safe_dump({"name": "seeds", "params": {"seed": {"type": "grid", "values": [0, 1]}}})
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["sweep", "--config", "bam_fmnist", "--space", str(space), "--trials", "2", "--scheduler", "fifo",
-            "--max-concurrent", "2", "--storage-path", str(tmp_path / "ray"), "--name", "job-sweep",
-            "--tracking-uri", uri]
-    for kv in ("optim.batch_size=32", "train.workers=1", "train.cpus_per_worker=0.5", "data.map_cpus=0.5",
-               "method.top_k_sink=0", "optim.epochs=1", "method.proj_hidden_dim=128", "method.proj_out_dim=64",
-               "data.local_crops=2", "model.backbone=vit_tiny_patch16_224", "model.patch_size=4",
-               "model.backbone_kwargs={depth: 2}", f"data.path={tiny_data}", "tracking.experiment=submit-test"):
+    args = [
+        "sweep",
+        "--config",
+        "bam_fmnist",
+        "--space",
+        str(space),
+        "--trials",
+        "2",
+        "--scheduler",
+        "fifo",
+        "--max-concurrent",
+        "2",
+        "--storage-path",
+        str(tmp_path / "ray"),
+        "--name",
+        "job-sweep",
+        "--tracking-uri",
+        uri,
+    ]
+    for kv in (
+        "optim.batch_size=32",
+        "train.workers=1",
+        "train.cpus_per_worker=0.5",
+        "data.map_cpus=0.5",
+        "method.top_k_sink=0",
+        "optim.epochs=1",
+        "method.proj_hidden_dim=128",
+        "method.proj_out_dim=64",
+        "data.local_crops=2",
+        "model.backbone=vit_tiny_patch16_224",
+        "model.patch_size=4",
+        "model.backbone_kwargs={depth: 2}",
+        f"data.path={tiny_data}",
+        "tracking.experiment=submit-test",
+    ):
         args += ["--set", kv]
     job_id = submit.submit_job(args, job_server)
     status = submit.wait_for_job(job_server, job_id, timeout_s=900)
@@ -119,11 +179,14 @@ def test_submitted_sweep_succeeds_with_lineage(job_server, tiny_data, tmp_path):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    [parent] = client.search_runs([client.get_experiment_by_name("submit-test").experiment_id],
-                                  filter_string="tags.`bamray.role` = 'sweep'")
+    [parent] = client.search_runs(
+        [client.get_experiment_by_name("submit-test").experiment_id],
+        filter_string="tags.`bamray.role` = 'sweep'",
+    )
     assert parent.info.status == "FINISHED" and parent.data.params["trials"] == "2"
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     assert all("knn_top1" in c.data.metrics for c in children)
 
@@ -134,8 +197,26 @@ def test_bamray_submit_cli_round_trip(job_server, capsys):
     assert main(["submit", "--address", job_server, "--", "config", "list"]) == 0
     out = capsys.readouterr().out
     assert "submitted job" in out and "bam_fmnist" in out and "SUCCEEDED" in out
-    assert main(["submit", "--address", job_server, "--no-wait", "--job-id", "bamray-nowait-1", "--",
-                 "config", "show", "--config", "bam_fmnist"]) == 0
+    assert (
+        main(
+            [
+                "submit",
+                "--address",
+                job_server,
+                "--no-wait",
+                "--job-id",
+                "bamray-nowait-1",
+                "--",
+                "config",
+                "show",
+                "--config",
+                "bam_fmnist",
+            ]
+        )
+        == 0
+    )
     assert submit.wait_for_job(job_server, "bamray-nowait-1", timeout_s=300) == "SUCCEEDED"
     # a job that fails (bad config -> exit code 2) is reported as FAILED by the CLI's exit code
-    assert main(["submit", "--address", job_server, "--", "config", "show", "--config", "no_such_config"]) == 1
+    assert (
+        main(["submit", "--address", job_server, "--", "config", "show", "--config", "no_such_config"]) == 1
+    )

@@ -31,34 +31,57 @@ EPOCHS = 2
 # ================================================================================================ no cluster
 def tiny_cfg(data_path: str = "", epochs: int = EPOCHS, *extra: str):
     """BAM on 200 images: batch 32, 1 worker with half a CPU (2 trials + Ray Data fit in 4 logical CPUs)."""
-    overrides = ["optim.batch_size=32", "train.workers=1", "train.cpus_per_worker=0.5", "data.map_cpus=0.5",
-                 "method.top_k_sink=0", f"optim.epochs={epochs}", "method.proj_hidden_dim=128",
-                 "method.proj_out_dim=64", "data.local_crops=2", "optim.warmup_epochs=0", "train.max_failures=2",
-                 "tracking.experiment=sweep-test", "eval.knn_k=10", "method.teacher=false",
-                 "model.backbone=vit_tiny_patch16_224", "model.patch_size=4", "model.backbone_kwargs={depth: 2}",
-                 *extra]
+    overrides = [
+        "optim.batch_size=32",
+        "train.workers=1",
+        "train.cpus_per_worker=0.5",
+        "data.map_cpus=0.5",
+        "method.top_k_sink=0",
+        f"optim.epochs={epochs}",
+        "method.proj_hidden_dim=128",
+        "method.proj_out_dim=64",
+        "data.local_crops=2",
+        "optim.warmup_epochs=0",
+        "train.max_failures=2",
+        "tracking.experiment=sweep-test",
+        "eval.knn_k=10",
+        "method.teacher=false",
+        "model.backbone=vit_tiny_patch16_224",
+        "model.patch_size=4",
+        "model.backbone_kwargs={depth: 2}",
+        *extra,
+    ]
     if data_path:
         overrides.append(f"data.path={data_path}")
     return load_config("bam_fmnist", overrides)
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"search": "optuna"}, "--search"),  # PBT picks the next params itself
-    ({"perturbation_interval": EPOCHS}, "--perturbation-interval"),  # no epoch left to continue after it
-    ({"perturbation_interval": 0}, "--perturbation-interval"),
-    ({"quantile_fraction": 0.0}, "--quantile-fraction"),
-    ({"quantile_fraction": 0.75}, "--quantile-fraction"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"search": "optuna"}, "--search"),  # PBT picks the next params itself
+        ({"perturbation_interval": EPOCHS}, "--perturbation-interval"),  # no epoch left to continue after it
+        ({"perturbation_interval": 0}, "--perturbation-interval"),
+        ({"quantile_fraction": 0.0}, "--quantile-fraction"),
+        ({"quantile_fraction": 0.75}, "--quantile-fraction"),
+    ],
+)
 def test_bad_pbt_arguments_are_config_errors(kwargs, field):
     with pytest.raises(ConfigError) as err:
         run_sweep(tiny_cfg(), "bam_sinkhorn", trials=2, scheduler="pbt", **kwargs)
     assert err.value.field == field
 
 
-@pytest.mark.parametrize("key, spec", [
-    ("method.proj_out_dim", {"type": "choice", "values": [32, 64]}),  # weights change shape
-    ("data.global_crop_size", {"type": "choice", "values": [16, 28]}),  # the data a checkpoint was trained on
-])
+@pytest.mark.parametrize(
+    "key, spec",
+    [
+        ("method.proj_out_dim", {"type": "choice", "values": [32, 64]}),  # weights change shape
+        (
+            "data.global_crop_size",
+            {"type": "choice", "values": [16, 28]},
+        ),  # the data a checkpoint was trained on
+    ],
+)
 def test_pbt_refuses_params_that_break_weight_cloning(key, spec):
     with pytest.raises(ConfigError) as err:
         run_sweep(tiny_cfg(), {"name": "x", "params": {key: spec}}, trials=2, scheduler="pbt")
@@ -67,30 +90,51 @@ def test_pbt_refuses_params_that_break_weight_cloning(key, spec):
 
 def test_pbt_interval_must_land_on_checkpoints():
     with pytest.raises(ConfigError) as err:
-        run_sweep(tiny_cfg("", 4, "train.checkpoint_freq=2"), "bam_sinkhorn", trials=2, scheduler="pbt",
-                  perturbation_interval=1)
+        run_sweep(
+            tiny_cfg("", 4, "train.checkpoint_freq=2"),
+            "bam_sinkhorn",
+            trials=2,
+            scheduler="pbt",
+            perturbation_interval=1,
+        )
     assert err.value.field == "--perturbation-interval" and "checkpoint_freq=2" in str(err.value)
 
 
 def test_pbt_mutations_and_explore_stay_in_the_space():
-    space = load_space({"name": "m", "params": {
-        "method.reg": {"type": "loguniform", "low": 0.02, "high": 0.2},
-        "method.num_sink_iter": {"type": "choice", "values": [1, 3, 5]},
-        "optim.lr": {"type": "grid", "values": [1e-3, 2e-3]}}}, tiny_cfg())
+    space = load_space(
+        {
+            "name": "m",
+            "params": {
+                "method.reg": {"type": "loguniform", "low": 0.02, "high": 0.2},
+                "method.num_sink_iter": {"type": "choice", "values": [1, 3, 5]},
+                "optim.lr": {"type": "grid", "values": [1e-3, 2e-3]},
+            },
+        },
+        tiny_cfg(),
+    )
     mutations = tune_setup.pbt_mutations(space)
     assert mutations["method.num_sink_iter"] == [1, 3, 5] and mutations["optim.lr"] == [1e-3, 2e-3]
     assert 0.02 <= mutations["method.reg"].sample() <= 0.2  # a Tune domain PBT resamples from
     explore = tune_setup.pbt_explore(space)
     assert explore({"method.reg": 0.2 * 1.2, "method.num_sink_iter": 5, "optim.lr": 2e-3}) == {
-        "method.reg": 0.2, "method.num_sink_iter": 5, "optim.lr": 2e-3}  # x1.2 past the top is clipped
+        "method.reg": 0.2,
+        "method.num_sink_iter": 5,
+        "optim.lr": 2e-3,
+    }  # x1.2 past the top is clipped
     assert explore({"method.reg": 0.02 * 0.8})["method.reg"] == 0.02
     assert explore({"method.reg": 0.05})["method.reg"] == 0.05
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"search": "bayes"}, "--search"), ({"scheduler": "hyperband"}, "--scheduler"), ({"trials": 0}, "--trials"),
-    ({"max_concurrent": 0}, "--max-concurrent"), ({"reduction_factor": 1.0}, "--reduction-factor"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"search": "bayes"}, "--search"),
+        ({"scheduler": "hyperband"}, "--scheduler"),
+        ({"trials": 0}, "--trials"),
+        ({"max_concurrent": 0}, "--max-concurrent"),
+        ({"reduction_factor": 1.0}, "--reduction-factor"),
+    ],
+)
 def test_bad_sweep_arguments_are_config_errors(kwargs, field):
     with pytest.raises(ConfigError) as err:
         run_sweep(tiny_cfg(), "bam_sinkhorn", **kwargs)
@@ -107,11 +151,19 @@ def test_workers_per_trial_revalidates_the_space():
         run_sweep(cfg, space, trials=1, workers_per_trial=1)
 
 
-@pytest.mark.parametrize("extra, kwargs, space, field", [
-    (["train.workers=0"], {}, "bam_sinkhorn", "train.workers"),
-    ([], {"workers_per_trial": 0}, "bam_sinkhorn", "--workers-per-trial"),
-    ([], {}, {"name": "w", "params": {"train.workers": {"type": "choice", "values": [0, 1]}}}, "space.train.workers"),
-])
+@pytest.mark.parametrize(
+    "extra, kwargs, space, field",
+    [
+        (["train.workers=0"], {}, "bam_sinkhorn", "train.workers"),
+        ([], {"workers_per_trial": 0}, "bam_sinkhorn", "--workers-per-trial"),
+        (
+            [],
+            {},
+            {"name": "w", "params": {"train.workers": {"type": "choice", "values": [0, 1]}}},
+            "space.train.workers",
+        ),
+    ],
+)
 def test_trials_without_train_workers_are_refused_before_ray(extra, kwargs, space, field):
     """With 0 workers Ray Train runs the loop in the trial's own process, where Ray Tune refuses Ray Train's
     API: every trial used to fail after Ray had started. Now it is a config error naming the field."""
@@ -132,18 +184,32 @@ def test_a_time_budget_is_refused_in_a_sweep_before_ray():
     assert err.value.field == "train.time_budget_min" and not ray.is_initialized()
 
 
-@pytest.mark.parametrize("status, epochs, target, outcome", [
-    ("TERMINATED", 3, 3, "completed"), ("TERMINATED", 1, 3, "stopped_early"), ("ERROR", 1, 3, "failed"),
-    ("ERROR", 3, 3, "failed"), ("RUNNING", 2, 3, "unfinished"), ("PENDING", 0, 3, "unfinished"),
-])
+@pytest.mark.parametrize(
+    "status, epochs, target, outcome",
+    [
+        ("TERMINATED", 3, 3, "completed"),
+        ("TERMINATED", 1, 3, "stopped_early"),
+        ("ERROR", 1, 3, "failed"),
+        ("ERROR", 3, 3, "failed"),
+        ("RUNNING", 2, 3, "unfinished"),
+        ("PENDING", 0, 3, "unfinished"),
+    ],
+)
 def test_trial_outcome(status, epochs, target, outcome):
     assert trial_outcome(status, {"epoch": epochs}, target) == outcome
 
 
 def test_grid_repeats_reach_the_requested_trials():
-    space = load_space({"name": "g", "params": {"seed": {"type": "grid", "values": [0, 1]},
-                                                "method.reg": {"type": "loguniform", "low": 0.01, "high": 0.3}}},
-                       tiny_cfg())
+    space = load_space(
+        {
+            "name": "g",
+            "params": {
+                "seed": {"type": "grid", "values": [0, 1]},
+                "method.reg": {"type": "loguniform", "low": 0.01, "high": 0.3},
+            },
+        },
+        tiny_cfg(),
+    )
     assert tune_setup.num_samples(space, 4, "random") == 2  # 2 repeats of a 2-point grid
     assert tune_setup.num_samples(space, 5, "random") == 3
     assert tune_setup.num_samples(space, 1, "grid") == 1
@@ -168,12 +234,30 @@ def test_optuna_searcher_suggests_inside_the_space():
 
 def test_results_table_and_best():
     rows = [
-        {"trial_id": "a", "status": "completed", "epochs": 3, "knn_top1": 60.0, "params": {"optim.lr": 0.002},
-         "mlflow_run_id": "r1"},
-        {"trial_id": "b", "status": "stopped_early", "epochs": 1, "knn_top1": 70.0, "params": {"optim.lr": 10.0},
-         "mlflow_run_id": "r2"},
-        {"trial_id": "c", "status": "failed", "epochs": 0, "knn_top1": None, "params": {"optim.lr": 1.0},
-         "mlflow_run_id": None},
+        {
+            "trial_id": "a",
+            "status": "completed",
+            "epochs": 3,
+            "knn_top1": 60.0,
+            "params": {"optim.lr": 0.002},
+            "mlflow_run_id": "r1",
+        },
+        {
+            "trial_id": "b",
+            "status": "stopped_early",
+            "epochs": 1,
+            "knn_top1": 70.0,
+            "params": {"optim.lr": 10.0},
+            "mlflow_run_id": "r2",
+        },
+        {
+            "trial_id": "c",
+            "status": "failed",
+            "epochs": 0,
+            "knn_top1": None,
+            "params": {"optim.lr": 1.0},
+            "mlflow_run_id": None,
+        },
     ]
     # a stopped trial's early score is not comparable with a finished one: the completed trial wins
     assert report.best_row(rows)["trial_id"] == "a"
@@ -190,14 +274,31 @@ def test_cli_registers_sweep_with_a_handler():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
     orchestrator.sweep.add_sweep_parser(sub)
-    args = parser.parse_args(["sweep", "--config", "bam_fmnist", "--space", "bam_sinkhorn", "--trials", "3",
-                              "--scheduler", "fifo", "--search", "grid", "--set", "optim.lr=1e-3"])
+    args = parser.parse_args(
+        [
+            "sweep",
+            "--config",
+            "bam_fmnist",
+            "--space",
+            "bam_sinkhorn",
+            "--trials",
+            "3",
+            "--scheduler",
+            "fifo",
+            "--search",
+            "grid",
+            "--set",
+            "optim.lr=1e-3",
+        ]
+    )
     assert args.func is orchestrator.sweep.cmd_sweep and args.trials == 3 and args.search == "grid"
     assert args.set == ["optim.lr=1e-3"]
 
 
-@pytest.mark.parametrize("grace, rf, max_t", [(1, 2, 2), (1, 2, 8), (1, 2, 9), (2, 3, 20), (1, 4, 64), (3, 2, 3),
-                                              (1, 1.5, 10), (1, 1.1, 6)])
+@pytest.mark.parametrize(
+    "grace, rf, max_t",
+    [(1, 2, 2), (1, 2, 8), (1, 2, 9), (2, 3, 20), (1, 4, 64), (3, 2, 3), (1, 1.5, 10), (1, 1.1, 6)],
+)
 def test_asha_rungs_are_where_the_scheduler_decides(grace, rf, max_t):
     """The workers wait for Tune's decision at these epochs: they must be exactly the epochs where the ASHA
     that :func:`tune_setup.scheduler` builds judges a trial (its last one, ``max_t``, ends the run anyway). Asked of
@@ -205,8 +306,7 @@ def test_asha_rungs_are_where_the_scheduler_decides(grace, rf, max_t):
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import TrialScheduler
 
-    settings = SweepSettings(name="x", trials=1, scheduler="asha", grace_period=grace,
-                                       reduction_factor=rf)
+    settings = SweepSettings(name="x", trials=1, scheduler="asha", grace_period=grace, reduction_factor=rf)
     decided = []
     for epoch in range(1, max_t):
         asha = tune_setup.scheduler(settings, max_t)
@@ -217,12 +317,19 @@ def test_asha_rungs_are_where_the_scheduler_decides(grace, rf, max_t):
         # t0 scores 100 at every epoch; t1 scores 0 only at `epoch`: stopped there iff a rung is there
         for e in range(1, epoch + 1):
             asha.on_trial_result(None, trials[0], {"epoch": e, "knn_top1": 100.0})
-        stops = [asha.on_trial_result(None, trials[1], {"epoch": e, "knn_top1": 100.0 if e < epoch else 0.0})
-                 for e in range(1, epoch + 1)]
+        stops = [
+            asha.on_trial_result(None, trials[1], {"epoch": e, "knn_top1": 100.0 if e < epoch else 0.0})
+            for e in range(1, epoch + 1)
+        ]
         if stops[-1] == TrialScheduler.STOP:
             decided.append(epoch)
     assert tune_setup.asha_rungs(grace, rf, max_t) == decided
-    assert tune_setup.asha_rungs(1, 2, 8) == [1, 2, 4] and tune_setup.asha_rungs(1, 1.5, 6) == [1, 2, 3, 4]  # by hand
+    assert tune_setup.asha_rungs(1, 2, 8) == [1, 2, 4] and tune_setup.asha_rungs(1, 1.5, 6) == [
+        1,
+        2,
+        3,
+        4,
+    ]  # by hand
 
 
 # ================================================================================================ real Ray
@@ -327,8 +434,9 @@ def _history(client, run_id: str, key: str) -> list:
 
 
 def _children(client, parent) -> dict:
-    runs = client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    runs = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
     return {r.data.tags["bamray.trial_id"]: r for r in runs}
 
 
@@ -349,13 +457,31 @@ def test_asha_sweep_stops_bad_trials_and_records_lineage(ray_local, tiny_data, t
     than random init (42-44 %), and with BAM's EMA teacher (the evaluated network, momentum 0.995) six steps
     barely move the evaluated weights (40.0 vs 42.5 %): neither would make the ordering certain."""
     space_file = tmp_path / "lr.yaml"
-    space_file.write_text(yaml.safe_dump({
-        "name": "lr_good_bad", "description": "a good and three destructive learning rates",
-        "params": {"optim.lr": {"type": "grid", "values": [GOOD_LR, *BAD_LRS]}}}, sort_keys=False))
+    space_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "lr_good_bad",
+                "description": "a good and three destructive learning rates",
+                "params": {"optim.lr": {"type": "grid", "values": [GOOD_LR, *BAD_LRS]}},
+            },
+            sort_keys=False,
+        )
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    out = run_sweep(tiny_cfg(tiny_data), str(space_file), trials=4, scheduler="asha", search="random",
-                    max_concurrent=1, storage_path=str(tmp_path / "ray"), name="asha-test", tracking_uri=uri,
-                    grace_period=1, reduction_factor=2, seed=0)
+    out = run_sweep(
+        tiny_cfg(tiny_data),
+        str(space_file),
+        trials=4,
+        scheduler="asha",
+        search="random",
+        max_concurrent=1,
+        storage_path=str(tmp_path / "ray"),
+        name="asha-test",
+        tracking_uri=uri,
+        grace_period=1,
+        reduction_factor=2,
+        seed=0,
+    )
 
     rows = {r["trial_id"]: r for r in out["trials"]}
     assert len(rows) == 4 and not out["interrupted"]
@@ -424,9 +550,20 @@ def test_pbt_clones_the_better_trial_into_the_worse_one(ray_local, tiny_data, tm
     workers load it), the better one from its own; both finish all 3 epochs, each in its own MLflow run."""
     space = {"name": "lr_pbt", "params": {"optim.lr": {"type": "grid", "values": [GOOD_LR, BAD_LRS[0]]}}}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    out = run_sweep(tiny_cfg(tiny_data, 3), space, trials=2, scheduler="pbt", search="random", max_concurrent=2,
-                    storage_path=str(tmp_path / "ray"), name="pbt-test", tracking_uri=uri,
-                    perturbation_interval=2, quantile_fraction=0.5, seed=0)
+    out = run_sweep(
+        tiny_cfg(tiny_data, 3),
+        space,
+        trials=2,
+        scheduler="pbt",
+        search="random",
+        max_concurrent=2,
+        storage_path=str(tmp_path / "ray"),
+        name="pbt-test",
+        tracking_uri=uri,
+        perturbation_interval=2,
+        quantile_fraction=0.5,
+        seed=0,
+    )
     rows = {r["trial_id"]: r for r in out["trials"]}
     assert len(rows) == 2 and not out["interrupted"]
     assert all(r["status"] == "completed" and r["epochs"] == 3 for r in rows.values()), out["trials"]
@@ -470,7 +607,9 @@ def _donor(path: str | None, rows: dict) -> str | None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, tiny_data, tmp_path, monkeypatch):
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
+    ray_local, tiny_data, tmp_path, monkeypatch
+):
     """The test hook interrupts the sweep (SIGUSR1, Tune's Ctrl-C path) once one trial has ended; resume
     runs the other one and leaves the finished one alone: same Tune results, same MLflow curve length,
     one child run per trial."""
@@ -479,8 +618,17 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, 
     storage = str(tmp_path / "ray")
     cfg = tiny_cfg(tiny_data, 2)
     monkeypatch.setenv(INTERRUPT_ENV, "1")
-    first = run_sweep(cfg, space, trials=2, scheduler="fifo", search="random", max_concurrent=1,
-                      storage_path=storage, name="resume-test", tracking_uri=uri)
+    first = run_sweep(
+        cfg,
+        space,
+        trials=2,
+        scheduler="fifo",
+        search="random",
+        max_concurrent=1,
+        storage_path=storage,
+        name="resume-test",
+        tracking_uri=uri,
+    )
     assert first["interrupted"]
     done = [r for r in first["trials"] if r["status"] == "completed"]
     assert len(done) == 1, first["trials"]

@@ -35,7 +35,9 @@ def test_default_store_is_absolute_under_project(tmp_path, monkeypatch):
     assert tracking.artifact_root(uri) == (tmp_path.resolve() / ".bamray" / "mlartifacts").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     assert tracking.resolve_tracking_uri() == "http://127.0.0.1:5999"
-    assert tracking.resolve_tracking_uri("sqlite:///rel/m.db") == f"sqlite:///{(sub / 'rel' / 'm.db').resolve()}"
+    assert (
+        tracking.resolve_tracking_uri("sqlite:///rel/m.db") == f"sqlite:///{(sub / 'rel' / 'm.db').resolve()}"
+    )
     assert tracking.artifact_root("http://127.0.0.1:5999") is None
 
 
@@ -165,7 +167,9 @@ def test_failed_run_reason_and_resumed_params(tmp_path):
     # resume: reopened as RUNNING; an unchanged param is fine, a changed one is reported, not raised
     tracking.reopen_run(uri, run_id)
     assert tracking.client(uri).get_run(run_id).info.status == "RUNNING"
-    assert tracking.log_params(uri, run_id, {"optim.lr": 0.1, "optim.epochs": 3, "new": 1}) == ["optim.epochs"]
+    assert tracking.log_params(uri, run_id, {"optim.lr": 0.1, "optim.epochs": 3, "new": 1}) == [
+        "optim.epochs"
+    ]
     params = tracking.client(uri).get_run(run_id).data.params
     assert params == {"optim.lr": "0.1", "optim.epochs": "2", "new": "1"}
 
@@ -175,8 +179,10 @@ def test_crop_grid_places_real_crops(tmp_path, fmnist_src):
     with gzip.open(fmnist_src / "train-images-idx3-ubyte.gz", "rb") as f:
         raw = f.read(16 + 4 * 784)
     imgs = np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(4, 1, 28, 28)
-    batch = {"global": np.stack([imgs, imgs[..., ::-1]], axis=1),
-             "local": np.stack([imgs[..., :14, :14]], axis=1)}
+    batch = {
+        "global": np.stack([imgs, imgs[..., ::-1]], axis=1),
+        "local": np.stack([imgs[..., :14, :14]], axis=1),
+    }
     img = crop_grid(batch, pad=2)
     arr = np.asarray(img)
     scale = arr.shape[1] // (3 * 30 + 2)

@@ -34,13 +34,28 @@ N_TRAIN, N_TEST, BATCH = 256, 128, 32
 
 def _overrides(shards: Path, storage: Path, uri: str, workers: int = 2, **extra) -> list[str]:
     base = {
-        "data.path": str(shards), "model.backbone": "vit_tiny_patch16_224", "model.patch_size": 4,
-        "model.backbone_kwargs": "{depth: 2}", "data.global_crop_size": 16,
-        "data.local_crop_size": 8, "data.local_crops": 2, "method.top_k_sink": 0, "method.proj_hidden_dim": 64,
-        "method.proj_out_dim": 32, "optim.batch_size": BATCH, "optim.epochs": 2, "train.workers": workers,
-        "data.map_cpus": 0.5, "data.map_batch_size": 64, "data.local_shuffle_buffer": 0,
-        "train.storage_path": str(storage), "tracking.tracking_uri": uri, "eval.linear_epochs": 5,
-        "optim.warmup_epochs": 1, "method.momentum": 0.995, "eval.knn_train_fraction": 1.0,
+        "data.path": str(shards),
+        "model.backbone": "vit_tiny_patch16_224",
+        "model.patch_size": 4,
+        "model.backbone_kwargs": "{depth: 2}",
+        "data.global_crop_size": 16,
+        "data.local_crop_size": 8,
+        "data.local_crops": 2,
+        "method.top_k_sink": 0,
+        "method.proj_hidden_dim": 64,
+        "method.proj_out_dim": 32,
+        "optim.batch_size": BATCH,
+        "optim.epochs": 2,
+        "train.workers": workers,
+        "data.map_cpus": 0.5,
+        "data.map_batch_size": 64,
+        "data.local_shuffle_buffer": 0,
+        "train.storage_path": str(storage),
+        "tracking.tracking_uri": uri,
+        "eval.linear_epochs": 5,
+        "optim.warmup_epochs": 1,
+        "method.momentum": 0.995,
+        "eval.knn_train_fraction": 1.0,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -53,8 +68,14 @@ def shards(tmp_path_factory, fmnist_src) -> Path:
 
     out = tmp_path_factory.mktemp("fmnist") / "fashion-mnist"
     prepare_fashion_mnist(out, src_dir=str(fmnist_src), limit=N_TRAIN, test_limit=N_TEST)
-    bad = pa.table({"image": pa.array([b"\x89PNG\r\n\x1a\n-truncated-garbage"], pa.binary()),
-                    "label": pa.array([3], pa.int64()), "index": pa.array([N_TRAIN], pa.int64())}, schema=SCHEMA)
+    bad = pa.table(
+        {
+            "image": pa.array([b"\x89PNG\r\n\x1a\n-truncated-garbage"], pa.binary()),
+            "label": pa.array([3], pa.int64()),
+            "index": pa.array([N_TRAIN], pa.int64()),
+        },
+        schema=SCHEMA,
+    )
     pq.write_table(bad, out / "train" / "part-09999.parquet")
     return out
 
@@ -117,19 +138,25 @@ def test_two_worker_run_is_tracked_end_to_end(finished_run):
     assert _history(c, out["run_id"], "data_corrupt_skipped")[-1] == (2 * spe, 1.0)
     # raw pixels through the same distributed k-NN, once, on the very same bank: equal to a single-process
     # k-NN on the same images decoded from the original IDX files
-    assert _history(c, out["run_id"], "knn_pixels_top1") == [(spe, pytest.approx(_idx_pixel_knn(cfg), abs=1e-9))]
+    assert _history(c, out["run_id"], "knn_pixels_top1") == [
+        (spe, pytest.approx(_idx_pixel_knn(cfg), abs=1e-9))
+    ]
     assert out["worker_result"]["knn_pixels_top1"] == pytest.approx(_idx_pixel_knn(cfg), abs=1e-9)
 
     names = {a.path for a in c.list_artifacts(out["run_id"], "final")}
     assert names == {"final/backbone.safetensors", "final/config.yaml"}
-    assert {a.path for a in c.list_artifacts(out["run_id"], "best_knn")} == {"best_knn/backbone.safetensors",
-                                                                             "best_knn/config.yaml"}
+    assert {a.path for a in c.list_artifacts(out["run_id"], "best_knn")} == {
+        "best_knn/backbone.safetensors",
+        "best_knn/config.yaml",
+    }
     assert [a.path for a in c.list_artifacts(out["run_id"], "crops")] == ["crops/first_batch.png"]
     assert c.get_metric_history(out["run_id"], "best_knn_top1")[0].value == max(v for _, v in knn)
 
     # the final checkpoint: loadable with weights_only, points back at the MLflow run
     state = ckpt.load_training_state(out["checkpoint"])
-    assert state["epoch"] == 2 and state["engine"]["step"] == 2 * spe and state["mlflow_run_id"] == out["run_id"]
+    assert (
+        state["epoch"] == 2 and state["engine"]["step"] == 2 * spe and state["mlflow_run_id"] == out["run_id"]
+    )
     assert ckpt.load_rng_state(out["checkpoint"], 0) is not None and ckpt.load_rng_state(out["checkpoint"], 1)
 
 
@@ -147,7 +174,9 @@ def _idx_pixel_knn(cfg) -> float:
             x = np.frombuffer(f.read(16 + n * 784), np.uint8, offset=16).reshape(n, 1, 28, 28)
         with gzip.open(src / f"{prefix}-labels-idx1-ubyte.gz") as f:
             y = np.frombuffer(f.read(8 + n), np.uint8, offset=8).astype(np.int64)
-        views = torch.stack([clean_transform(torch.from_numpy(v.copy()), cfg.data.global_crop_size) for v in x])
+        views = torch.stack(
+            [clean_transform(torch.from_numpy(v.copy()), cfg.data.global_crop_size) for v in x]
+        )
         return views, torch.from_numpy(y)
 
     (xb, yb), (xq, yq) = read("train", N_TRAIN), read("t10k", N_TEST)
@@ -159,8 +188,20 @@ def test_time_budget_plans_the_epochs_and_fits_the_schedules(ray_local, shards, 
     remembers the plan (a resumed run keeps it). The plan is made once epoch 1 is timed, so epoch 1 ran on
     the 3-epoch schedule (the refit itself is checked in test_time_budget.py)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = load_config("bam_fmnist", _overrides(shards, storage, uri, **{
-        "optim.epochs": 3, "train.time_budget_min": 0.001, "optim.warmup_epochs": 0.5, "optim.min_lr": "1.0e-5"}))
+    cfg = load_config(
+        "bam_fmnist",
+        _overrides(
+            shards,
+            storage,
+            uri,
+            **{
+                "optim.epochs": 3,
+                "train.time_budget_min": 0.001,
+                "optim.warmup_epochs": 0.5,
+                "optim.min_lr": "1.0e-5",
+            },
+        ),
+    )
     out = run_training(cfg)
     assert out["status"] == "FINISHED", out.get("reason")
     spe = N_TRAIN // (BATCH * 2)
@@ -176,24 +217,44 @@ def test_time_budget_plans_the_epochs_and_fits_the_schedules(ray_local, shards, 
     (train_time,) = [v for _, v in _history(c, out["run_id"], "train_time_s")]
     assert 0 < train_time == pytest.approx(out["worker_result"]["train_time_s"])
     state = ckpt.load_training_state(out["checkpoint"])
-    assert state["epoch"] == 1 and state["extra"]["planned_epochs"] == 1 and state["config"]["optim"]["epochs"] == 1
+    assert (
+        state["epoch"] == 1
+        and state["extra"]["planned_epochs"] == 1
+        and state["config"]["optim"]["epochs"] == 1
+    )
 
 
 def test_exported_backbone_rebuilds_and_linear_eval_cli_logs(finished_run, tmp_path):
     import mlflow.artifacts
 
     cfg, out = finished_run
-    local = mlflow.artifacts.download_artifacts(run_id=out["run_id"], artifact_path="final", dst_path=str(tmp_path),
-                                                tracking_uri=out["tracking_uri"])
+    local = mlflow.artifacts.download_artifacts(
+        run_id=out["run_id"], artifact_path="final", dst_path=str(tmp_path), tracking_uri=out["tracking_uri"]
+    )
     model, rcfg = ckpt.load_backbone(local)
     assert rcfg.model.backbone == cfg.model.backbone
     with torch.no_grad():
         feats = model(torch.zeros(2, 1, 16, 16))
     assert feats.shape == (2, model.num_features)
 
-    proc = subprocess.run([sys.executable, "-m", "orchestrator", "eval", "linear", "--run", out["run_id"],
-                           "--tracking-uri", out["tracking_uri"], "--epochs", "5"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "eval",
+            "linear",
+            "--run",
+            out["run_id"],
+            "--tracking-uri",
+            out["tracking_uri"],
+            "--epochs",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     c = tracking.client(out["tracking_uri"])
     top1 = c.get_metric_history(out["run_id"], "linear_top1")
@@ -206,11 +267,15 @@ def test_worker_failure_restarts_from_last_checkpoint(ray_local, shards, storage
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spe = N_TRAIN // (BATCH * 2)
     fail_at = spe + 2  # the middle of epoch 2, after the epoch-1 checkpoint
-    cfg = load_config("bam_fmnist", _overrides(shards, storage, uri, **{"debug.fail_at_step": fail_at,
-                                                                         "train.max_failures": 1}))
+    cfg = load_config(
+        "bam_fmnist",
+        _overrides(shards, storage, uri, **{"debug.fail_at_step": fail_at, "train.max_failures": 1}),
+    )
     out = run_training(cfg)
     assert out["status"] == "FINISHED", out.get("reason")
-    assert (Path(out["ray_run_dir"]) / ".fail_at_step.fired").read_text().startswith(f"fired at step {fail_at}")
+    assert (
+        (Path(out["ray_run_dir"]) / ".fail_at_step.fired").read_text().startswith(f"fired at step {fail_at}")
+    )
     assert out["worker_result"]["start_epoch"] == 1  # the restarted group resumed from the epoch-1 checkpoint
     c = tracking.client(uri)
     # every step and every epoch metric exactly once, although epoch 2 was partly run twice
@@ -226,15 +291,19 @@ def test_nan_loss_fails_the_run_and_keeps_the_last_good_checkpoint(ray_local, sh
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spe = N_TRAIN // (BATCH * 2)
     nan_at = spe + 1
-    cfg = load_config("bam_fmnist", _overrides(shards, storage, uri, **{"debug.nan_at_step": nan_at,
-                                                                         "train.max_failures": 2}))
+    cfg = load_config(
+        "bam_fmnist",
+        _overrides(shards, storage, uri, **{"debug.nan_at_step": nan_at, "train.max_failures": 2}),
+    )
     out = run_training(cfg)
     assert out["status"] == "FAILED"
     c = tracking.client(uri)
     run = c.get_run(out["run_id"])
     assert run.info.status == "FAILED"
-    assert "non-finite loss" in run.data.tags[tracking.TAG_FAILURE] and f"step {nan_at}" in run.data.tags[
-        tracking.TAG_FAILURE]
+    assert (
+        "non-finite loss" in run.data.tags[tracking.TAG_FAILURE]
+        and f"step {nan_at}" in run.data.tags[tracking.TAG_FAILURE]
+    )
     assert _history(c, out["run_id"], "nan_detected") == [(nan_at, 1.0)]
     # not retried: one attempt, steps logged up to the NaN step and never again
     assert out["worker_result"]["start_epoch"] == 0
@@ -266,8 +335,16 @@ def test_two_concurrent_runs_share_one_fresh_store(ray_local, shards, storage, t
     the same time: both FINISHED, no metric missing or doubled, no 'database is locked'."""
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     ov = _overrides(shards, storage, uri, workers=1, **{"optim.epochs": 1})
-    procs = [subprocess.Popen(_train_cmd(ov, "--config", "bam_fmnist"), env=_driver_env(ray_local),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            _train_cmd(ov, "--config", "bam_fmnist"),
+            env=_driver_env(ray_local),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-4000:]
@@ -285,9 +362,16 @@ def test_two_concurrent_runs_share_one_fresh_store(ray_local, shards, storage, t
 def test_resume_after_killed_driver_continues_the_same_run(ray_local, shards, storage, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     ov = _overrides(shards, storage, uri, workers=1)
-    first = subprocess.run(_train_cmd(ov, "--config", "bam_fmnist"), capture_output=True, text=True, timeout=600,
-                           env=_driver_env(ray_local, {"BAMRAY_TEST_EXIT_DRIVER_AFTER_EPOCHS": "1"}))
-    assert first.returncode == 17, (first.stdout + first.stderr)[-4000:]  # killed after the epoch-1 checkpoint
+    first = subprocess.run(
+        _train_cmd(ov, "--config", "bam_fmnist"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_driver_env(ray_local, {"BAMRAY_TEST_EXIT_DRIVER_AFTER_EPOCHS": "1"}),
+    )
+    assert first.returncode == 17, (first.stdout + first.stderr)[
+        -4000:
+    ]  # killed after the epoch-1 checkpoint
     c = tracking.client(uri)
     (run,) = c.search_runs([e.experiment_id for e in c.search_experiments()])
     run_id = run.info.run_id
@@ -296,9 +380,13 @@ def test_resume_after_killed_driver_continues_the_same_run(ray_local, shards, st
     assert _steps(c, run_id, "knn_top1") == [spe]
 
     # --resume without --config: the run's own config.yaml artifact; Ray/MLflow locations on the line
-    second = subprocess.run([sys.executable, "-m", "orchestrator", "train", "--resume", run_id,
-                             "--tracking-uri", uri], capture_output=True, text=True, timeout=600,
-                            env=_driver_env(ray_local))
+    second = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "train", "--resume", run_id, "--tracking-uri", uri],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_driver_env(ray_local),
+    )
     assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
     runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
     assert [r.info.run_id for r in runs] == [run_id]  # one MLflow run, continued
@@ -307,4 +395,7 @@ def test_resume_after_killed_driver_continues_the_same_run(ray_local, shards, st
     assert run.data.tags["bamray.start_epoch"] == "1"  # Ray Train resumed from the epoch-1 checkpoint
     assert _steps(c, run_id, "knn_top1") == [spe, 2 * spe]
     assert _steps(c, run_id, "loss") == list(range(1, 2 * spe + 1))
-    assert {a.path for a in c.list_artifacts(run_id, "final")} == {"final/backbone.safetensors", "final/config.yaml"}
+    assert {a.path for a in c.list_artifacts(run_id, "final")} == {
+        "final/backbone.safetensors",
+        "final/config.yaml",
+    }

@@ -36,15 +36,23 @@ class ModelConfig:
     """Backbone section of the experiment config."""
 
     backbone: str = opt("vit_tiny_patch16_224", help="any timm model name (timm.list_models())")
-    stem: str = opt("auto", choices=("auto", "imagenet", "small"),
-                    help="small = ResNet stem 3x3 stride 1 without max-pool, ViT patch giving a >= 7x7 grid; "
-                         f"imagenet = timm's own; auto = small when the global crop is <= {SMALL_STEM_MAX_SIZE} px")
+    stem: str = opt(
+        "auto",
+        choices=("auto", "imagenet", "small"),
+        help="small = ResNet stem 3x3 stride 1 without max-pool, ViT patch giving a >= 7x7 grid; "
+        f"imagenet = timm's own; auto = small when the global crop is <= {SMALL_STEM_MAX_SIZE} px",
+    )
     pretrained: bool = opt(False, help="load timm pretrained weights (needs network access)")
-    img_size: int | None = opt(None, gt=0, help="override input size for ViT-like models (default: global crop size)")
+    img_size: int | None = opt(
+        None, gt=0, help="override input size for ViT-like models (default: global crop size)"
+    )
     patch_size: int | None = opt(None, gt=0, help="ViT patch size (default: chosen by model.stem)")
     drop_path_rate: float = opt(0.0, ge=0.0, lt=1.0)
-    backbone_kwargs: dict = opt({}, help="extra keyword arguments passed to timm.create_model "
-                                         "(e.g. ResNet layers: [1, 1, 1, 1], channels: [32, 64, 128, 256])")
+    backbone_kwargs: dict = opt(
+        {},
+        help="extra keyword arguments passed to timm.create_model "
+        "(e.g. ResNet layers: [1, 1, 1, 1], channels: [32, 64, 128, 256])",
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -57,7 +65,9 @@ def check_backbone_name(name: str, path: str = "model.backbone") -> None:
     base = name.split(".")[0]  # timm allows 'model.tag'
     if base not in _known_models():
         close = [m for m in _known_models() if base.split("_")[0] in m][:8]
-        raise ConfigError(path, f"unknown timm model {name!r}; e.g. {close or ['resnet18', 'vit_small_patch16_224']}")
+        raise ConfigError(
+            path, f"unknown timm model {name!r}; e.g. {close or ['resnet18', 'vit_small_patch16_224']}"
+        )
 
 
 def resolve_stem(stem: str, img_size: int | None) -> str:
@@ -97,7 +107,10 @@ def small_resnet_stem(model: ResNet, in_chans: int) -> None:
 
 
 def build_backbone(
-    cfg: ModelConfig, in_chans: int = 3, default_img_size: int | None = None, crop_sizes: Sequence[int] = (),
+    cfg: ModelConfig,
+    in_chans: int = 3,
+    default_img_size: int | None = None,
+    crop_sizes: Sequence[int] = (),
 ) -> tuple[nn.Module, int]:
     """Create ``cfg.backbone`` headless with the stem ``cfg.stem`` asks for; returns ``(module, feature_dim)``.
 
@@ -124,13 +137,18 @@ def build_backbone(
         return _feature_model(timm.create_model(cfg.backbone, **base, **vit_kwargs))
     except TypeError as err:
         if cfg.patch_size is not None:
-            raise ConfigError("model.patch_size", f"{cfg.backbone} takes no patch_size; leave it unset") from err
+            raise ConfigError(
+                "model.patch_size", f"{cfg.backbone} takes no patch_size; leave it unset"
+            ) from err
     model = timm.create_model(cfg.backbone, **base)  # a CNN: size-agnostic, its stem is set here
     if stem == "small" and isinstance(model, ResNet):
         small_resnet_stem(model, in_chans)
     elif stem == "small" and cfg.stem == "small":  # asked for explicitly; `auto` keeps timm's stem
-        raise ConfigError("model.stem", f"no small-image stem for {cfg.backbone} (known: timm ResNet-family and "
-                                        "ViT-like models); use imagenet or auto")
+        raise ConfigError(
+            "model.stem",
+            f"no small-image stem for {cfg.backbone} (known: timm ResNet-family and "
+            "ViT-like models); use imagenet or auto",
+        )
     return _feature_model(model)
 
 

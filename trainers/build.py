@@ -27,7 +27,12 @@ def crop_sizes(data_cfg: Any) -> tuple[int, ...]:
 
 
 def build_method(
-    cfg: Any, *, device: torch.device | str, steps_per_epoch: int, batch_size: int, world_size: int = 1,
+    cfg: Any,
+    *,
+    device: torch.device | str,
+    steps_per_epoch: int,
+    batch_size: int,
+    world_size: int = 1,
 ) -> Method:
     """The method of ``cfg`` on ``device``; weights drawn from ``cfg.seed`` (identical on every rank).
 
@@ -36,12 +41,21 @@ def build_method(
     """
     torch.manual_seed(cfg.seed)
     d = cfg.data
-    backbone, feat_dim = build_backbone(cfg.model, in_chans=d.channels, default_img_size=d.global_crop_size,
-                                        crop_sizes=crop_sizes(d))
-    ctx = MethodContext(backbone=backbone, feat_dim=feat_dim, num_global_crops=d.global_crops,
-                        num_local_crops=d.local_crops, batch_size=batch_size, world_size=world_size,
-                        steps_per_epoch=steps_per_epoch, epochs=cfg.optim.epochs, in_chans=d.channels,
-                        image_size=d.global_crop_size)
+    backbone, feat_dim = build_backbone(
+        cfg.model, in_chans=d.channels, default_img_size=d.global_crop_size, crop_sizes=crop_sizes(d)
+    )
+    ctx = MethodContext(
+        backbone=backbone,
+        feat_dim=feat_dim,
+        num_global_crops=d.global_crops,
+        num_local_crops=d.local_crops,
+        batch_size=batch_size,
+        world_size=world_size,
+        steps_per_epoch=steps_per_epoch,
+        epochs=cfg.optim.epochs,
+        in_chans=d.channels,
+        image_size=d.global_crop_size,
+    )
     method = get_method(cfg.method_name)(cfg.method, ctx).to(device)
     if cfg.train.channels_last:
         method.to(memory_format=torch.channels_last)
@@ -49,10 +63,22 @@ def build_method(
 
 
 def build_engine(
-    cfg: Any, method: Method, *, device: torch.device | str, steps_per_epoch: int, global_batch: int,
+    cfg: Any,
+    method: Method,
+    *,
+    device: torch.device | str,
+    steps_per_epoch: int,
+    global_batch: int,
     module: torch.nn.Module | None = None,
 ) -> Engine:
     """The engine (optimiser, schedules, precision) that trains ``method``; ``module`` is what is called
     forward (the DDP-wrapped method under Ray Train)."""
-    return Engine(method, cfg.optim, steps_per_epoch=steps_per_epoch, global_batch=global_batch, device=device,
-                  precision=resolve_precision(cfg.train.precision, device), module=module)
+    return Engine(
+        method,
+        cfg.optim,
+        steps_per_epoch=steps_per_epoch,
+        global_batch=global_batch,
+        device=device,
+        precision=resolve_precision(cfg.train.precision, device),
+        module=module,
+    )

@@ -23,7 +23,9 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/Inf; the step was not applied, so the weights are still the last good ones."""
 
     def __init__(self, step: int, value: float):
-        super().__init__(f"non-finite loss {value} at step {step}; stopping (weights of the previous step kept)")
+        super().__init__(
+            f"non-finite loss {value} at step {step}; stopping (weights of the previous step kept)"
+        )
         self.step = step
         self.value = value
 
@@ -51,8 +53,12 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 
 
 def normalise_uint8(
-    images: torch.Tensor, mean: Sequence[float], std: Sequence[float], device: torch.device | str,
-    dtype: torch.dtype = torch.float32, channels_last: bool = False,
+    images: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """uint8 ``(..., C, H, W)`` -> ``(x / 255 - mean) / std`` in ``dtype`` on ``device`` (the first C
     channels of ``mean``/``std``). Done on the device so the data stream stays compact uint8.
@@ -68,8 +74,13 @@ def normalise_uint8(
 
 
 def crops_from_batch(
-    batch: dict[str, torch.Tensor], mean: Sequence[float], std: Sequence[float], device: torch.device | str,
-    crop_usage: str = "multi", dtype: torch.dtype = torch.float32, channels_last: bool = False,
+    batch: dict[str, torch.Tensor],
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device | str,
+    crop_usage: str = "multi",
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
 ) -> list[torch.Tensor]:
     """uint8 crop columns -> list of normalised float crops on ``device``, global crops first.
 
@@ -77,7 +88,12 @@ def crops_from_batch(
     Normalising on the device keeps the data stream in compact uint8.
     """
     groups = [batch["global"]]
-    if crop_usage == "multi" and "local" in batch and batch["local"] is not None and batch["local"].shape[1] > 0:
+    if (
+        crop_usage == "multi"
+        and "local" in batch
+        and batch["local"] is not None
+        and batch["local"].shape[1] > 0
+    ):
         groups.append(batch["local"])
     crops = []
     for grp in groups:

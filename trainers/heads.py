@@ -44,12 +44,28 @@ class MLPHead(nn.Module):
 class DINOHead(nn.Module):
     """DINO head: MLP to a bottleneck, L2-normalise, weight-normalised prototype layer."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 num_layers: int = 3, norm_last_layer: bool = True, batch_norm: bool = False):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        num_layers: int = 3,
+        norm_last_layer: bool = True,
+        batch_norm: bool = False,
+    ):
         super().__init__()
-        self.mlp = MLPHead(in_dim, hidden_dim, bottleneck_dim, num_layers=num_layers, activation="gelu",
-                           batch_norm=batch_norm)
-        self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        self.mlp = MLPHead(
+            in_dim,
+            hidden_dim,
+            bottleneck_dim,
+            num_layers=num_layers,
+            activation="gelu",
+            batch_norm=batch_norm,
+        )
+        self.last_layer = nn.utils.parametrizations.weight_norm(
+            nn.Linear(bottleneck_dim, out_dim, bias=False)
+        )
         self.last_layer.parametrizations.weight.original0.data.fill_(1.0)
         if norm_last_layer:
             self.last_layer.parametrizations.weight.original0.requires_grad = False

@@ -67,8 +67,14 @@ def train_one_epoch(
             stats.first_batch_s = t_batch - t_epoch
         if before_step is not None:
             before_step(batch)
-        crops = crops_from_batch(batch, data_cfg.mean, data_cfg.std, engine.device, crop_usage=method.crop_usage,
-                                 channels_last=channels_last)
+        crops = crops_from_batch(
+            batch,
+            data_cfg.mean,
+            data_cfg.std,
+            engine.device,
+            crop_usage=method.crop_usage,
+            channels_last=channels_last,
+        )
         try:
             logs = engine.train_step(crops, loss_hook=loss_hook)
         except NonFiniteLossError as err:
@@ -105,6 +111,8 @@ def embed(
     if data_cfg is None:
         prepared = ((torch.as_tensor(x).to(device, torch.float32) / 255.0, y) for x, y in batches)
     else:
-        prepared = ((normalise_uint8(x, data_cfg.mean, data_cfg.std, device, channels_last=channels_last), y)
-                    for x, y in batches)
+        prepared = (
+            (normalise_uint8(x, data_cfg.mean, data_cfg.std, device, channels_last=channels_last), y)
+            for x, y in batches
+        )
     return extract_features(model, prepared, device)

@@ -29,10 +29,18 @@ class OptimConfig:
 class LARS(torch.optim.Optimizer):
     """LARS (You et al.) with the usual exclusions: no adaptation / decay for biases and 1-D params."""
 
-    def __init__(self, params, lr: float = 0.1, weight_decay: float = 0.0, momentum: float = 0.9,
-                 trust_coefficient: float = 0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      trust_coefficient=trust_coefficient))
+    def __init__(
+        self,
+        params,
+        lr: float = 0.1,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        trust_coefficient: float = 0.001,
+    ):
+        super().__init__(
+            params,
+            dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient),
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -47,7 +55,9 @@ class LARS(torch.optim.Optimizer):
                     param_norm, update_norm = torch.norm(p), torch.norm(dp)
                     q = torch.where(
                         (param_norm > 0) & (update_norm > 0),
-                        g["trust_coefficient"] * param_norm / update_norm, torch.ones_like(param_norm))
+                        g["trust_coefficient"] * param_norm / update_norm,
+                        torch.ones_like(param_norm),
+                    )
                     dp = dp.mul(q)
                 state = self.state[p]
                 if "mu" not in state:
@@ -64,8 +74,11 @@ def param_groups(model: nn.Module) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") or "token" in name or "pos_embed" in name
-         else decay).append(p)
+        (
+            no_decay
+            if p.ndim <= 1 or name.endswith(".bias") or "token" in name or "pos_embed" in name
+            else decay
+        ).append(p)
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "no_weight_decay": True}]
 
 

@@ -36,7 +36,14 @@ def opt(
     default_factory: Any = dataclasses.MISSING,
 ) -> Any:
     """A dataclass field carrying its valid range; see :func:`validate`."""
-    meta = {"gt": gt, "ge": ge, "lt": lt, "le": le, "choices": tuple(choices) if choices else None, "help": help}
+    meta = {
+        "gt": gt,
+        "ge": ge,
+        "lt": lt,
+        "le": le,
+        "choices": tuple(choices) if choices else None,
+        "help": help,
+    }
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     if isinstance(default, (list, dict, set)):

@@ -14,8 +14,16 @@ from trainers.options import ConfigError
 def cmd_sweep(args: argparse.Namespace) -> int:
     """``bamray sweep``: 0 = finished with a best trial, 1 = interrupted or no trial produced a score."""
     if args.resume:
-        out = run_sweep(None, None, storage_path=args.storage_path, name=args.resume, tracking_uri=args.tracking_uri,
-                        resume=True, resume_errored=args.resume_errored, address=args.address)
+        out = run_sweep(
+            None,
+            None,
+            storage_path=args.storage_path,
+            name=args.resume,
+            tracking_uri=args.tracking_uri,
+            resume=True,
+            resume_errored=args.resume_errored,
+            address=args.address,
+        )
     else:
         if not args.config or not args.space:
             raise ConfigError("--config" if not args.config else "--space", "required for a new sweep")
@@ -23,47 +31,92 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if args.tracking_uri:
             overrides.append(f"tracking.tracking_uri={args.tracking_uri}")
         cfg = load_config(args.config, overrides)
-        out = run_sweep(cfg, args.space, trials=args.trials, scheduler=args.scheduler, search=args.search,
-                        max_concurrent=args.max_concurrent, workers_per_trial=args.workers_per_trial,
-                        gpus_per_trial=args.gpus_per_trial, storage_path=args.storage_path, name=args.name,
-                        tracking_uri=args.tracking_uri, grace_period=args.grace_period,
-                        reduction_factor=args.reduction_factor, perturbation_interval=args.perturbation_interval,
-                        quantile_fraction=args.quantile_fraction, seed=args.seed, address=args.address)
+        out = run_sweep(
+            cfg,
+            args.space,
+            trials=args.trials,
+            scheduler=args.scheduler,
+            search=args.search,
+            max_concurrent=args.max_concurrent,
+            workers_per_trial=args.workers_per_trial,
+            gpus_per_trial=args.gpus_per_trial,
+            storage_path=args.storage_path,
+            name=args.name,
+            tracking_uri=args.tracking_uri,
+            grace_period=args.grace_period,
+            reduction_factor=args.reduction_factor,
+            perturbation_interval=args.perturbation_interval,
+            quantile_fraction=args.quantile_fraction,
+            seed=args.seed,
+            address=args.address,
+        )
     return 0 if (out["best_config"] is not None and not out["interrupted"]) else 1
 
 
 def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``bamray sweep`` on the CLI's subparsers."""
     s = subparsers.add_parser(
-        "sweep", help="hyper-parameter sweep with Ray Tune (one Ray Train run per trial), tracked in MLflow",
+        "sweep",
+        help="hyper-parameter sweep with Ray Tune (one Ray Train run per trial), tracked in MLflow",
         description="Ray Tune sweep: each trial fits a Ray Train run of the base config plus sampled params; "
-                    "the sweep is a parent MLflow run, every trial a child run. Spaces: search_spaces/*.yaml "
-                    "names or a YAML path.")
+        "the sweep is a parent MLflow run, every trial a child run. Spaces: search_spaces/*.yaml "
+        "names or a YAML path.",
+    )
     s.add_argument("--config", help="base config (shipped name or YAML path)")
-    s.add_argument("--space", help="search space: shipped name (bam_sinkhorn, dino, byol, simclr, mae) or YAML path")
-    s.add_argument("--trials", type=int, default=8, help="trials (grid search: repeats of the grid to reach it)")
-    s.add_argument("--scheduler", choices=SCHEDULERS, default="asha",
-                   help="asha = early stopping on knn_top1 per epoch; pbt = population based training "
-                        "(synchronous; bottom trials clone top trials' checkpoints, params perturbed); fifo = none")
-    s.add_argument("--search", choices=SEARCHES, default="random",
-                   help="random sampling, optuna TPE, or grid over the discrete params")
+    s.add_argument(
+        "--space", help="search space: shipped name (bam_sinkhorn, dino, byol, simclr, mae) or YAML path"
+    )
+    s.add_argument(
+        "--trials", type=int, default=8, help="trials (grid search: repeats of the grid to reach it)"
+    )
+    s.add_argument(
+        "--scheduler",
+        choices=SCHEDULERS,
+        default="asha",
+        help="asha = early stopping on knn_top1 per epoch; pbt = population based training "
+        "(synchronous; bottom trials clone top trials' checkpoints, params perturbed); fifo = none",
+    )
+    s.add_argument(
+        "--search",
+        choices=SEARCHES,
+        default="random",
+        help="random sampling, optuna TPE, or grid over the discrete params",
+    )
     s.add_argument("--max-concurrent", type=int, default=2, help="trials running at once")
     s.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (train.workers)")
     s.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, split over its workers")
     s.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
     s.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: keep the top 1/rf at each rung")
-    s.add_argument("--perturbation-interval", type=int, default=1,
-                   help="PBT: epochs between exploit/explore steps (a multiple of train.checkpoint_freq)")
-    s.add_argument("--quantile-fraction", type=float, default=0.25,
-                   help="PBT: share of trials that clone a top trial (and of top trials they clone from)")
-    s.add_argument("--seed", type=int,
-                   help="seed of the search algorithm and of PBT's choices (reproducible sampled params)")
-    s.add_argument("--storage-path", help="Tune/Train storage: local path or s3:// / gs:// URI "
-                                          "(default: train.storage_path of the config)")
+    s.add_argument(
+        "--perturbation-interval",
+        type=int,
+        default=1,
+        help="PBT: epochs between exploit/explore steps (a multiple of train.checkpoint_freq)",
+    )
+    s.add_argument(
+        "--quantile-fraction",
+        type=float,
+        default=0.25,
+        help="PBT: share of trials that clone a top trial (and of top trials they clone from)",
+    )
+    s.add_argument(
+        "--seed",
+        type=int,
+        help="seed of the search algorithm and of PBT's choices (reproducible sampled params)",
+    )
+    s.add_argument(
+        "--storage-path",
+        help="Tune/Train storage: local path or s3:// / gs:// URI "
+        "(default: train.storage_path of the config)",
+    )
     s.add_argument("--name", help="sweep name (default: <config name>-<space name>); must be new")
-    s.add_argument("--resume", metavar="NAME", help="continue an interrupted sweep; finished trials are not rerun")
+    s.add_argument(
+        "--resume", metavar="NAME", help="continue an interrupted sweep; finished trials are not rerun"
+    )
     s.add_argument("--resume-errored", action="store_true", help="with --resume: also retry errored trials")
-    s.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else .bamray/mlflow.db)")
+    s.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else .bamray/mlflow.db)"
+    )
     s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a base-config field")
     s.set_defaults(func=cmd_sweep)

@@ -14,14 +14,23 @@ from orchestrator import fault_injection, tracking
 from orchestrator.sweep.plan import trial_epochs
 from orchestrator.sweep.settings import TIME_ATTR
 
-TAG_ROLE, TAG_SWEEP, TAG_TRIAL_ID, TAG_TRIAL_STATUS = ("bamray.role", "bamray.sweep", "bamray.trial_id",
-                                                       "bamray.trial_status")
+TAG_ROLE, TAG_SWEEP, TAG_TRIAL_ID, TAG_TRIAL_STATUS = (
+    "bamray.role",
+    "bamray.sweep",
+    "bamray.trial_id",
+    "bamray.trial_status",
+)
 TAG_PARENT = "mlflow.parentRunId"
 TAG_SWEEP_STATUS = "bamray.sweep_status"
 #: One tag per Ray Train run of a PBT trial (its params and start), MLflow params being immutable.
 TAG_RAY_RUN_PREFIX = "bamray.pbt.train_run."
 OUTCOMES = ("completed", "stopped_early", "failed", "unfinished")
-_MLFLOW_STATUS = {"completed": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED", "unfinished": "KILLED"}
+_MLFLOW_STATUS = {
+    "completed": "FINISHED",
+    "stopped_early": "KILLED",
+    "failed": "FAILED",
+    "unfinished": "KILLED",
+}
 
 
 def trial_outcome(status: str, last_result: dict[str, Any] | None, target_epochs: int) -> str:
@@ -40,8 +49,12 @@ def trial_outcome(status: str, last_result: dict[str, Any] | None, target_epochs
 def child_runs(uri: str, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
     """trial id -> MLflow run of every child of the sweep's parent run."""
     c = tracking.client(uri)
-    runs = tracking.with_retry(c.search_runs, [experiment_id],
-                               filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'", max_results=5000)
+    runs = tracking.with_retry(
+        c.search_runs,
+        [experiment_id],
+        filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'",
+        max_results=5000,
+    )
     return {r.data.tags.get(TAG_TRIAL_ID): r for r in runs if r.data.tags.get(TAG_TRIAL_ID)}
 
 

@@ -62,17 +62,29 @@ class SweepRecord:
     experiment_id: str
 
     def to_json(self) -> str:
-        return json.dumps({"format": RECORD_FORMAT, "settings": dataclasses.asdict(self.settings),
-                           "base": self.base.to_dict(), "space": self.space.to_dict(),
-                           "parent_run_id": self.parent_run_id, "experiment_id": self.experiment_id},
-                          indent=1, sort_keys=True)
+        return json.dumps(
+            {
+                "format": RECORD_FORMAT,
+                "settings": dataclasses.asdict(self.settings),
+                "base": self.base.to_dict(),
+                "space": self.space.to_dict(),
+                "parent_run_id": self.parent_run_id,
+                "experiment_id": self.experiment_id,
+            },
+            indent=1,
+            sort_keys=True,
+        )
 
     @classmethod
     def from_json(cls, text: str) -> SweepRecord:
         doc: dict[str, Any] = json.loads(text)
-        return cls(settings=SweepSettings(**doc["settings"]), base=config_from_dict(doc["base"]),
-                   space=space_from_dict(doc["space"]), parent_run_id=doc["parent_run_id"],
-                   experiment_id=doc["experiment_id"])
+        return cls(
+            settings=SweepSettings(**doc["settings"]),
+            base=config_from_dict(doc["base"]),
+            space=space_from_dict(doc["space"]),
+            parent_run_id=doc["parent_run_id"],
+            experiment_id=doc["experiment_id"],
+        )
 
 
 def sweep_exists(exp_path: str) -> bool:
@@ -89,6 +101,8 @@ def load_record(storage: str, name: str) -> SweepRecord:
     """The stored record of sweep ``name``, or a ``ConfigError`` listing the sweeps that exist."""
     text = read_text(join(storage, name, META_FILE))
     if text is None:
-        known = sorted(p.parent.name for p in Path(storage).glob(f"*/{META_FILE}")) if not is_uri(storage) else []
+        known = (
+            sorted(p.parent.name for p in Path(storage).glob(f"*/{META_FILE}")) if not is_uri(storage) else []
+        )
         raise ConfigError("--resume", f"no sweep named {name!r} in {storage}; known sweeps: {known}")
     return SweepRecord.from_json(text)

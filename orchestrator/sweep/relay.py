@@ -35,8 +35,15 @@ def relay_callback(queue: Any, with_checkpoint: bool) -> Any:
     return TuneReportRelay(queue, with_checkpoint)
 
 
-def fit_reporting_to_tune(cfg: ExperimentConfig, train_name: str, plan: TrialPlan, run_id: str, *,
-                          init: Any = None, stop_after_epoch: int | None = None) -> Any:
+def fit_reporting_to_tune(
+    cfg: ExperimentConfig,
+    train_name: str,
+    plan: TrialPlan,
+    run_id: str,
+    *,
+    init: Any = None,
+    stop_after_epoch: int | None = None,
+) -> Any:
     """``trainer.fit()`` in a thread while this (the trial's) thread reports every relayed epoch to Tune:
     ``ray.tune.report`` must run in the trial's own thread, and it returns only once Tune asks for the
     next result, i.e. once the scheduler decided to go on, which must not stall training. Except at the
@@ -52,11 +59,18 @@ def fit_reporting_to_tune(cfg: ExperimentConfig, train_name: str, plan: TrialPla
 
     queue = Queue(actor_options={"num_cpus": 0})
     gate = EpochGate.remote() if plan.gate_epochs else None
-    trainer = build_trainer(cfg, run_name=train_name, storage_path=plan.train_storage, mlflow_run_id=run_id,
-                            tracking_uri=plan.tracking_uri, callbacks=[relay_callback(queue, plan.relays_checkpoints)],
-                            init_checkpoint=init, stop_after_epoch=stop_after_epoch,
-                            pg_watch=watch_current_actor(plan.reaper_name),
-                            epoch_gate=GatedEpochs(gate, frozenset(plan.gate_epochs)) if gate is not None else None)
+    trainer = build_trainer(
+        cfg,
+        run_name=train_name,
+        storage_path=plan.train_storage,
+        mlflow_run_id=run_id,
+        tracking_uri=plan.tracking_uri,
+        callbacks=[relay_callback(queue, plan.relays_checkpoints)],
+        init_checkpoint=init,
+        stop_after_epoch=stop_after_epoch,
+        pg_watch=watch_current_actor(plan.reaper_name),
+        epoch_gate=GatedEpochs(gate, frozenset(plan.gate_epochs)) if gate is not None else None,
+    )
     box: dict[str, Any] = {}
 
     def fit() -> None:

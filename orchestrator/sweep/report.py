@@ -18,22 +18,33 @@ from orchestrator.sweep.settings import METRIC, MODE, TIME_ATTR
 from search_spaces import SearchSpace
 
 
-def results(exp_path: str, base: ExperimentConfig, space: SearchSpace, children: dict[str, Any]) -> list[dict]:
+def results(
+    exp_path: str, base: ExperimentConfig, space: SearchSpace, children: dict[str, Any]
+) -> list[dict]:
     """One row per Tune trial (sorted by id): outcome, epochs, last ``knn_top1``, params, child run."""
     from ray.tune import ExperimentAnalysis
 
     analysis = ExperimentAnalysis(exp_path, default_metric=METRIC, default_mode=MODE)
     base_dict, rows = base.to_dict(), []
     for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
-        params, _ = trial_params({k: trial.config[k] for k in space.params if k in trial.config}, base_dict, space)
+        params, _ = trial_params(
+            {k: trial.config[k] for k in space.params if k in trial.config}, base_dict, space
+        )
         last = trial.last_result or {}
         outcome = trial_outcome(trial.status, last, trial_epochs(trial.config, base.optim.epochs))
         run = children.get(trial.trial_id)
         knn = last.get(METRIC)
-        rows.append({"trial_id": trial.trial_id, "status": outcome, "epochs": int(last.get(TIME_ATTR) or 0),
-                     "knn_top1": float(knn) if knn is not None else None, "params": params,
-                     "mlflow_run_id": run.info.run_id if run is not None else None,
-                     "checkpoint_path": last.get("checkpoint_path")})
+        rows.append(
+            {
+                "trial_id": trial.trial_id,
+                "status": outcome,
+                "epochs": int(last.get(TIME_ATTR) or 0),
+                "knn_top1": float(knn) if knn is not None else None,
+                "params": params,
+                "mlflow_run_id": run.info.run_id if run is not None else None,
+                "checkpoint_path": last.get("checkpoint_path"),
+            }
+        )
     return rows
 
 
@@ -43,7 +54,11 @@ def reconcile_children(uri: str, rows: list[dict], children: dict[str, Any]) -> 
         run = children.get(r["trial_id"])
         if run is None:
             continue
-        if r["status"] == "completed" and r["checkpoint_path"] and not _has_artifact(uri, run.info.run_id, "final"):
+        if (
+            r["status"] == "completed"
+            and r["checkpoint_path"]
+            and not _has_artifact(uri, run.info.run_id, "final")
+        ):
             # ASHA may stop a trial on its LAST report when a rung falls on the final epoch: it trained its
             # whole budget but its driver was torn down before logging the exported backbone.
             _log_final_artifacts(uri, run.info.run_id, r["checkpoint_path"])
@@ -81,8 +96,16 @@ def results_csv(rows: list[dict], keys: list[str]) -> str:
     w = csv.writer(out)
     w.writerow(["trial_id", "status", "epochs", "knn_top1", *keys, "mlflow_run_id"])
     for r in rows:
-        w.writerow([r["trial_id"], r["status"], r["epochs"], "" if r["knn_top1"] is None else f"{r['knn_top1']:.4f}",
-                    *[r["params"].get(k, "") for k in keys], r["mlflow_run_id"] or ""])
+        w.writerow(
+            [
+                r["trial_id"],
+                r["status"],
+                r["epochs"],
+                "" if r["knn_top1"] is None else f"{r['knn_top1']:.4f}",
+                *[r["params"].get(k, "") for k in keys],
+                r["mlflow_run_id"] or "",
+            ]
+        )
     return out.getvalue()
 
 
@@ -100,8 +123,12 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-_STYLES = {"completed": ("o", "tab:blue"), "stopped_early": ("x", "tab:orange"), "failed": ("v", "tab:red"),
-           "unfinished": (".", "tab:gray")}
+_STYLES = {
+    "completed": ("o", "tab:blue"),
+    "stopped_early": ("x", "tab:orange"),
+    "failed": ("v", "tab:red"),
+    "unfinished": (".", "tab:gray"),
+}
 
 
 def plot_knn_vs_params(rows: list[dict], space: SearchSpace, path: str) -> None:
@@ -127,8 +154,11 @@ def _plot_param(ax: Any, rows: list[dict], key: str, p: Any) -> None:
     categorical = p.type in ("choice", "grid") and not all(isinstance(v, (int, float)) for v in p.values)
     labels = [str(v) for v in p.values] if categorical else []
     for outcome, (marker, color) in _STYLES.items():
-        pts = [(r["params"].get(key), r["knn_top1"]) for r in rows
-               if r["status"] == outcome and r["knn_top1"] is not None and key in r["params"]]
+        pts = [
+            (r["params"].get(key), r["knn_top1"])
+            for r in rows
+            if r["status"] == outcome and r["knn_top1"] is not None and key in r["params"]
+        ]
         if not pts:
             continue
         xs = [labels.index(str(x)) if categorical else x for x, _ in pts]
@@ -144,7 +174,9 @@ def _plot_param(ax: Any, rows: list[dict], key: str, p: Any) -> None:
     ax.grid(alpha=0.3)
 
 
-def finish_parent(uri: str, parent: str, rows: list[dict], space: SearchSpace, interrupted: bool) -> dict | None:
+def finish_parent(
+    uri: str, parent: str, rows: list[dict], space: SearchSpace, interrupted: bool
+) -> dict | None:
     """Tables, plot, summary metrics and final status of the sweep's parent run; returns the best row."""
     keys = list(space.params)
     best = best_row(rows)
@@ -165,8 +197,15 @@ def finish_parent(uri: str, parent: str, rows: list[dict], space: SearchSpace, i
         return best
     if best is not None:
         tracking.log_params(uri, parent, {f"best.{k}": v for k, v in best["params"].items()})
-        tracking.log_tags(uri, parent, {"best_trial_id": best["trial_id"], "best_run_id": best["mlflow_run_id"] or "",
-                                        TAG_SWEEP_STATUS: "finished"})
+        tracking.log_tags(
+            uri,
+            parent,
+            {
+                "best_trial_id": best["trial_id"],
+                "best_run_id": best["mlflow_run_id"] or "",
+                TAG_SWEEP_STATUS: "finished",
+            },
+        )
         tracking.finish_run(uri, parent, "FINISHED")
     else:
         tracking.finish_run(uri, parent, "FAILED", "no trial reported knn_top1")
@@ -178,5 +217,9 @@ def print_summary(out: dict[str, Any], space: SearchSpace) -> None:
     if out["interrupted"]:
         print(f"sweep {out['name']} interrupted; continue it with `bamray sweep --resume {out['name']}`")
     elif out["best_config"] is not None:
-        print(f"best knn_top1 {out['best_metric']:.2f} % with {out['best_config']} (trial {out['best_trial_id']})")
-    print(f"MLflow parent run {out['parent_run_id']} ({out['tracking_uri']}); Tune results in {out['experiment_path']}")
+        print(
+            f"best knn_top1 {out['best_metric']:.2f} % with {out['best_config']} (trial {out['best_trial_id']})"
+        )
+    print(
+        f"MLflow parent run {out['parent_run_id']} ({out['tracking_uri']}); Tune results in {out['experiment_path']}"
+    )

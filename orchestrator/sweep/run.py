@@ -71,70 +71,130 @@ def run_sweep(
     settings come from the stored sweep (arguments other than ``name``/``storage_path`` are ignored).
     """
     # absolute once, here: trial drivers run in their trial directory
-    storage = tracking.absolute_path(storage_path or (base_cfg.train.storage_path if base_cfg else ".bamray/ray_results"))
+    storage = tracking.absolute_path(
+        storage_path or (base_cfg.train.storage_path if base_cfg else ".bamray/ray_results")
+    )
     if resume:
         if not name:
             raise ConfigError("--resume", "needs the sweep name")
         return _resume(storage, name, tracking_uri, resume_errored, address)
     if base_cfg is None or space is None:
         raise ConfigError("--config", "a new sweep needs a base config and a space")
-    check_arguments(scheduler=scheduler, search=search, trials=trials, max_concurrent=max_concurrent,
-                    grace_period=grace_period, reduction_factor=reduction_factor)
-    cfg, space = checked_sweep(base_cfg, space, workers_per_trial=workers_per_trial, gpus_per_trial=gpus_per_trial,
-                               scheduler=scheduler, search=search, grace_period=grace_period,
-                               perturbation_interval=perturbation_interval,
-                               quantile_fraction=quantile_fraction)
+    check_arguments(
+        scheduler=scheduler,
+        search=search,
+        trials=trials,
+        max_concurrent=max_concurrent,
+        grace_period=grace_period,
+        reduction_factor=reduction_factor,
+    )
+    cfg, space = checked_sweep(
+        base_cfg,
+        space,
+        workers_per_trial=workers_per_trial,
+        gpus_per_trial=gpus_per_trial,
+        scheduler=scheduler,
+        search=search,
+        grace_period=grace_period,
+        perturbation_interval=perturbation_interval,
+        quantile_fraction=quantile_fraction,
+    )
     from orchestrator.training.data_prep import prepare_data, steps_per_epoch
 
     cfg, meta = prepare_data(cfg)  # once, here, not racing in every trial
     steps_per_epoch(cfg, meta)
     name = name or f"{cfg.name}-{space.name}"
     if rec.sweep_exists(rec.join(storage, name)):
-        raise ConfigError("--name", f"a sweep named {name!r} already exists in {storage}; continue it with "
-                                    f"--resume {name}, or pick another --name")
+        raise ConfigError(
+            "--name",
+            f"a sweep named {name!r} already exists in {storage}; continue it with "
+            f"--resume {name}, or pick another --name",
+        )
     uri = tracking.resolve_tracking_uri(tracking_uri or cfg.tracking.tracking_uri)
-    settings = SweepSettings(name=name, trials=trials, scheduler=scheduler, search=search,
-                             max_concurrent=max_concurrent, grace_period=grace_period,
-                             reduction_factor=reduction_factor, perturbation_interval=perturbation_interval,
-                             quantile_fraction=quantile_fraction, driver_cpus=driver_cpus, seed=seed,
-                             storage_path=storage, tracking_uri=uri, experiment=cfg.tracking.experiment)
+    settings = SweepSettings(
+        name=name,
+        trials=trials,
+        scheduler=scheduler,
+        search=search,
+        max_concurrent=max_concurrent,
+        grace_period=grace_period,
+        reduction_factor=reduction_factor,
+        perturbation_interval=perturbation_interval,
+        quantile_fraction=quantile_fraction,
+        driver_cpus=driver_cpus,
+        seed=seed,
+        storage_path=storage,
+        tracking_uri=uri,
+        experiment=cfg.tracking.experiment,
+    )
     return _start(cfg, space, settings, address)
 
 
-def _start(cfg: ExperimentConfig, space: SearchSpace, settings: SweepSettings, address: str | None) -> dict[str, Any]:
+def _start(
+    cfg: ExperimentConfig, space: SearchSpace, settings: SweepSettings, address: str | None
+) -> dict[str, Any]:
     """The parent run (params, space and base config as artifacts), the sweep's record, then the Tuner."""
     uri, name = settings.tracking_uri, settings.name
     exp_path = rec.join(settings.storage_path, name)
     experiment_id = tracking.ensure_experiment(uri, settings.experiment)
-    parent = tracking.create_run(uri, settings.experiment, name, tracking.run_tags(cfg.method_name, {
-        TAG_ROLE: "sweep", TAG_SWEEP: name, tracking.TAG_STORAGE: exp_path}))
+    parent = tracking.create_run(
+        uri,
+        settings.experiment,
+        name,
+        tracking.run_tags(
+            cfg.method_name, {TAG_ROLE: "sweep", TAG_SWEEP: name, tracking.TAG_STORAGE: exp_path}
+        ),
+    )
     pbt = settings.scheduler == "pbt"
-    tracking.log_params(uri, parent, {
-        "space": space.name, "scheduler": settings.scheduler, "search": settings.search, "trials": settings.trials,
-        "num_samples": num_samples(space, settings.trials, settings.search),
-        "max_concurrent": settings.max_concurrent, "workers_per_trial": cfg.train.workers,
-        "gpus_per_worker": cfg.train.gpus_per_worker, "grace_period": settings.grace_period,
-        "reduction_factor": settings.reduction_factor, "seed": settings.seed, "metric": METRIC,
-        **({"perturbation_interval": settings.perturbation_interval,
-            "quantile_fraction": settings.quantile_fraction} if pbt else {}),
-        "base_config": cfg.name, "epochs": cfg.optim.epochs})
+    tracking.log_params(
+        uri,
+        parent,
+        {
+            "space": space.name,
+            "scheduler": settings.scheduler,
+            "search": settings.search,
+            "trials": settings.trials,
+            "num_samples": num_samples(space, settings.trials, settings.search),
+            "max_concurrent": settings.max_concurrent,
+            "workers_per_trial": cfg.train.workers,
+            "gpus_per_worker": cfg.train.gpus_per_worker,
+            "grace_period": settings.grace_period,
+            "reduction_factor": settings.reduction_factor,
+            "seed": settings.seed,
+            "metric": METRIC,
+            **(
+                {
+                    "perturbation_interval": settings.perturbation_interval,
+                    "quantile_fraction": settings.quantile_fraction,
+                }
+                if pbt
+                else {}
+            ),
+            "base_config": cfg.name,
+            "epochs": cfg.optim.epochs,
+        },
+    )
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "space.yaml").write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
         Path(tmp, "base_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         tracking.log_artifacts(uri, parent, tmp)
-    record = rec.SweepRecord(settings=settings, base=cfg, space=space, parent_run_id=parent,
-                             experiment_id=experiment_id)
+    record = rec.SweepRecord(
+        settings=settings, base=cfg, space=space, parent_run_id=parent, experiment_id=experiment_id
+    )
     rec.save_record(exp_path, record)
     print(f"sweep {name}: {exp_path}; MLflow parent run {parent} ({uri})", flush=True)
     return _fit(record, exp_path, address, resume_errored=None)
 
 
-def _resume(storage: str, name: str, tracking_uri: str | None, resume_errored: bool,
-            address: str | None) -> dict[str, Any]:
+def _resume(
+    storage: str, name: str, tracking_uri: str | None, resume_errored: bool, address: str | None
+) -> dict[str, Any]:
     exp_path = rec.join(storage, name)
     record = rec.load_record(storage, name)
     if tracking_uri:
-        settings = dataclasses.replace(record.settings, tracking_uri=tracking.resolve_tracking_uri(tracking_uri))
+        settings = dataclasses.replace(
+            record.settings, tracking_uri=tracking.resolve_tracking_uri(tracking_uri)
+        )
         record = dataclasses.replace(record, settings=settings)
     uri = record.settings.tracking_uri
     tracking.reopen_run(uri, record.parent_run_id)
@@ -143,7 +203,9 @@ def _resume(storage: str, name: str, tracking_uri: str | None, resume_errored: b
     return _fit(record, exp_path, address, resume_errored=resume_errored)
 
 
-def _fit(record: rec.SweepRecord, exp_path: str, address: str | None, resume_errored: bool | None) -> dict[str, Any]:
+def _fit(
+    record: rec.SweepRecord, exp_path: str, address: str | None, resume_errored: bool | None
+) -> dict[str, Any]:
     """Run the Tuner (a new one, or the stored one when ``resume_errored`` is not None), then summarise."""
     from orchestrator.reaper import start_reaper
 
@@ -195,14 +257,23 @@ def _summarise(record: rec.SweepRecord, exp_path: str, wall: float) -> dict[str,
     report.reconcile_children(uri, rows, children)
     # A search algorithm that respects max_concurrent creates trials lazily: an interrupted sweep may have
     # fewer trials than planned, all of them finished (the rest exist only in the searcher's saved state).
-    interrupted = any(r["status"] == "unfinished" for r in rows) or len(rows) < expected_trials(record.space, settings)
+    interrupted = any(r["status"] == "unfinished" for r in rows) or len(rows) < expected_trials(
+        record.space, settings
+    )
     best = report.finish_parent(uri, parent, rows, record.space, interrupted)
     tracking.log_metrics(uri, parent, {"sweep_wall_time_s": wall}, step=0)
     out = {
-        "name": settings.name, "experiment_path": exp_path, "parent_run_id": parent, "tracking_uri": uri,
-        "best_config": dict(best["params"]) if best else None, "best_metric": best["knn_top1"] if best else None,
-        "best_trial_id": best["trial_id"] if best else None, "trials": rows,
-        "total_trial_epochs": sum(r["epochs"] for r in rows), "interrupted": interrupted, "wall_time_s": wall,
+        "name": settings.name,
+        "experiment_path": exp_path,
+        "parent_run_id": parent,
+        "tracking_uri": uri,
+        "best_config": dict(best["params"]) if best else None,
+        "best_metric": best["knn_top1"] if best else None,
+        "best_trial_id": best["trial_id"] if best else None,
+        "trials": rows,
+        "total_trial_epochs": sum(r["epochs"] for r in rows),
+        "interrupted": interrupted,
+        "wall_time_s": wall,
     }
     report.print_summary(out, record.space)
     return out

@@ -43,8 +43,10 @@ class SweepSettings:
 def config_check(base: dict[str, Any]) -> Callable[[dict[str, Any]], ExperimentConfig]:
     """The validator a search space is checked with: ``base`` plus flat overrides, built and validated as
     an experiment config (the fields' own ranges and the cross-field rules decide)."""
+
     def check(overrides: dict[str, Any]) -> ExperimentConfig:
         return config_from_dict(apply_overrides(base, overrides))
+
     return check
 
 
@@ -61,21 +63,33 @@ def check_scheduler(scheduler: str) -> None:
         raise ConfigError("--scheduler", f"got {scheduler!r}; allowed: {list(SCHEDULERS)}")
 
 
-def check_arguments(*, scheduler: str, search: str, trials: int, max_concurrent: int, grace_period: int,
-                    reduction_factor: float) -> None:
+def check_arguments(
+    *,
+    scheduler: str,
+    search: str,
+    trials: int,
+    max_concurrent: int,
+    grace_period: int,
+    reduction_factor: float,
+) -> None:
     """The command-line arguments on their own, before the config and space are looked at."""
     if search not in SEARCHES:
         raise ConfigError("--search", f"got {search!r}; allowed: {list(SEARCHES)}")
     check_scheduler(scheduler)
-    for field, value, low in (("--trials", trials, 1), ("--max-concurrent", max_concurrent, 1),
-                              ("--grace-period", grace_period, 1)):
+    for field, value, low in (
+        ("--trials", trials, 1),
+        ("--max-concurrent", max_concurrent, 1),
+        ("--grace-period", grace_period, 1),
+    ):
         if value < low:
             raise ConfigError(field, f"got {value}; must be >= {low}")
     if reduction_factor <= 1:
         raise ConfigError("--reduction-factor", f"got {reduction_factor}; must be > 1")
 
 
-def trial_base(cfg: ExperimentConfig, workers_per_trial: int | None, gpus_per_trial: float | None) -> ExperimentConfig:
+def trial_base(
+    cfg: ExperimentConfig, workers_per_trial: int | None, gpus_per_trial: float | None
+) -> ExperimentConfig:
     """The base config every trial starts from: ``--workers-per-trial`` and ``--gpus-per-trial`` (split
     evenly over the workers) applied and re-validated, since they change cross-field limits."""
     overrides: dict[str, Any] = {}
@@ -93,8 +107,10 @@ def check_trial_workers(cfg: ExperimentConfig, space: SearchSpace, from_flag: bo
     every trial would fail after Ray had started."""
     why = "a sweep runs every trial on Ray Train workers; 0 (the in-process loop) cannot report to Ray Tune"
     if cfg.train.workers < 1:
-        raise ConfigError("--workers-per-trial" if from_flag else "train.workers",
-                          f"got {cfg.train.workers}; must be in [1, 1024]: {why}")
+        raise ConfigError(
+            "--workers-per-trial" if from_flag else "train.workers",
+            f"got {cfg.train.workers}; must be in [1, 1024]: {why}",
+        )
     param = space.params.get("train.workers")
     lowest = min(int(v) for v in param.candidates()) if param is not None else 1
     if lowest < 1:
@@ -105,40 +121,69 @@ def check_no_time_budget(cfg: ExperimentConfig, space: SearchSpace) -> None:
     """Trials are compared at equal epochs (ASHA's rungs, PBT's intervals), so none may shorten its own
     run to a time budget."""
     if cfg.train.time_budget_min > 0 or "train.time_budget_min" in space.params:
-        raise ConfigError("train.time_budget_min", f"got {cfg.train.time_budget_min}; must be 0 in a sweep "
-                                                   "(trials are compared at equal epochs: set optim.epochs)")
+        raise ConfigError(
+            "train.time_budget_min",
+            f"got {cfg.train.time_budget_min}; must be 0 in a sweep "
+            "(trials are compared at equal epochs: set optim.epochs)",
+        )
 
 
-def check_pbt(space: SearchSpace, cfg: ExperimentConfig, search: str, perturbation_interval: int,
-              quantile_fraction: float) -> None:
+def check_pbt(
+    space: SearchSpace,
+    cfg: ExperimentConfig,
+    search: str,
+    perturbation_interval: int,
+    quantile_fraction: float,
+) -> None:
     """PBT-specific checks, before launch: the search, the space's params, the intervals."""
     if search == "optuna":
-        raise ConfigError("--search", "pbt chooses the next params itself (exploit + explore); use random or grid")
+        raise ConfigError(
+            "--search", "pbt chooses the next params itself (exploit + explore); use random or grid"
+        )
     for key in space.params:
         if key.startswith(PBT_REFUSED_PREFIXES) or key.endswith("_dim"):
-            raise ConfigError(f"space.{key}", "pbt cannot perturb it: a trial continues from another trial's "
-                                              "weights, which must keep their shapes and data layout")
+            raise ConfigError(
+                f"space.{key}",
+                "pbt cannot perturb it: a trial continues from another trial's "
+                "weights, which must keep their shapes and data layout",
+            )
     epochs, freq = cfg.optim.epochs, cfg.train.checkpoint_freq
     if not 1 <= perturbation_interval < epochs:
-        raise ConfigError("--perturbation-interval", f"got {perturbation_interval}; must be in [1, optim.epochs - 1 = "
-                                                     f"{epochs - 1}]")
+        raise ConfigError(
+            "--perturbation-interval",
+            f"got {perturbation_interval}; must be in [1, optim.epochs - 1 = {epochs - 1}]",
+        )
     if perturbation_interval % freq:
-        raise ConfigError("--perturbation-interval", f"got {perturbation_interval}; must be a multiple of "
-                                                     f"train.checkpoint_freq={freq} (PBT clones checkpoints)")
+        raise ConfigError(
+            "--perturbation-interval",
+            f"got {perturbation_interval}; must be a multiple of "
+            f"train.checkpoint_freq={freq} (PBT clones checkpoints)",
+        )
     if not 0 < quantile_fraction <= 0.5:
         raise ConfigError("--quantile-fraction", f"got {quantile_fraction}; must be in (0, 0.5]")
 
 
-def checked_sweep(cfg: ExperimentConfig, space: str | Path | dict | SearchSpace, *, workers_per_trial: int | None,
-                  gpus_per_trial: float | None, scheduler: str, search: str, grace_period: int,
-                  perturbation_interval: int, quantile_fraction: float) -> tuple[ExperimentConfig, SearchSpace]:
+def checked_sweep(
+    cfg: ExperimentConfig,
+    space: str | Path | dict | SearchSpace,
+    *,
+    workers_per_trial: int | None,
+    gpus_per_trial: float | None,
+    scheduler: str,
+    search: str,
+    grace_period: int,
+    perturbation_interval: int,
+    quantile_fraction: float,
+) -> tuple[ExperimentConfig, SearchSpace]:
     """(trials' base config, validated space), or the ``ConfigError`` that names what is wrong."""
     cfg = trial_base(cfg, workers_per_trial, gpus_per_trial)
     space = sweep_space(space, cfg)
     check_trial_workers(cfg, space, workers_per_trial is not None)
     check_no_time_budget(cfg, space)
     if scheduler == "asha" and grace_period > cfg.optim.epochs:
-        raise ConfigError("--grace-period", f"got {grace_period}; must be in [1, optim.epochs={cfg.optim.epochs}]")
+        raise ConfigError(
+            "--grace-period", f"got {grace_period}; must be in [1, optim.epochs={cfg.optim.epochs}]"
+        )
     if scheduler == "pbt":
         check_pbt(space, cfg, search, perturbation_interval, quantile_fraction)
     return cfg, space

@@ -65,17 +65,25 @@ def trial_driver(config: dict[str, Any], plan: TrialPlan) -> None:
         raise
 
 
-def _open_child_run(plan: TrialPlan, trial_id: str, cfg: ExperimentConfig, params: dict[str, Any],
-                    train_name: str) -> str:
+def _open_child_run(
+    plan: TrialPlan, trial_id: str, cfg: ExperimentConfig, params: dict[str, Any], train_name: str
+) -> str:
     """The trial's child run: re-opened when a resumed trial already has one, else created with its params."""
     uri = plan.tracking_uri
     existing = child_runs(uri, plan.experiment_id, plan.parent_run_id).get(trial_id)
     if existing is not None:
         return tracking.reopen_run(uri, existing.info.run_id).info.run_id
-    tags = tracking.run_tags(cfg.method_name, {
-        TAG_PARENT: plan.parent_run_id, TAG_ROLE: "trial", TAG_SWEEP: plan.sweep_name, TAG_TRIAL_ID: trial_id,
-        tracking.TAG_RAY_RUN: train_name, tracking.TAG_STORAGE: plan.train_storage,
-    })
+    tags = tracking.run_tags(
+        cfg.method_name,
+        {
+            TAG_PARENT: plan.parent_run_id,
+            TAG_ROLE: "trial",
+            TAG_SWEEP: plan.sweep_name,
+            TAG_TRIAL_ID: trial_id,
+            tracking.TAG_RAY_RUN: train_name,
+            tracking.TAG_STORAGE: plan.train_storage,
+        },
+    )
     run_id = tracking.create_run(uri, plan.experiment, f"{plan.sweep_name}-{trial_id}", tags)
     tracking.log_params(uri, run_id, cfg.run_params())
     tracking.log_tags(uri, run_id, {"bamray.sampled": json.dumps(params, sort_keys=True)})
@@ -118,8 +126,9 @@ def train_run_name(trial_id: str, init: Any) -> str:
     return f"train-{trial_id}" + (f"-{hashlib.sha1(init.path.encode()).hexdigest()[:8]}" if init else "")
 
 
-def pbt_segments(cfg: ExperimentConfig, trial_id: str, params: dict[str, Any], plan: TrialPlan, run_id: str,
-                 init: Any) -> Any:
+def pbt_segments(
+    cfg: ExperimentConfig, trial_id: str, params: dict[str, Any], plan: TrialPlan, run_id: str, init: Any
+) -> Any:
     """A PBT trial: one Train run per stretch between perturbation points, each ending WITH the epoch
     PBT decides on. Training never runs past a decision, so an exploited trial has no abandoned epochs
     in its curves. If Tune lets the trial go on, the next stretch starts from the checkpoint just made;
@@ -131,9 +140,17 @@ def pbt_segments(cfg: ExperimentConfig, trial_id: str, params: dict[str, Any], p
         stop = min(cfg.optim.epochs, (start // interval + 1) * interval)
         name = train_run_name(trial_id, init)
         # MLflow params are immutable: the params each Train run used are a tag + one curve per param.
-        tracking.log_tags(uri, run_id, {TAG_RAY_RUN_PREFIX + name: json.dumps(
-            {"params": params, "from_epoch": start, "init_checkpoint": init.path if init else None}, sort_keys=True),
-            tracking.TAG_RAY_RUN: name})
+        tracking.log_tags(
+            uri,
+            run_id,
+            {
+                TAG_RAY_RUN_PREFIX + name: json.dumps(
+                    {"params": params, "from_epoch": start, "init_checkpoint": init.path if init else None},
+                    sort_keys=True,
+                ),
+                tracking.TAG_RAY_RUN: name,
+            },
+        )
         numeric = {f"param.{k}": float(v) for k, v in params.items() if isinstance(v, (int, float))}
         if numeric:
             tracking.log_metrics(uri, run_id, numeric, step=start)

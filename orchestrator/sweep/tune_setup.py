@@ -35,11 +35,13 @@ def pbt_mutations(space: SearchSpace) -> dict[str, Any]:
 def pbt_explore(space: SearchSpace):
     """PBT's ``custom_explore_fn``: keep perturbed values (x 0.8 / x 1.2) inside the space's range, so a
     trial never fails validation because of an exploration step."""
+
     def explore(config: dict[str, Any]) -> dict[str, Any]:
         for key, p in space.params.items():
             if key in config and not p.discrete:
                 config[key] = float(min(max(config[key], p.low), p.high))
         return config
+
     return explore
 
 
@@ -55,12 +57,21 @@ def scheduler(settings: SweepSettings, epochs: int, space: SearchSpace | None = 
         # synch=True: the whole population is compared at the same epoch, so decisions do not depend on
         # which trial happened to report first (asynchronous PBT skips exploits whose donor has not been
         # checkpointed yet).
-        return PopulationBasedTraining(time_attr=TIME_ATTR, perturbation_interval=settings.perturbation_interval,
-                                       hyperparam_mutations=pbt_mutations(space),
-                                       quantile_fraction=settings.quantile_fraction,
-                                       custom_explore_fn=pbt_explore(space), synch=True)
-    return ASHAScheduler(time_attr=TIME_ATTR, max_t=epochs, grace_period=settings.grace_period,
-                         reduction_factor=settings.reduction_factor, stop_last_trials=False)
+        return PopulationBasedTraining(
+            time_attr=TIME_ATTR,
+            perturbation_interval=settings.perturbation_interval,
+            hyperparam_mutations=pbt_mutations(space),
+            quantile_fraction=settings.quantile_fraction,
+            custom_explore_fn=pbt_explore(space),
+            synch=True,
+        )
+    return ASHAScheduler(
+        time_attr=TIME_ATTR,
+        max_t=epochs,
+        grace_period=settings.grace_period,
+        reduction_factor=settings.reduction_factor,
+        stop_last_trials=False,
+    )
 
 
 def asha_rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
@@ -107,13 +118,24 @@ def expected_trials(space: SearchSpace, settings: SweepSettings) -> int:
 def trial_plan(record: SweepRecord, exp_path: str) -> TrialPlan:
     """The plan every trial driver of the sweep ``record`` describes gets (the same on resume)."""
     settings, base = record.settings, record.base
-    gates = asha_rungs(settings.grace_period, settings.reduction_factor, base.optim.epochs) \
-        if settings.scheduler == "asha" else []
-    return TrialPlan(sweep_name=settings.name, base=base, space=record.space, tracking_uri=settings.tracking_uri,
-                     experiment=settings.experiment, experiment_id=record.experiment_id,
-                     parent_run_id=record.parent_run_id, train_storage=exp_path,
-                     reaper_name=reaper_name(settings.name), gate_epochs=tuple(gates),
-                     pbt_interval=settings.perturbation_interval if settings.scheduler == "pbt" else None)
+    gates = (
+        asha_rungs(settings.grace_period, settings.reduction_factor, base.optim.epochs)
+        if settings.scheduler == "asha"
+        else []
+    )
+    return TrialPlan(
+        sweep_name=settings.name,
+        base=base,
+        space=record.space,
+        tracking_uri=settings.tracking_uri,
+        experiment=settings.experiment,
+        experiment_id=record.experiment_id,
+        parent_run_id=record.parent_run_id,
+        train_storage=exp_path,
+        reaper_name=reaper_name(settings.name),
+        gate_epochs=tuple(gates),
+        pbt_interval=settings.perturbation_interval if settings.scheduler == "pbt" else None,
+    )
 
 
 def reaper_name(sweep: str) -> str:
@@ -141,19 +163,25 @@ def new_tuner(plan: TrialPlan, settings: SweepSettings, callbacks: list):
         trainable(plan, settings),
         param_space=space.to_tune(settings.search),
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode=MODE, scheduler=scheduler(settings, plan.base.optim.epochs, space),
-            search_alg=search_alg(settings), num_samples=num_samples(space, settings.trials, settings.search),
+            metric=METRIC,
+            mode=MODE,
+            scheduler=scheduler(settings, plan.base.optim.epochs, space),
+            search_alg=search_alg(settings),
+            num_samples=num_samples(space, settings.trials, settings.search),
             # random/grid: the limit lives in the BasicVariantGenerator (see search_alg);
             # optuna: Tune wraps the Searcher in a ConcurrencyLimiter.
             max_concurrent_trials=settings.max_concurrent if settings.search == "optuna" else None,
-            trial_dirname_creator=_trial_dirname),
+            trial_dirname_creator=_trial_dirname,
+        ),
         run_config=tune.RunConfig(
-            name=settings.name, storage_path=settings.storage_path,
+            name=settings.name,
+            storage_path=settings.storage_path,
             failure_config=tune.FailureConfig(max_failures=0),
             # Tune-level checkpoints exist only under PBT (copies of Train checkpoints). Ray warns that
             # <= 2 can delete a donor's checkpoint before a slower trial has cloned it.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
-            callbacks=callbacks),
+            callbacks=callbacks,
+        ),
     )
 
 
@@ -161,8 +189,9 @@ def restored_tuner(plan: TrialPlan, settings: SweepSettings, exp_path: str, resu
     """The Tuner of an interrupted sweep: finished trials stay finished, unfinished ones rerun their driver."""
     from ray import tune
 
-    return tune.Tuner.restore(exp_path, trainable=trainable(plan, settings), resume_unfinished=True,
-                              resume_errored=resume_errored)
+    return tune.Tuner.restore(
+        exp_path, trainable=trainable(plan, settings), resume_unfinished=True, resume_errored=resume_errored
+    )
 
 
 def connect_ray(address: str | None, cfg: ExperimentConfig, settings: SweepSettings) -> bool:

@@ -33,9 +33,11 @@ def steps_per_epoch(cfg: ExperimentConfig, meta: dict[str, Any]) -> int:
     rows = train_rows(cfg, meta)
     steps = rows // (cfg.optim.batch_size * cfg.world_size)
     if steps < 1:
-        raise ConfigError("optim.batch_size",
-                          f"got {cfg.optim.batch_size}; {rows} train images over {cfg.world_size} worker(s) give no "
-                          f"full batch: need batch_size x workers <= {rows}")
+        raise ConfigError(
+            "optim.batch_size",
+            f"got {cfg.optim.batch_size}; {rows} train images over {cfg.world_size} worker(s) give no "
+            f"full batch: need batch_size x workers <= {rows}",
+        )
     return steps
 
 
@@ -45,22 +47,31 @@ def prepare_data(cfg: ExperimentConfig) -> tuple[ExperimentConfig, dict[str, Any
     from data.sources import DataMissingError, read_meta, resolve_shards
 
     root = tracking.project_root()
-    data_cfg = dataclasses.replace(cfg.data, data_root=tracking.absolute_path(cfg.data.data_root, root),
-                                   path=tracking.absolute_path(cfg.data.path, root))
+    data_cfg = dataclasses.replace(
+        cfg.data,
+        data_root=tracking.absolute_path(cfg.data.data_root, root),
+        path=tracking.absolute_path(cfg.data.path, root),
+    )
     path = resolve_shards(data_cfg)
     try:
         meta = read_meta(path)
     except DataMissingError:
         src = Path(FMNIST_SRC)
-        if data_cfg.dataset != "fashion-mnist" or data_cfg.path or not (src / "train-images-idx3-ubyte.gz").exists():
+        if (
+            data_cfg.dataset != "fashion-mnist"
+            or data_cfg.path
+            or not (src / "train-images-idx3-ubyte.gz").exists()
+        ):
             raise
         meta = _prepare_fashion_mnist_once(str(path), src)
     if not is_uri(str(path)):
         path = str(Path(path).resolve())
     data_cfg = dataclasses.replace(data_cfg, path=str(path))
     if int(meta.get("channels", cfg.data.channels)) != cfg.data.channels:
-        raise ConfigError("data.channels", f"got {cfg.data.channels}; the shards in {path} have "
-                                           f"{meta['channels']} channel(s)")
+        raise ConfigError(
+            "data.channels",
+            f"got {cfg.data.channels}; the shards in {path} have {meta['channels']} channel(s)",
+        )
     return dataclasses.replace(cfg, data=data_cfg), meta
 
 

@@ -48,10 +48,17 @@ def _datasets(cfg: ExperimentConfig, run_name: str, clock: str, counter: str) ->
     from data.pipeline import build_eval_datasets, build_train_dataset, configure_data_context
 
     configure_data_context(_data_cpus(max(cfg.train.workers, 1) * cfg.train.cpus_per_worker))
-    datasets = {"train": build_train_dataset(cfg.data, seed=cfg.seed, epoch_clock=clock, corrupt_counter=counter)}
+    datasets = {
+        "train": build_train_dataset(cfg.data, seed=cfg.seed, epoch_clock=clock, corrupt_counter=counter)
+    }
     if knn_epochs(cfg):
-        knn_train, knn_val = build_eval_datasets(cfg.data, cfg.eval.knn_train_fraction, cfg.eval.knn_eval_fraction,
-                                                 cfg.seed, corrupt_counter=_actor_name("corrupt-eval", run_name))
+        knn_train, knn_val = build_eval_datasets(
+            cfg.data,
+            cfg.eval.knn_train_fraction,
+            cfg.eval.knn_eval_fraction,
+            cfg.seed,
+            corrupt_counter=_actor_name("corrupt-eval", run_name),
+        )
         datasets.update({"knn_train": knn_train, "knn_val": knn_val})
     return datasets
 
@@ -100,29 +107,47 @@ def build_trainer(
     storage_path = tracking.absolute_path(storage_path)
     workers = cfg.train.workers
     plan = WorkerPlan(
-        cfg=cfg, steps_per_epoch=steps_per_epoch(cfg, meta), num_classes=int(meta["num_classes"]),
-        mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri, epoch_clock=clock, corrupt_counter=counter,
+        cfg=cfg,
+        steps_per_epoch=steps_per_epoch(cfg, meta),
+        num_classes=int(meta["num_classes"]),
+        mlflow_run_id=mlflow_run_id,
+        tracking_uri=tracking_uri,
+        epoch_clock=clock,
+        corrupt_counter=counter,
         run_dir=None if is_uri(storage_path) else os.path.join(storage_path, run_name),
-        knn="knn_train" in datasets, knn_prefetch=knn_cache_bytes(cfg, meta) <= KNN_CACHE_BYTES,
-        init_checkpoint=init_checkpoint, stop_after_epoch=stop_after_epoch,
+        knn="knn_train" in datasets,
+        knn_prefetch=knn_cache_bytes(cfg, meta) <= KNN_CACHE_BYTES,
+        init_checkpoint=init_checkpoint,
+        stop_after_epoch=stop_after_epoch,
         pg_watch=pg_watch if workers > 0 else None,
         # Train local mode (0 workers) forwards no report to callbacks, so nothing would ever open the gate
         epoch_gate=GatedEpochs.of(epoch_gate) if workers > 0 else None,
-        faults=fault_injection.WorkerFaults.of(cfg.debug))
+        faults=fault_injection.WorkerFaults.of(cfg.debug),
+    )
     resources: dict[str, float] = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.gpus_per_worker > 0:
         resources["GPU"] = cfg.train.gpus_per_worker
-    scaling = ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.train.gpus_per_worker > 0,
-                                      resources_per_worker=resources)
+    scaling = ray.train.ScalingConfig(
+        num_workers=workers, use_gpu=cfg.train.gpus_per_worker > 0, resources_per_worker=resources
+    )
     run_config = ray.train.RunConfig(
-        name=run_name, storage_path=storage_path,
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
-                                                     checkpoint_score_attribute=ckpt.SCORE_KEY,
-                                                     checkpoint_score_order="max"),
+        name=run_name,
+        storage_path=storage_path,
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=cfg.train.keep_checkpoints,
+            checkpoint_score_attribute=ckpt.SCORE_KEY,
+            checkpoint_score_order="max",
+        ),
         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-        callbacks=list(callbacks or []))
-    return TorchTrainer(train_loop_per_worker, train_loop_config={"plan": plan}, scaling_config=scaling,
-                        run_config=run_config, datasets=datasets)
+        callbacks=list(callbacks or []),
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"plan": plan},
+        scaling_config=scaling,
+        run_config=run_config,
+        datasets=datasets,
+    )
 
 
 def connect_ray(cfg: ExperimentConfig) -> bool:
@@ -141,14 +166,20 @@ def _open_run(cfg: ExperimentConfig, uri: str, resume: str | None) -> tuple[str,
         try:
             run = tracking.reopen_run(uri, resume)
         except Exception as err:  # noqa: BLE001 - MlflowException: no such run in this store
-            raise ConfigError("--resume", f"no MLflow run {resume!r} in {uri} ({type(err).__name__})") from err
+            raise ConfigError(
+                "--resume", f"no MLflow run {resume!r} in {uri} ({type(err).__name__})"
+            ) from err
         run_id = run.info.run_id
         ray_run_name = run.data.tags.get(tracking.TAG_RAY_RUN) or f"{cfg.name}-{run_id[:8]}"
         storage = run.data.tags.get(tracking.TAG_STORAGE) or tracking.absolute_path(cfg.train.storage_path)
     else:
         storage = tracking.absolute_path(cfg.train.storage_path)
-        run_id = tracking.create_run(uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.name,
-                                     tracking.run_tags(cfg.method_name))
+        run_id = tracking.create_run(
+            uri,
+            cfg.tracking.experiment,
+            cfg.tracking.run_name or cfg.name,
+            tracking.run_tags(cfg.method_name),
+        )
         ray_run_name = f"{cfg.name}-{run_id[:8]}"
     tracking.log_tags(uri, run_id, {tracking.TAG_RAY_RUN: ray_run_name, tracking.TAG_STORAGE: storage})
     changed = tracking.log_params(uri, run_id, cfg.run_params())
@@ -178,8 +209,14 @@ def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[st
     started = False
     try:
         started = connect_ray(cfg)
-        trainer = build_trainer(cfg, run_name=ray_run_name, storage_path=storage, mlflow_run_id=run_id,
-                                tracking_uri=uri, callbacks=fault_injection.driver_exit_callbacks())
+        trainer = build_trainer(
+            cfg,
+            run_name=ray_run_name,
+            storage_path=storage,
+            mlflow_run_id=run_id,
+            tracking_uri=uri,
+            callbacks=fault_injection.driver_exit_callbacks(),
+        )
         t0 = time.perf_counter()
         result = trainer.fit()
         out["wall_time_s"] = time.perf_counter() - t0
@@ -189,7 +226,9 @@ def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[st
         tracking.finish_run(uri, run_id, "FAILED", reason)
         out.update(status="FAILED", reason=reason)
     except (KeyboardInterrupt, SystemExit):  # Ray Train's SIGINT handler aborts the run and exits
-        tracking.finish_run(uri, run_id, "KILLED", f"interrupted; continue with `bamray train --resume {run_id}`")
+        tracking.finish_run(
+            uri, run_id, "KILLED", f"interrupted; continue with `bamray train --resume {run_id}`"
+        )
         raise
     except BaseException as err:
         tracking.finish_run(uri, run_id, "FAILED", f"{type(err).__name__}: {err}")
@@ -236,12 +275,16 @@ def _print_where(out: dict[str, Any]) -> None:
     """Where to look at the run, and how to continue it if it failed."""
     uri = out["tracking_uri"]
     ui = "bamray ui" if uri == tracking.default_tracking_uri() else f"bamray ui --tracking-uri {uri}"
-    print(f"\nRun {out['run_id']}: {out.get('status')}" + (f" ({out['reason']})" if out.get("reason") else ""))
+    print(
+        f"\nRun {out['run_id']}: {out.get('status')}" + (f" ({out['reason']})" if out.get("reason") else "")
+    )
     knn, pixels = out["metrics"].get("knn_top1"), (out.get("worker_result") or {}).get("knn_pixels_top1")
     if knn is not None and pixels is not None:
         ret = out["worker_result"]
-        print(f"  k-NN top-1 {knn:.2f} % after {ret.get('epochs')} epochs ({ret.get('train_time_s', 0) / 60:.1f} min of "
-              f"training); raw pixels on the same bank: {pixels:.2f} % ({knn - pixels:+.2f} points)")
+        print(
+            f"  k-NN top-1 {knn:.2f} % after {ret.get('epochs')} epochs ({ret.get('train_time_s', 0) / 60:.1f} min of "
+            f"training); raw pixels on the same bank: {pixels:.2f} % ({knn - pixels:+.2f} points)"
+        )
     print(f"  see it with `{ui}` then open http://127.0.0.1:5000 ; checkpoints in {out['ray_run_dir']}")
     if out.get("status") == "FAILED":
         print(f"  continue from the last checkpoint with `bamray train --resume {out['run_id']}`")

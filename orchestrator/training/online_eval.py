@@ -31,7 +31,7 @@ def knn_cache_bytes(cfg: ExperimentConfig, meta: dict[str, Any]) -> int:
     train = min(meta["counts"]["train"], cfg.data.train_limit or meta["counts"]["train"])
     test = min(meta["counts"]["test"], cfg.data.val_limit or meta["counts"]["test"])
     rows = train * cfg.eval.knn_train_fraction + test * cfg.eval.knn_eval_fraction
-    return int(rows / cfg.world_size * cfg.data.channels * cfg.data.global_crop_size ** 2)
+    return int(rows / cfg.world_size * cfg.data.channels * cfg.data.global_crop_size**2)
 
 
 class EvalCache:
@@ -73,8 +73,14 @@ class EvalCache:
         return self._stream(shard)
 
 
-def online_knn(method: Any, cfg: ExperimentConfig, num_classes: int, device: torch.device,
-               cache: EvalCache, with_pixels: bool = False) -> dict[str, float]:
+def online_knn(
+    method: Any,
+    cfg: ExperimentConfig,
+    num_classes: int,
+    device: torch.device,
+    cache: EvalCache,
+    with_pixels: bool = False,
+) -> dict[str, float]:
     """Weighted k-NN top-1 / top-5 of the eval backbone's features on the clean views.
 
     ``with_pixels``: also ``knn_pixels_top1``, the same k-NN on the raw pixels of the very same bank and
@@ -87,11 +93,23 @@ def online_knn(method: Any, cfg: ExperimentConfig, num_classes: int, device: tor
         feats = {}
         for name in SHARDS:
             batches = cache.batches(name, ray.train.get_dataset_shard(name))
-            feats[name] = embed(model, batches, device, data_cfg=None if pixels else cfg.data,
-                                channels_last=cfg.train.channels_last)
+            feats[name] = embed(
+                model,
+                batches,
+                device,
+                data_cfg=None if pixels else cfg.data,
+                channels_last=cfg.train.channels_last,
+            )
         (train_f, train_y), (val_f, val_y) = feats["knn_train"], feats["knn_val"]
-        return knn_evaluate(train_f, train_y, val_f, val_y, num_classes, k=cfg.eval.knn_k,
-                            temperature=cfg.eval.knn_temperature)
+        return knn_evaluate(
+            train_f,
+            train_y,
+            val_f,
+            val_y,
+            num_classes,
+            k=cfg.eval.knn_k,
+            temperature=cfg.eval.knn_temperature,
+        )
 
     res = knn(method.eval_backbone(), pixels=False)
     out = {"knn_top1": res["top1"], "knn_top5": res["top5"]}

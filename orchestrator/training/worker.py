@@ -111,8 +111,9 @@ class _Worker:
         self.log = None
         uri = plan.tracking_uri
         if self.rank == 0 and self.run_id and uri:
-            self.log = tracking.MetricLogger(uri, self.run_id,
-                                             skip_upto=tracking.logged_high_water_marks(uri, self.run_id))
+            self.log = tracking.MetricLogger(
+                uri, self.run_id, skip_upto=tracking.logged_high_water_marks(uri, self.run_id)
+            )
         self.clock = None
         if plan.epoch_clock:
             from data.pipeline import get_epoch_clock
@@ -137,11 +138,22 @@ class _Worker:
         from trainers.build import build_engine, build_method
 
         cfg, steps = self.cfg, self.plan.steps_per_epoch
-        self.method = build_method(cfg, device=self.device, steps_per_epoch=steps, batch_size=cfg.optim.batch_size,
-                                   world_size=self.world)
+        self.method = build_method(
+            cfg,
+            device=self.device,
+            steps_per_epoch=steps,
+            batch_size=cfg.optim.batch_size,
+            world_size=self.world,
+        )
         module = ray.train.torch.prepare_model(self.method)
-        self.engine = build_engine(cfg, self.method, device=self.device, steps_per_epoch=steps,
-                                   global_batch=self.global_batch, module=module)
+        self.engine = build_engine(
+            cfg,
+            self.method,
+            device=self.device,
+            steps_per_epoch=steps,
+            global_batch=self.global_batch,
+            module=module,
+        )
         seed = cfg.seed * 1000 + self.rank
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
@@ -186,18 +198,31 @@ class _Worker:
                 ray.get(self.clock.set.remote(epoch))
             _barrier()  # no worker pulls the epoch's first batch before the clock moved
         batches = self.shard.iter_torch_batches(
-            batch_size=cfg.optim.batch_size, drop_last=True, prefetch_batches=cfg.data.prefetch_batches,
+            batch_size=cfg.optim.batch_size,
+            drop_last=True,
+            prefetch_batches=cfg.data.prefetch_batches,
             local_shuffle_buffer_size=cfg.data.local_shuffle_buffer or None,
-            local_shuffle_seed=(cfg.seed * 7919 + epoch) * 64 + self.rank)
+            local_shuffle_seed=(cfg.seed * 7919 + epoch) * 64 + self.rank,
+        )
         on_step = (lambda logs: self.log.log(logs, step=self.engine.step)) if self.log is not None else None
-        return train_one_epoch(self.engine, batches, cfg.data, epoch=epoch, steps_per_epoch=self.plan.steps_per_epoch,
-                               global_batch=self.global_batch, channels_last=cfg.train.channels_last,
-                               before_step=self._before_step, on_step=on_step, loss_hook=self.loss_hook)
+        return train_one_epoch(
+            self.engine,
+            batches,
+            cfg.data,
+            epoch=epoch,
+            steps_per_epoch=self.plan.steps_per_epoch,
+            global_batch=self.global_batch,
+            channels_last=cfg.train.channels_last,
+            before_step=self._before_step,
+            on_step=on_step,
+            loss_hook=self.loss_hook,
+        )
 
     def _before_step(self, batch: dict[str, torch.Tensor]) -> None:
         if self.log is not None and self.engine.step == 0:
-            self.log.log_image(crop_grid({k: v.cpu().numpy() for k, v in batch.items()}),
-                               "crops/first_batch.png")
+            self.log.log_image(
+                crop_grid({k: v.cpu().numpy() for k, v in batch.items()}), "crops/first_batch.png"
+            )
         self.plan.faults.before_step(self.engine.step, self.rank, self.plan.run_dir)
 
     def report_nan(self, epoch: int, err: Exception) -> None:
@@ -209,8 +234,9 @@ class _Worker:
             self.log.log({"nan_detected": 1.0}, step=step)
             self.log.flush()
         ray.train.report({"nan_detected": 1.0, "epoch": epoch, "step": step})  # a barrier like every report
-        self.status.update({"status": "nan", "reason": f"{type(err).__name__}: {err}", "step": step,
-                            "epoch": epoch})
+        self.status.update(
+            {"status": "nan", "reason": f"{type(err).__name__}: {err}", "step": step, "epoch": epoch}
+        )
 
     def epoch_metrics(self, epoch: int, stats: EpochStats) -> dict[str, Any]:
         """The epoch's report (means over the workers, k-NN on its evaluation epochs), logged to MLflow
@@ -222,29 +248,54 @@ class _Worker:
             self.cfg = with_epochs(self.cfg, epochs, self.engine)
             self.end_epoch, self.knn_epochs = min(self.end_epoch, self.cfg.optim.epochs), knn_epochs(self.cfg)
         metrics: dict[str, Any] = {
-            "epoch": epoch + 1, "step": self.engine.step, "loss": mean_loss, "train_time_s": self.train_s,
+            "epoch": epoch + 1,
+            "step": self.engine.step,
+            "loss": mean_loss,
+            "train_time_s": self.train_s,
             "epoch_images_per_sec": stats.steps * self.global_batch / max(stats.seconds, 1e-9),
-            "epoch_time_s": stats.seconds, "first_batch_wait_s": stats.first_batch_s}
+            "epoch_time_s": stats.seconds,
+            "first_batch_wait_s": stats.first_batch_s,
+        }
         if self.rank == 0:
             metrics["data_corrupt_skipped"] = _corrupt_count(self.plan.corrupt_counter)
         if ((epoch + 1) in self.knn_epochs or epoch + 1 == self.end_epoch) and self.plan.knn:
             t_knn = time.perf_counter()
-            metrics.update(online_knn(self.method, self.cfg, self.plan.num_classes, self.device, self.eval_cache,
-                                      with_pixels=self.pixels_knn is None))
+            metrics.update(
+                online_knn(
+                    self.method,
+                    self.cfg,
+                    self.plan.num_classes,
+                    self.device,
+                    self.eval_cache,
+                    with_pixels=self.pixels_knn is None,
+                )
+            )
             self.pixels_knn = metrics.get("knn_pixels_top1", self.pixels_knn)
             metrics["knn_time_s"] = time.perf_counter() - t_knn
             self.best_knn = max(self.best_knn, metrics["knn_top1"])
         metrics[ckpt.SCORE_KEY] = metrics.get("knn_top1", -1.0)
         if self.log is not None:
             # per-step "loss" / "epoch" already sit at this step: the epoch means get their own names
-            self.log.log({("epoch_loss" if k == "loss" else k): v for k, v in metrics.items()
-                          if k not in ("step", "epoch", ckpt.SCORE_KEY)}, step=self.engine.step)
+            self.log.log(
+                {
+                    ("epoch_loss" if k == "loss" else k): v
+                    for k, v in metrics.items()
+                    if k not in ("step", "epoch", ckpt.SCORE_KEY)
+                },
+                step=self.engine.step,
+            )
             self.log.flush()
         if self.rank == 0:
-            knn = (f", knn top-1 {metrics['knn_top1']:.2f} % ({metrics['knn_time_s']:.1f} s)"
-                   if "knn_top1" in metrics else "")
-            print(f"[bamray] epoch {epoch + 1}/{self.cfg.optim.epochs}: {stats.steps} steps in {stats.seconds:.1f} s "
-                  f"(first batch after {stats.first_batch_s:.1f} s), loss {mean_loss:.4f}{knn}", flush=True)
+            knn = (
+                f", knn top-1 {metrics['knn_top1']:.2f} % ({metrics['knn_time_s']:.1f} s)"
+                if "knn_top1" in metrics
+                else ""
+            )
+            print(
+                f"[bamray] epoch {epoch + 1}/{self.cfg.optim.epochs}: {stats.steps} steps in {stats.seconds:.1f} s "
+                f"(first batch after {stats.first_batch_s:.1f} s), loss {mean_loss:.4f}{knn}",
+                flush=True,
+            )
         return metrics
 
     def report_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
@@ -266,18 +317,33 @@ class _Worker:
 
     def _save_checkpoint(self, directory: str, epochs_done: int) -> None:
         if self.rank == 0:
-            extra = {"best_knn_top1": self.best_knn, "steps_per_epoch": self.plan.steps_per_epoch,
-                     "planned_epochs": self.cfg.optim.epochs if self.budgeted else None,
-                     "train_time_s": self.train_s}
-            ckpt.save_training_state(directory, engine_state=self.engine.state_dict(), epoch=epochs_done,
-                                     mlflow_run_id=self.run_id, config=self.cfg.to_dict(), extra=extra)
+            extra = {
+                "best_knn_top1": self.best_knn,
+                "steps_per_epoch": self.plan.steps_per_epoch,
+                "planned_epochs": self.cfg.optim.epochs if self.budgeted else None,
+                "train_time_s": self.train_s,
+            }
+            ckpt.save_training_state(
+                directory,
+                engine_state=self.engine.state_dict(),
+                epoch=epochs_done,
+                mlflow_run_id=self.run_id,
+                config=self.cfg.to_dict(),
+                extra=extra,
+            )
             ckpt.export_backbone(self.method, self.cfg, directory)
         ckpt.save_rng_state(directory, self.rank)
 
     def finish(self) -> dict[str, Any]:
         if self.log is not None:
             self.log.flush()
-        self.status.update({"final_step": self.engine.step, "best_knn_top1": self.best_knn,
-                            "knn_pixels_top1": self.pixels_knn, "epochs": self.cfg.optim.epochs,
-                            "train_time_s": self.train_s})
+        self.status.update(
+            {
+                "final_step": self.engine.step,
+                "best_knn_top1": self.best_knn,
+                "knn_pixels_top1": self.pixels_knn,
+                "epochs": self.cfg.optim.epochs,
+                "train_time_s": self.train_s,
+            }
+        )
         return self.status

@@ -51,8 +51,15 @@ def extract_features(
     return torch.cat(feats), torch.cat(labels)
 
 
-def _check_args(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
-                test_labels: torch.Tensor, num_classes: int, k: int, temperature: float) -> None:
+def _check_args(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int,
+    k: int,
+    temperature: float,
+) -> None:
     if k < 1:
         raise ValueError(f"k: got {k}; must be >= 1")
     if not temperature > 0:
@@ -60,18 +67,28 @@ def _check_args(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feat
     if num_classes < 1:
         raise ValueError(f"num_classes: got {num_classes}; must be >= 1")
     if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
-        raise ValueError(f"features must be (N, D) with the same D; got train {tuple(train_feats.shape)}, "
-                         f"test {tuple(test_feats.shape)}")
+        raise ValueError(
+            f"features must be (N, D) with the same D; got train {tuple(train_feats.shape)}, "
+            f"test {tuple(test_feats.shape)}"
+        )
     if train_labels.shape != train_feats.shape[:1] or test_labels.shape != test_feats.shape[:1]:
-        raise ValueError("labels must be (N,) matching the features' rows; got "
-                         f"train {tuple(train_labels.shape)} / {train_feats.shape[0]}, "
-                         f"test {tuple(test_labels.shape)} / {test_feats.shape[0]}")
+        raise ValueError(
+            "labels must be (N,) matching the features' rows; got "
+            f"train {tuple(train_labels.shape)} / {train_feats.shape[0]}, "
+            f"test {tuple(test_labels.shape)} / {test_feats.shape[0]}"
+        )
 
 
 @torch.no_grad()
 def _knn_counts(
-    train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, test_labels: torch.Tensor,
-    num_classes: int, k: int, temperature: float, chunk: int,
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int,
+    k: int,
+    temperature: float,
+    chunk: int,
 ) -> torch.Tensor:
     """``[top1_correct, top5_correct, n_test]`` (float64, on the features' device)."""
     counts = torch.zeros(3, dtype=torch.float64, device=train_feats.device)
@@ -84,8 +101,8 @@ def _knn_counts(
     train_feats = train_feats.float()
     train_labels = train_labels.to(train_feats.device, torch.long)
     for start in range(0, test_feats.shape[0], chunk):
-        q = test_feats[start:start + chunk].to(train_feats.device, torch.float32)
-        y = test_labels[start:start + chunk].to(train_feats.device, torch.long)
+        q = test_feats[start : start + chunk].to(train_feats.device, torch.float32)
+        y = test_labels[start : start + chunk].to(train_feats.device, torch.long)
         sim, idx = (q @ train_feats.t()).topk(k, dim=1)
         # exp((sim - max) / T): the same ranking as exp(sim / T) (one factor per row) without overflow
         # at small T (e^(1/0.01) is beyond float32).
@@ -113,8 +130,14 @@ def _percent(counts: torch.Tensor) -> dict[str, float]:
 
 
 def knn_classify(
-    train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, test_labels: torch.Tensor,
-    num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024,
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
 ) -> dict[str, float]:
     """Weighted k-NN accuracy in percent: ``{"top1", "top5"}`` (single process).
 
@@ -126,8 +149,9 @@ def knn_classify(
     _check_args(train_feats, train_labels, test_feats, test_labels, num_classes, k, temperature)
     if chunk < 1:
         raise ValueError(f"chunk: got {chunk}; must be >= 1")
-    return _percent(_knn_counts(train_feats, train_labels, test_feats, test_labels, num_classes, k,
-                                temperature, chunk))
+    return _percent(
+        _knn_counts(train_feats, train_labels, test_feats, test_labels, num_classes, k, temperature, chunk)
+    )
 
 
 def all_gather_variable(x: torch.Tensor) -> torch.Tensor:
@@ -148,8 +172,14 @@ def all_gather_variable(x: torch.Tensor) -> torch.Tensor:
 
 
 def knn_evaluate(
-    train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, test_labels: torch.Tensor,
-    num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024,
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
 ) -> dict[str, float]:
     """:func:`knn_classify` over data sharded across ``torch.distributed`` ranks (or a single process).
 
@@ -162,7 +192,9 @@ def knn_evaluate(
     if D.is_dist():
         train_feats = all_gather_variable(train_feats.float())
         train_labels = all_gather_variable(train_labels.to(train_feats.device, torch.long))
-    counts = _knn_counts(train_feats, train_labels, test_feats, test_labels, num_classes, k, temperature, chunk)
+    counts = _knn_counts(
+        train_feats, train_labels, test_feats, test_labels, num_classes, k, temperature, chunk
+    )
     return _percent(D.all_reduce_sum(counts))
 
 
@@ -172,22 +204,33 @@ def _to_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def raw_pixel_baseline(
-    train_images_uint8: np.ndarray | torch.Tensor, train_labels: np.ndarray | torch.Tensor,
-    test_images_uint8: np.ndarray | torch.Tensor, test_labels: np.ndarray | torch.Tensor,
-    k: int = 20, temperature: float = 0.07,
+    train_images_uint8: np.ndarray | torch.Tensor,
+    train_labels: np.ndarray | torch.Tensor,
+    test_images_uint8: np.ndarray | torch.Tensor,
+    test_labels: np.ndarray | torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
 ) -> float:
     """Top-1 (%) of the weighted k-NN on raw pixels: the floor a learned representation must beat.
 
     Images are flattened, scaled to float and L2-normalised, exactly like learned features.
     """
+
     def prep(images: np.ndarray | torch.Tensor) -> torch.Tensor:
         return F.normalize(_to_tensor(images).flatten(1).float() / 255.0, dim=1)
 
     y_train = _to_tensor(train_labels).long()
     y_test = _to_tensor(test_labels).long()
     num_classes = int(max(int(y_train.max()), int(y_test.max()))) + 1
-    return knn_classify(prep(train_images_uint8), y_train, prep(test_images_uint8), y_test, num_classes,
-                        k=k, temperature=temperature)["top1"]
+    return knn_classify(
+        prep(train_images_uint8),
+        y_train,
+        prep(test_images_uint8),
+        y_test,
+        num_classes,
+        k=k,
+        temperature=temperature,
+    )["top1"]
 
 
 def class_balanced_indices(labels: np.ndarray | torch.Tensor, fraction: float, seed: int = 0) -> np.ndarray:

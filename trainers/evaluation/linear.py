@@ -32,14 +32,21 @@ class LinearProbe(nn.Module):
 def _top1(model: nn.Module, feats: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
     correct = 0
     for start in range(0, feats.shape[0], batch_size):
-        logits = model(feats[start:start + batch_size])
-        correct += int((logits.argmax(1) == labels[start:start + batch_size]).sum())
+        logits = model(feats[start : start + batch_size])
+        correct += int((logits.argmax(1) == labels[start : start + batch_size]).sum())
     return 100.0 * correct / feats.shape[0]
 
 
 def linear_probe(
-    train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor, val_labels: torch.Tensor,
-    num_classes: int, epochs: int = 10, lr: float = 0.1, batch_size: int = 256, seed: int = 0,
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_feats: torch.Tensor,
+    val_labels: torch.Tensor,
+    num_classes: int,
+    epochs: int = 10,
+    lr: float = 0.1,
+    batch_size: int = 256,
+    seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
     """Train a linear classifier on frozen features; returns ``{"top1", "final_top1", "history"}``.
@@ -58,11 +65,14 @@ def linear_probe(
     if num_classes < 2:
         raise ValueError(f"num_classes: got {num_classes}; must be >= 2")
     if train_feats.ndim != 2 or val_feats.ndim != 2 or train_feats.shape[1] != val_feats.shape[1]:
-        raise ValueError(f"features must be (N, D) with the same D; got train {tuple(train_feats.shape)}, "
-                         f"val {tuple(val_feats.shape)}")
+        raise ValueError(
+            f"features must be (N, D) with the same D; got train {tuple(train_feats.shape)}, "
+            f"val {tuple(val_feats.shape)}"
+        )
     if train_feats.shape[0] < 2 or val_feats.shape[0] < 1:
-        raise ValueError(f"need >= 2 train and >= 1 validation rows; got {train_feats.shape[0]} and "
-                         f"{val_feats.shape[0]}")
+        raise ValueError(
+            f"need >= 2 train and >= 1 validation rows; got {train_feats.shape[0]} and {val_feats.shape[0]}"
+        )
     if train_labels.shape != train_feats.shape[:1] or val_labels.shape != val_feats.shape[:1]:
         raise ValueError("labels must be (N,) matching the features' rows")
 
@@ -95,7 +105,7 @@ def linear_probe(
         loss_sum, seen = 0.0, 0
         epoch_lr = lr
         for b in range(steps_per_epoch):
-            idx = order[b * batch_size:(b + 1) * batch_size]
+            idx = order[b * batch_size : (b + 1) * batch_size]
             epoch_lr = 0.5 * lr * (1.0 + math.cos(math.pi * step / total_steps))
             for group in optimizer.param_groups:
                 group["lr"] = epoch_lr

@@ -39,7 +39,11 @@ from trainers import distributed as D
 
 
 def positive_mask(
-    num_crops: int, batch_size: int, num_target_crops: int, world_size: int = 1, rank: int = 0,
+    num_crops: int,
+    batch_size: int,
+    num_target_crops: int,
+    world_size: int = 1,
+    rank: int = 0,
     device: torch.device | None = None,
 ) -> torch.Tensor:
     """Boolean ``(num_crops*B, num_target_crops*W*B)``: True where column shows the row's own image."""
@@ -112,9 +116,13 @@ class BAMLoss(nn.Module):
     ):
         super().__init__()
         if not 1 <= num_global_crops <= num_crops:
-            raise ValueError(f"num_global_crops must be in [1, num_crops={num_crops}], got {num_global_crops}")
+            raise ValueError(
+                f"num_global_crops must be in [1, num_crops={num_crops}], got {num_global_crops}"
+            )
         if not 1 <= num_target_crops <= num_crops:
-            raise ValueError(f"num_target_crops must be in [1, num_crops={num_crops}], got {num_target_crops}")
+            raise ValueError(
+                f"num_target_crops must be in [1, num_crops={num_crops}], got {num_target_crops}"
+            )
         if reg <= 0 or temperature <= 0 or num_sink_iter < 1 or top_k_sink < 0:
             raise ValueError("need reg > 0, temperature > 0, num_sink_iter >= 1, top_k_sink >= 0")
         self.num_crops = num_crops
@@ -136,7 +144,9 @@ class BAMLoss(nn.Module):
         per_rank = [p.chunk(self.num_target_crops) for p in parts]
         return torch.cat([per_rank[r][c] for c in range(self.num_target_crops) for r in range(len(parts))])
 
-    def forward(self, z: torch.Tensor, z_teacher: torch.Tensor | None = None, reg: float | None = None) -> torch.Tensor:
+    def forward(
+        self, z: torch.Tensor, z_teacher: torch.Tensor | None = None, reg: float | None = None
+    ) -> torch.Tensor:
         """``z``: student projections ``(num_crops*B, D)``; ``z_teacher``: optional teacher
         projections of the same crops (targets and the Sinkhorn input then come from the teacher);
         ``reg``: overrides the regularisation (for a warm-up schedule)."""
@@ -149,8 +159,10 @@ class BAMLoss(nn.Module):
         gather = self.gather_distributed and D.is_dist()
         world, rank = (D.world_size(), D.rank()) if gather else (1, 0)
         if self.positive_masking and b * world < 2:
-            raise ValueError("BAM with positive masking needs >= 2 images in the global batch (every column "
-                             "of a single image is its own positive)")
+            raise ValueError(
+                "BAM with positive masking needs >= 2 images in the global batch (every column "
+                "of a single image is its own positive)"
+            )
         # Similarities in fp32 even under bf16 autocast: bf16 matmuls shift the Sinkhorn target by ~2 %.
         with torch.autocast(z.device.type, enabled=False):
             return self._loss(z, z_teacher, reg, b, num_t, num_g, gather, world, rank)
@@ -186,14 +198,19 @@ class BAMLoss(nn.Module):
         return cross_view_loss_loop(p, log_q, num_g, self.num_crops)
 
 
-def cross_view_loss_loop(p: torch.Tensor, log_q: torch.Tensor, num_global: int, num_crops: int) -> torch.Tensor:
+def cross_view_loss_loop(
+    p: torch.Tensor, log_q: torch.Tensor, num_global: int, num_crops: int
+) -> torch.Tensor:
     """Straightforward form (as the official code): mean over global targets ``g`` of the mean over
     views ``v != g`` of ``mean_i(-sum_j P_g[i, j] log Q_v[i, j])``."""
     p_views, log_q_views = p.chunk(num_global), log_q.chunk(num_crops)
     loss = log_q.new_zeros(())
     for g in range(num_global):
-        terms = [-(p_views[g] * log_q_views[v]).sum(dim=-1).mean()
-                 for v in range(num_crops) if v != g or num_crops == 1]
+        terms = [
+            -(p_views[g] * log_q_views[v]).sum(dim=-1).mean()
+            for v in range(num_crops)
+            if v != g or num_crops == 1
+        ]
         loss = loss + torch.stack(terms).mean()
     return loss / num_global
 

@@ -21,11 +21,15 @@ from trainers.schedules import reg_schedule
 @dataclasses.dataclass
 class BAMOptions:
     reg: float = opt(0.05, gt=0.0, le=10.0, help="Sinkhorn entropy regularisation (smaller = sharper target)")
-    reg_final: float | None = opt(None, gt=0.0, le=10.0, help="end of the linear reg warm-up (None = constant)")
+    reg_final: float | None = opt(
+        None, gt=0.0, le=10.0, help="end of the linear reg warm-up (None = constant)"
+    )
     reg_warmup_epochs: int = opt(30, ge=0, help="epochs of the reg warm-up (official: 30)")
     temperature: float = opt(0.1, gt=0.0, le=10.0, help="softmax temperature of the source attention")
     num_sink_iter: int = opt(3, ge=1, le=100)
-    top_k_sink: int = opt(0, ge=0, help="keep the top-k target entries (0 = all); <= targets in the global batch")
+    top_k_sink: int = opt(
+        0, ge=0, help="keep the top-k target entries (0 = all); <= targets in the global batch"
+    )
     positive_masking: bool = opt(True)
     num_target_crops: int = opt(2, ge=1, help="leading crops that form the attention columns")
     teacher: bool = opt(True, help="targets from an EMA teacher (every published BAM run)")
@@ -33,8 +37,11 @@ class BAMOptions:
     proj_hidden_dim: int = opt(1024, ge=1, help="published: 4096")
     proj_out_dim: int = opt(256, ge=1, help="published: 4096")
     proj_layers: int = opt(3, ge=1)
-    proj_batch_norm: bool = opt(False, help="BatchNorm + ReLU in the projector's hidden layers (as BYOL/SimCLR; "
-                                            "official BAM: GELU, no BN, built for ViTs)")
+    proj_batch_norm: bool = opt(
+        False,
+        help="BatchNorm + ReLU in the projector's hidden layers (as BYOL/SimCLR; "
+        "official BAM: GELU, no BN, built for ViTs)",
+    )
 
 
 class BAM(Method):
@@ -45,8 +52,14 @@ class BAM(Method):
         super().__init__(options, ctx)
         o = options
         self.backbone = ctx.backbone
-        self.projector = MLPHead(ctx.feat_dim, o.proj_hidden_dim, o.proj_out_dim, num_layers=o.proj_layers,
-                                 batch_norm=o.proj_batch_norm, activation="relu" if o.proj_batch_norm else "gelu")
+        self.projector = MLPHead(
+            ctx.feat_dim,
+            o.proj_hidden_dim,
+            o.proj_out_dim,
+            num_layers=o.proj_layers,
+            batch_norm=o.proj_batch_norm,
+            activation="relu" if o.proj_batch_norm else "gelu",
+        )
         if o.teacher:
             self.teacher_backbone = make_teacher(self.backbone)
             self.teacher_projector = make_teacher(self.projector)
@@ -84,10 +97,14 @@ class BAM(Method):
     def check(cls, options: BAMOptions, ctx: dict[str, int]) -> None:
         num_crops = ctx["num_global_crops"] + ctx["num_local_crops"]
         if options.num_target_crops > num_crops:
-            raise ConfigError("method.num_target_crops",
-                              f"got {options.num_target_crops}; must be in [1, {num_crops}] (global + local crops)")
+            raise ConfigError(
+                "method.num_target_crops",
+                f"got {options.num_target_crops}; must be in [1, {num_crops}] (global + local crops)",
+            )
         targets = options.num_target_crops * ctx["batch_size"] * ctx["world_size"]
         if options.top_k_sink > targets:
-            raise ConfigError("method.top_k_sink",
-                              f"got {options.top_k_sink}; must be in [0, {targets}] (num_target_crops x batch_size"
-                              f" x workers = targets in the global batch)")
+            raise ConfigError(
+                "method.top_k_sink",
+                f"got {options.top_k_sink}; must be in [0, {targets}] (num_target_crops x batch_size"
+                f" x workers = targets in the global batch)",
+            )

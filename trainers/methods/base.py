@@ -77,7 +77,9 @@ class Method(nn.Module):
 
     def teacher_momentum(self, step: int) -> float:
         """``options.momentum`` -> 1 over the run (``trainers.schedules.teacher_momentum``)."""
-        return schedules.teacher_momentum(float(getattr(self.options, "momentum", 0.996)), step, self.ctx.total_steps)
+        return schedules.teacher_momentum(
+            float(getattr(self.options, "momentum", 0.996)), step, self.ctx.total_steps
+        )
 
     @torch.no_grad()
     def update_teacher(self, step: int) -> float | None:

@@ -28,8 +28,9 @@ class DINOOptions:
     bottleneck_dim: int = opt(256, ge=1, help="official: 256")
     head_layers: int = opt(3, ge=1, le=8)
     norm_last_layer: bool = opt(True, help="fix the prototype norms (stabler for ViTs)")
-    head_batch_norm: bool = opt(False, help="BatchNorm in the head's hidden layers (official --use_bn_in_head, "
-                                            "for ResNets)")
+    head_batch_norm: bool = opt(
+        False, help="BatchNorm in the head's hidden layers (official --use_bn_in_head, for ResNets)"
+    )
     momentum: float = opt(0.996, ge=0.0, le=1.0, help="teacher EMA momentum at step 0, cosine to 1")
     teacher_temp: float = opt(
         0.04, gt=0.0, le=1.0, help="teacher temperature after the warm-up (official 0.04-0.07)"
@@ -55,7 +56,12 @@ class DINO(Method):
         o = options
         self.backbone = ctx.backbone
         self.head = DINOHead(
-            ctx.feat_dim, o.out_dim, o.hidden_dim, o.bottleneck_dim, o.head_layers, o.norm_last_layer,
+            ctx.feat_dim,
+            o.out_dim,
+            o.hidden_dim,
+            o.bottleneck_dim,
+            o.head_layers,
+            o.norm_last_layer,
             batch_norm=o.head_batch_norm,
         )
         self.teacher_backbone = make_teacher(self.backbone)

@@ -26,7 +26,7 @@ contrast mean an exact integer sum.
 Throughput knobs (see ``data.pipeline``): ``augment_batch`` over a few hundred images amortises the
 per-call overhead; one thread per process is best (the tensors are too small to split).
 
-The image helpers (``decode_image``, ``to_chw_uint8``, ``clean_transform``, ``png_bytes``) live in
+The image helpers (``decode_image``, ``to_chw_uint8``, ``clean_transform``) live in
 :mod:`data.images` and are re-exported here, as are the view-parameter names of :mod:`data.view_params`.
 """
 
@@ -41,7 +41,7 @@ import torchvision.transforms.v2.functional as F
 
 from data.augment_ops import JITTER_OPS, apply_where, apply_where_params, gaussian_blur, resized_crops
 from data.config import DataConfig
-from data.images import clean_transform, decode_image, png_bytes, to_chw_uint8
+from data.images import clean_transform, decode_image, to_chw_uint8
 from data.view_params import (
     BLUR_REFERENCE_SIZE,
     CROP_ATTEMPTS,
@@ -54,8 +54,18 @@ from data.view_params import (
 )
 
 __all__ = [
-    "BLUR_REFERENCE_SIZE", "CROP_ATTEMPTS", "CROP_RATIO", "GLOBAL_1", "GLOBAL_2", "LOCAL", "SOLARIZE_THRESHOLD",
-    "MultiCropAugment", "ViewParams", "ViewSampler", "clean_transform", "decode_image", "png_bytes",
+    "BLUR_REFERENCE_SIZE",
+    "CROP_ATTEMPTS",
+    "CROP_RATIO",
+    "GLOBAL_1",
+    "GLOBAL_2",
+    "LOCAL",
+    "SOLARIZE_THRESHOLD",
+    "MultiCropAugment",
+    "ViewParams",
+    "ViewSampler",
+    "clean_transform",
+    "decode_image",
     "to_chw_uint8",
 ]
 
@@ -94,8 +104,9 @@ class MultiCropAugment:
     def num_views(self) -> int:
         return self.num_global + self.num_local
 
-    def batch_params(self, seed: int, epoch: int, indices: Sequence[int], heights: Sequence[int],
-                     widths: Sequence[int]) -> ViewParams:
+    def batch_params(
+        self, seed: int, epoch: int, indices: Sequence[int], heights: Sequence[int], widths: Sequence[int]
+    ) -> ViewParams:
         """Stage 1: parameters of many samples, flattened image-major (sample i's views are rows i*V ..)."""
         return self.sampler.batch_params(seed, epoch, indices, heights, widths)
 
@@ -115,14 +126,21 @@ class MultiCropAugment:
             raise ValueError(f"got {len(images)} images but {len(indices)} indices")
         c, n = self.channels, len(images)
         imgs = [to_chw_uint8(im, c) for im in images]
-        p = self.batch_params(seed, epoch, indices, [im.shape[1] for im in imgs], [im.shape[2] for im in imgs])
+        p = self.batch_params(
+            seed, epoch, indices, [im.shape[1] for im in imgs], [im.shape[2] for im in imgs]
+        )
         g, v = self.num_global, self.num_views
         gsel = np.concatenate([np.arange(i * v, i * v + g) for i in range(n)]) if n else np.zeros(0, np.int64)
-        lsel = np.concatenate([np.arange(i * v + g, (i + 1) * v) for i in range(n)]) if n else np.zeros(0, np.int64)
+        lsel = (
+            np.concatenate([np.arange(i * v + g, (i + 1) * v) for i in range(n)])
+            if n
+            else np.zeros(0, np.int64)
+        )
         out_g = self._views(imgs, p, gsel, self.global_size).view(n, g, c, self.global_size, self.global_size)
         if self.num_local:
-            out_l = self._views(imgs, p, lsel, self.local_size).view(n, self.num_local, c, self.local_size,
-                                                                       self.local_size)
+            out_l = self._views(imgs, p, lsel, self.local_size).view(
+                n, self.num_local, c, self.local_size, self.local_size
+            )
         else:
             out_l = torch.zeros((n, 0, c, self.local_size, self.local_size), dtype=torch.uint8)
         return out_g, out_l
@@ -141,8 +159,9 @@ class MultiCropAugment:
     def _blur(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return gaussian_blur(x, sigma, self.sigma_range[1])
 
-    def _color_jitter(self, x: torch.Tensor, apply: np.ndarray, factors: np.ndarray,
-                      order: np.ndarray) -> torch.Tensor:
+    def _color_jitter(
+        self, x: torch.Tensor, apply: np.ndarray, factors: np.ndarray, order: np.ndarray
+    ) -> torch.Tensor:
         """ColorJitter with per-view factors and per-view op order (one pass per order position and op)."""
         if not apply.any() or not self._active_jitter_ops:
             return x

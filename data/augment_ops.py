@@ -55,7 +55,9 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def apply_where(x: torch.Tensor, mask: np.ndarray, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def apply_where(
+    x: torch.Tensor, mask: np.ndarray, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     """Apply ``fn`` to the views where ``mask`` is true (a gather, the op, a scatter)."""
     if not mask.any():
         return x
@@ -64,8 +66,12 @@ def apply_where(x: torch.Tensor, mask: np.ndarray, fn: Callable[[torch.Tensor], 
     return x
 
 
-def apply_where_params(x: torch.Tensor, mask: np.ndarray, values: np.ndarray,
-                       fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def apply_where_params(
+    x: torch.Tensor,
+    mask: np.ndarray,
+    values: np.ndarray,
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
     """Like :func:`apply_where` with a per-view parameter ``values[mask]`` (float32, shape (K, 1, 1, 1))."""
     if not mask.any():
         return x
@@ -79,7 +85,13 @@ def apply_where_params(x: torch.Tensor, mask: np.ndarray, values: np.ndarray,
 def _gray_floor(x: torch.Tensor) -> torch.Tensor:
     """Per-pixel luma of uint8 RGB as whole numbers (floor, as torchvision's uint8 kernels)."""
     r, g, b = x.to(torch.float32).unbind(dim=-3)
-    return r.mul(_GRAY_WEIGHTS[0]).add_(g.mul(_GRAY_WEIGHTS[1])).add_(b.mul(_GRAY_WEIGHTS[2])).floor_().unsqueeze(-3)
+    return (
+        r.mul(_GRAY_WEIGHTS[0])
+        .add_(g.mul(_GRAY_WEIGHTS[1]))
+        .add_(b.mul(_GRAY_WEIGHTS[2]))
+        .floor_()
+        .unsqueeze(-3)
+    )
 
 
 def _blend(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:

@@ -29,9 +29,13 @@ class DataConfig:
     local_crop_size: int = opt(12, ge=4, le=1024)
     local_crop_scale: tuple[float, float] = opt((0.05, 0.25))
     color_jitter_p: float = opt(0.8, ge=0.0, le=1.0)
-    color_jitter: tuple[float, float, float, float] = opt((0.4, 0.4, 0.2, 0.1), help="brightness, contrast, saturation, hue")
+    color_jitter: tuple[float, float, float, float] = opt(
+        (0.4, 0.4, 0.2, 0.1), help="brightness, contrast, saturation, hue"
+    )
     grayscale_p: float = opt(0.2, ge=0.0, le=1.0)
-    blur_p: tuple[float, float, float] = opt((1.0, 0.1, 0.5), help="Gaussian blur p: global 1, global 2, locals")
+    blur_p: tuple[float, float, float] = opt(
+        (1.0, 0.1, 0.5), help="Gaussian blur p: global 1, global 2, locals"
+    )
     solarize_p: float = opt(0.2, ge=0.0, le=1.0, help="solarisation of the second global view")
     flip_p: float = opt(0.5, ge=0.0, le=1.0)
     train_limit: int = opt(0, ge=0, help="use only the first N train images (0 = all)")
@@ -39,12 +43,25 @@ class DataConfig:
     local_shuffle_buffer: int = opt(1024, ge=0, help="Ray Data local shuffle buffer (0 = off)")
     prefetch_batches: int = opt(2, ge=0)
     blur_sigma: tuple[float, float] = opt(
-        (0.1, 2.0), help="Gaussian blur sigma range in pixels of a 224-px view (DINO's values); scaled by "
-        "global_crop_size / 224, so at 28 px it is (0.0125, 0.25) px: set e.g. (0.8, 16.0) for a visible blur")
-    map_workers: int = opt(1, ge=1, le=1024,
-                           help="Ray Data augmentation actors or concurrent tasks (keep small: Train takes CPUs too)")
-    map_cpus: float = opt(1.0, gt=0.0, le=64.0, help="logical CPUs each augmentation actor reserves (may be < 1)")
-    map_batch_size: int = opt(256, ge=1, le=65536, help="rows per augmentation call (amortises per-call overhead)")
-    map_compute: str = opt("tasks", choices=("tasks", "actors"),
-                           help="Ray Data augmentation as tasks (reuse warm worker processes) or as an actor pool "
-                           "(a fresh pool, i.e. processes importing torch, on every epoch's execution)")
+        (0.1, 2.0),
+        help="Gaussian blur sigma range in pixels of a 224-px view (DINO's values); scaled by "
+        "global_crop_size / 224, so at 28 px it is (0.0125, 0.25) px: set e.g. (0.8, 16.0) for a visible blur",
+    )
+    map_workers: int = opt(
+        1,
+        ge=1,
+        le=1024,
+        help="Ray Data augmentation actors or concurrent tasks (keep small: Train takes CPUs too)",
+    )
+    map_cpus: float = opt(
+        1.0, gt=0.0, le=64.0, help="logical CPUs each augmentation actor reserves (may be < 1)"
+    )
+    map_batch_size: int = opt(
+        256, ge=1, le=65536, help="rows per augmentation call (amortises per-call overhead)"
+    )
+    map_compute: str = opt(
+        "tasks",
+        choices=("tasks", "actors"),
+        help="Ray Data augmentation as tasks (reuse warm worker processes) or as an actor pool "
+        "(a fresh pool, i.e. processes importing torch, on every epoch's execution)",
+    )

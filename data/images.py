@@ -7,7 +7,6 @@ bytes into the same pixels.
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
@@ -80,12 +79,3 @@ def clean_transform(image: Any, size: int, channels: int | None = None) -> torch
     if tuple(t.shape[-2:]) != (size, size):
         t = F.center_crop(t, [size, size])
     return t.contiguous()
-
-
-def png_bytes(image: Any) -> bytes:
-    """uint8 image -> PNG bytes (lossless; used by tests and sources)."""
-    t = to_chw_uint8(image)
-    arr = t[0].numpy() if t.shape[0] == 1 else t.permute(1, 2, 0).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()

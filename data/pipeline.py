@@ -46,9 +46,10 @@ import torch
 from ray.data import ActorPoolStrategy, DataContext, Dataset, FileShuffleConfig, TaskPoolStrategy
 from ray.data.expressions import col
 
-from data.augment import MultiCropAugment, clean_transform, decode_image
+from data.augment import MultiCropAugment
 from data.config import DataConfig
-from data.sources import is_uri, read_meta, resolve_shards, split_path
+from data.images import clean_transform, decode_image
+from data.shards import is_uri, read_meta, resolve_shards, split_path
 
 # The Ray-free twins live in data.torch_dataset; re-exported so `from data.pipeline import ...` keeps working.
 from data.torch_dataset import (  # noqa: F401
@@ -127,7 +128,9 @@ TARGET_BLOCK_BYTES = 4 * 2**20
 
 
 def configure_data_context(
-    cpus: float | None = None, object_store_memory: float | None = None, progress_bars: bool = False,
+    cpus: float | None = None,
+    object_store_memory: float | None = None,
+    progress_bars: bool = False,
     target_block_bytes: int = TARGET_BLOCK_BYTES,
 ) -> DataContext:
     """Bound what Ray Data may use so it coexists with Ray Train on one node.
@@ -211,7 +214,10 @@ class _CleanBatch:
 
 # ---------------------------------------------------------------------------------------- Ray Data
 def build_train_dataset(
-    cfg: DataConfig, seed: int, epoch_clock: str | None = None, *,
+    cfg: DataConfig,
+    seed: int,
+    epoch_clock: str | None = None,
+    *,
     corrupt_counter: str = DEFAULT_CORRUPT_COUNTER,
 ) -> Dataset:
     """The multi-crop training stream over the shards' train split (lazy; re-executed every epoch).
@@ -225,7 +231,9 @@ def build_train_dataset(
     read_meta(path)  # fail fast with the "run: bamray data prepare ..." hint
     counter = get_corrupt_counter(corrupt_counter)
     clock = get_epoch_clock(epoch_clock) if epoch_clock else None
-    ds = read_shards(split_path(path, "train"), shuffle=FileShuffleConfig(seed=int(seed), reseed_after_execution=True))
+    ds = read_shards(
+        split_path(path, "train"), shuffle=FileShuffleConfig(seed=int(seed), reseed_after_execution=True)
+    )
     if cfg.train_limit > 0:
         ds = ds.filter(expr=col("index") < cfg.train_limit)
     kwargs = {"cfg": cfg, "seed": int(seed), "epoch_clock": clock, "corrupt_counter": counter}
@@ -256,18 +264,26 @@ def _map(ds: Dataset, cfg: DataConfig, fn_class: type, kwargs: dict[str, Any]) -
     every epoch (a new process importing torch: seconds); tasks run in Ray's pooled, warm workers."""
     common = {"batch_size": cfg.map_batch_size, "batch_format": "numpy", "num_cpus": cfg.map_cpus}
     if cfg.map_compute == "tasks":
-        return ds.map_batches(_run_in_task, fn_kwargs={"fn_class": fn_class, "kwargs": kwargs},
-                              compute=TaskPoolStrategy(size=cfg.map_workers), **common)
-    return ds.map_batches(fn_class, fn_constructor_kwargs=kwargs, compute=ActorPoolStrategy(size=cfg.map_workers),
-                          **common)
+        return ds.map_batches(
+            _run_in_task,
+            fn_kwargs={"fn_class": fn_class, "kwargs": kwargs},
+            compute=TaskPoolStrategy(size=cfg.map_workers),
+            **common,
+        )
+    return ds.map_batches(
+        fn_class, fn_constructor_kwargs=kwargs, compute=ActorPoolStrategy(size=cfg.map_workers), **common
+    )
 
 
-def _run_in_task(batch: dict[str, np.ndarray], fn_class: type, kwargs: dict[str, Any]) -> dict[str, np.ndarray]:
+def _run_in_task(
+    batch: dict[str, np.ndarray], fn_class: type, kwargs: dict[str, Any]
+) -> dict[str, np.ndarray]:
     return fn_class(**kwargs)(batch)
 
 
-def _eval_dataset(cfg: DataConfig, path: str, split: str, indices: np.ndarray | None,
-                  corrupt_counter: Any) -> Dataset:
+def _eval_dataset(
+    cfg: DataConfig, path: str, split: str, indices: np.ndarray | None, corrupt_counter: Any
+) -> Dataset:
     ds = read_shards(split_path(path, split))
     if indices is not None:
         ds = ds.filter(expr=col("index").is_in(indices.tolist()))
@@ -275,7 +291,11 @@ def _eval_dataset(cfg: DataConfig, path: str, split: str, indices: np.ndarray | 
 
 
 def build_eval_datasets(
-    cfg: DataConfig, train_fraction: float, eval_fraction: float, seed: int, *,
+    cfg: DataConfig,
+    train_fraction: float,
+    eval_fraction: float,
+    seed: int,
+    *,
     corrupt_counter: str = DEFAULT_EVAL_CORRUPT_COUNTER,
 ) -> tuple[Dataset, Dataset]:
     """``(train bank, validation)`` clean-view datasets for k-NN / linear probe.
@@ -289,5 +309,4 @@ def build_eval_datasets(
     counter = get_corrupt_counter(corrupt_counter)
     bank = select_eval_indices(path, "train", train_fraction, seed, cfg.train_limit)
     val = select_eval_indices(path, "test", eval_fraction, seed, cfg.val_limit)
-    return (_eval_dataset(cfg, path, "train", bank, counter),
-            _eval_dataset(cfg, path, "test", val, counter))
+    return (_eval_dataset(cfg, path, "train", bank, counter), _eval_dataset(cfg, path, "test", val, counter))

@@ -36,8 +36,15 @@ from trainers.fileio import atomic_write
 FORMAT = "bamray-shards-v1"
 SPLITS = ("train", "test")
 SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("index", pa.int64())])
-_DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError,
-                  EOFError, TypeError)
+_DECODE_ERRORS = (
+    OSError,
+    UnidentifiedImageError,
+    ValueError,
+    SyntaxError,
+    Image.DecompressionBombError,
+    EOFError,
+    TypeError,
+)
 
 
 class DataMissingError(FileNotFoundError):
@@ -66,12 +73,17 @@ def read_meta(path: str) -> dict[str, Any]:
             meta = json.loads(f.read().decode("utf-8"))
     except FileNotFoundError as err:
         name = os.path.basename(str(path).rstrip("/")) or "fashion-mnist"
-        hint = ("run: bamray data prepare fashion-mnist" if name == "fashion-mnist"
-                else f"run: bamray data prepare <source> to write shards to {path} (e.g. bamray data prepare "
-                     "fashion-mnist)")
+        hint = (
+            "run: bamray data prepare fashion-mnist"
+            if name == "fashion-mnist"
+            else f"run: bamray data prepare <source> to write shards to {path} (e.g. bamray data prepare "
+            "fashion-mnist)"
+        )
         raise DataMissingError(f"no prepared data set at {path} (meta.json missing); {hint}") from err
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT!r}; prepare the data again")
+        raise ValueError(
+            f"{meta_path}: format {meta.get('format')!r} is not {FORMAT!r}; prepare the data again"
+        )
     return meta
 
 
@@ -137,8 +149,11 @@ class ShardWriter:
             return
         n = len(self._images)
         table = pa.table(
-            {"image": pa.array(self._images, pa.binary()), "label": pa.array(self._labels, pa.int64()),
-             "index": pa.array(np.arange(self.count, self.count + n), pa.int64())},
+            {
+                "image": pa.array(self._images, pa.binary()),
+                "label": pa.array(self._labels, pa.int64()),
+                "index": pa.array(np.arange(self.count, self.count + n), pa.int64()),
+            },
             schema=SCHEMA,
         )
         name = f"part-{len(self._parts):05d}.parquet"
@@ -159,15 +174,23 @@ def begin_shards(out_dir: str | Path) -> Path:
     """Create the local shard directory and remove its ``meta.json``: incomplete until :func:`finish_shards`."""
     out = Path(out_dir)
     if is_uri(str(out_dir)):
-        raise ValueError(f"out_dir must be a local directory (copy it to object storage afterwards), got {out_dir}")
+        raise ValueError(
+            f"out_dir must be a local directory (copy it to object storage afterwards), got {out_dir}"
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)
     return out
 
 
-def finish_shards(out: Path, name: str, class_names: list[str], writers: dict[str, ShardWriter],
-                  skipped: dict[str, int], channels: int | None = None,
-                  extra: dict | None = None) -> dict[str, Any]:
+def finish_shards(
+    out: Path,
+    name: str,
+    class_names: list[str],
+    writers: dict[str, ShardWriter],
+    skipped: dict[str, int],
+    channels: int | None = None,
+    extra: dict | None = None,
+) -> dict[str, Any]:
     """Close the writers and write ``meta.json`` last, which marks the directory complete; returns the meta.
 
     ``image_size`` is set only when every image has the same square size; ``channels`` (unless given) is 1

@@ -41,14 +41,39 @@ from data.shards import (
 )
 
 __all__ = [
-    "FASHION_MNIST_CLASSES", "FASHION_MNIST_FILES", "FORMAT", "IMAGE_EXTENSIONS", "SCHEMA", "SPLITS",
-    "DataMissingError", "ShardWriter", "encode_png", "filesystem_and_path", "is_uri", "prepare_fashion_mnist",
-    "prepare_image_folder", "prepare_parquet", "read_idx", "read_meta", "read_split_table", "resolve_shards",
-    "split_path", "verify_and_encode",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_FILES",
+    "FORMAT",
+    "IMAGE_EXTENSIONS",
+    "SCHEMA",
+    "SPLITS",
+    "DataMissingError",
+    "ShardWriter",
+    "encode_png",
+    "filesystem_and_path",
+    "is_uri",
+    "prepare_fashion_mnist",
+    "prepare_image_folder",
+    "prepare_parquet",
+    "read_idx",
+    "read_meta",
+    "read_split_table",
+    "resolve_shards",
+    "split_path",
+    "verify_and_encode",
 ]
 
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -83,7 +108,9 @@ def read_idx(path: str | Path) -> np.ndarray:
     offset = 4 + 4 * ndim
     expected = int(np.prod(dims)) * dtype.itemsize
     if len(raw) - offset != expected:
-        raise ValueError(f"{path}: expected {expected} data bytes for shape {dims}, found {len(raw) - offset}")
+        raise ValueError(
+            f"{path}: expected {expected} data bytes for shape {dims}, found {len(raw) - offset}"
+        )
     return np.frombuffer(raw, dtype=dtype, offset=offset).reshape(dims)
 
 
@@ -110,7 +137,9 @@ def prepare_fashion_mnist(
         images = read_idx(src / images_file)
         labels = read_idx(src / labels_file)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise ValueError(f"{src}: {images_file} {images.shape} does not match {labels_file} {labels.shape}")
+            raise ValueError(
+                f"{src}: {images_file} {images.shape} does not match {labels_file} {labels.shape}"
+            )
         n = len(images)
         cap = limit if split == "train" else test_limit
         if cap is not None:
@@ -120,8 +149,15 @@ def prepare_fashion_mnist(
             png, size, mode = encode_png(images[i])
             writer.add(png, int(labels[i]), size, mode)
         writers[split], skipped[split] = writer, 0
-    return finish_shards(out, "fashion-mnist", list(FASHION_MNIST_CLASSES), writers, skipped, channels=1,
-                         extra={"source": str(src)})
+    return finish_shards(
+        out,
+        "fashion-mnist",
+        list(FASHION_MNIST_CLASSES),
+        writers,
+        skipped,
+        channels=1,
+        extra={"source": str(src)},
+    )
 
 
 # --------------------------------------------------------------------------------------- ImageFolder
@@ -177,8 +213,10 @@ def prepare_image_folder(
     files = _folder_files(root, val_fraction, seed)
     class_names = sorted({cls for split in files.values() for _, cls in split})
     if not class_names:
-        raise DataMissingError(f"no class directories with images under {root} "
-                               f"(expected {root}/<class>/<image files>, extensions {list(IMAGE_EXTENSIONS)})")
+        raise DataMissingError(
+            f"no class directories with images under {root} "
+            f"(expected {root}/<class>/<image files>, extensions {list(IMAGE_EXTENSIONS)})"
+        )
     label_of = {c: i for i, c in enumerate(class_names)}
     out = begin_shards(out_dir)
     writers, skipped = {}, {}
@@ -215,7 +253,7 @@ def _parquet_files(src: str) -> tuple[pafs.FileSystem, list[str]]:
 
 
 def _split_of(path: str, base: str) -> str | None:
-    rel = path[len(base):].lstrip("/").lower()
+    rel = path[len(base) :].lstrip("/").lower()
     for part in rel.split("/"):
         if part.startswith("train"):
             return "train"
@@ -232,8 +270,10 @@ def _parquet_groups(src: str, test_src: str | Path | None) -> _Groups:
         test_fs, test_paths = _parquet_files(str(test_src))
         return {"train": (fs, paths), "test": (test_fs, test_paths)}
     base = filesystem_and_path(src)[1]
-    by_split = {"train": [p for p in paths if _split_of(p, base) == "train"],
-                "test": [p for p in paths if _split_of(p, base) == "test"]}
+    by_split = {
+        "train": [p for p in paths if _split_of(p, base) == "train"],
+        "test": [p for p in paths if _split_of(p, base) == "test"],
+    }
     if by_split["train"] and by_split["test"]:
         return {k: (fs, v) for k, v in by_split.items()}
     return {"all": (fs, paths)}
@@ -262,14 +302,17 @@ def _read_labels(groups: _Groups, label_column: str) -> tuple[dict[str, list[Any
             pf = pq.ParquetFile(path, filesystem=gfs)
             schema = schema or pf.schema_arrow
             if label_column not in pf.schema_arrow.names:
-                raise ValueError(f"{path}: no label column {label_column!r}; columns are {pf.schema_arrow.names}")
+                raise ValueError(
+                    f"{path}: no label column {label_column!r}; columns are {pf.schema_arrow.names}"
+                )
             vals += pf.read(columns=[label_column]).column(0).to_pylist()
         labels[key] = vals
     return labels, schema
 
 
-def _label_ids(labels: dict[str, list[Any]], schema: pa.Schema | None, label_column: str,
-               class_names: list[str] | None) -> tuple[list[str], Callable[[Any], int | None]]:
+def _label_ids(
+    labels: dict[str, list[Any]], schema: pa.Schema | None, label_column: str, class_names: list[str] | None
+) -> tuple[list[str], Callable[[Any], int | None]]:
     """Class names and a raw label -> class id map (``None`` for a missing or unknown label).
 
     String labels map to ``class_names`` or their sorted set; integer ids are kept when they are in
@@ -280,8 +323,11 @@ def _label_ids(labels: dict[str, list[Any]], schema: pa.Schema | None, label_col
         names = list(class_names or sorted(set(every)))
         to_id = {n: i for i, n in enumerate(names)}
         return names, lambda v: None if v is None else to_id.get(v)
-    names = list(class_names or _hf_class_names(schema, label_column)
-                 or [str(i) for i in range(int(max(every)) + 1 if every else 0)])
+    names = list(
+        class_names
+        or _hf_class_names(schema, label_column)
+        or [str(i) for i in range(int(max(every)) + 1 if every else 0)]
+    )
     return names, lambda v: None if v is None else (int(v) if 0 <= int(v) < len(names) else None)
 
 
@@ -297,8 +343,9 @@ def _stratified_split(ids: list[int | None], val_fraction: float, seed: int) -> 
     return dest
 
 
-def _iter_rows(fs: pafs.FileSystem, paths: Iterable[str], image_column: str,
-               label_column: str) -> Iterator[tuple[Any, Any]]:
+def _iter_rows(
+    fs: pafs.FileSystem, paths: Iterable[str], image_column: str, label_column: str
+) -> Iterator[tuple[Any, Any]]:
     for path in paths:
         pf = pq.ParquetFile(path, filesystem=fs)
         for names in (image_column, label_column):
@@ -343,8 +390,11 @@ def prepare_parquet(
     # Labels first: needed for the string -> id mapping and the stratified split.
     labels, schema = _read_labels(groups, label_column)
     class_names, label_id = _label_ids(labels, schema, label_column, class_names)
-    assign = {"all": _stratified_split([label_id(v) for v in labels["all"]], val_fraction, seed)} \
-        if "all" in groups else {}
+    assign = (
+        {"all": _stratified_split([label_id(v) for v in labels["all"]], val_fraction, seed)}
+        if "all" in groups
+        else {}
+    )
 
     out = begin_shards(out_dir)
     writers = {split: ShardWriter(out, split, shard_size) for split in SPLITS}
@@ -359,5 +409,6 @@ def prepare_parquet(
                 skipped[split] += 1
                 continue
             writers[split].add(enc[0], lid, enc[1], enc[2])
-    return finish_shards(out, name or Path(src.rstrip("/")).stem, class_names, writers, skipped,
-                         extra={"source": src})
+    return finish_shards(
+        out, name or Path(src.rstrip("/")).stem, class_names, writers, skipped, extra={"source": src}
+    )

@@ -16,13 +16,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from data.augment import MultiCropAugment, clean_transform, decode_image
+from data.augment import MultiCropAugment
 from data.config import DataConfig
-from data.sources import read_meta, read_split_table, resolve_shards
+from data.images import clean_transform, decode_image
+from data.shards import read_meta, read_split_table, resolve_shards
 from trainers.evaluation.knn import class_balanced_indices
 
 
-def select_eval_indices(path: str, split: str, fraction: float, seed: int, limit: int = 0) -> np.ndarray | None:
+def select_eval_indices(
+    path: str, split: str, fraction: float, seed: int, limit: int = 0
+) -> np.ndarray | None:
     """``index`` values of a deterministic, class-balanced ``fraction`` of ``split`` (``None`` = all rows).
 
     Rows with ``index < limit`` (when ``limit > 0``) are eligible; the choice among them is
@@ -98,8 +101,11 @@ class MultiCropTorchDataset(_ShardRows):
         g, loc = self.augment.augment_batch([decoded[k] for k in ok], self.seed, self.epoch, idx)
         out: list[dict[str, torch.Tensor] | None] = [None] * len(positions)
         for j, k in enumerate(ok):
-            item = {"global": g[j], "label": torch.tensor(self.labels[positions[k]]),
-                    "index": torch.tensor(idx[j])}
+            item = {
+                "global": g[j],
+                "label": torch.tensor(self.labels[positions[k]]),
+                "index": torch.tensor(idx[j]),
+            }
             if self.cfg.local_crops > 0:
                 item["local"] = loc[j]
             out[k] = item
@@ -120,7 +126,10 @@ class CleanTorchDataset(_ShardRows):
         if image is None:
             self.corrupt_skipped += 1
             return None
-        return {"image": clean_transform(image, self.cfg.global_crop_size), "label": torch.tensor(self.labels[i])}
+        return {
+            "image": clean_transform(image, self.cfg.global_crop_size),
+            "label": torch.tensor(self.labels[i]),
+        }
 
 
 def collate_batch(samples: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:

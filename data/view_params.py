@@ -56,7 +56,9 @@ def _check(cfg: DataConfig) -> tuple[float, float]:
         raise ConfigError("data.blur_sigma", f"got {sigma}; need 0 < min <= max")
     b, c, s, h = cfg.color_jitter
     if min(b, c, s) < 0 or not 0.0 <= h <= 0.5:
-        raise ConfigError("data.color_jitter", f"got {cfg.color_jitter}; need b, c, s >= 0 and 0 <= hue <= 0.5")
+        raise ConfigError(
+            "data.color_jitter", f"got {cfg.color_jitter}; need b, c, s >= 0 and 0 <= hue <= 0.5"
+        )
     return sigma
 
 
@@ -76,28 +78,37 @@ class ViewSampler:
         self.num_local = cfg.local_crops
         scale = cfg.global_crop_size / BLUR_REFERENCE_SIZE
         self.sigma_range = (sigma[0] * scale, sigma[1] * scale)
-        kinds = [GLOBAL_1 if i % 2 == 0 else GLOBAL_2 for i in range(self.num_global)] + [LOCAL] * self.num_local
+        kinds = [GLOBAL_1 if i % 2 == 0 else GLOBAL_2 for i in range(self.num_global)] + [
+            LOCAL
+        ] * self.num_local
         self._kinds = np.asarray(kinds, dtype=np.int64)
         self._blur_p = np.asarray(cfg.blur_p, dtype=np.float64)[self._kinds]
         self._solarize_p = np.where(self._kinds == GLOBAL_2, cfg.solarize_p, 0.0)
         self._jitter_lo = np.array([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h])
         self._jitter_hi = np.array([1 + b, 1 + c, 1 + s, h])
-        lo_scale = np.array([cfg.global_crop_scale[0]] * self.num_global + [cfg.local_crop_scale[0]] * self.num_local)
-        hi_scale = np.array([cfg.global_crop_scale[1]] * self.num_global + [cfg.local_crop_scale[1]] * self.num_local)
+        lo_scale = np.array(
+            [cfg.global_crop_scale[0]] * self.num_global + [cfg.local_crop_scale[0]] * self.num_local
+        )
+        hi_scale = np.array(
+            [cfg.global_crop_scale[1]] * self.num_global + [cfg.local_crop_scale[1]] * self.num_local
+        )
         self._scale_lo, self._scale_hi = lo_scale, hi_scale
 
     @property
     def num_views(self) -> int:
         return self.num_global + self.num_local
 
-    def batch_params(self, seed: int, epoch: int, indices: Sequence[int], heights: Sequence[int],
-                     widths: Sequence[int]) -> ViewParams:
+    def batch_params(
+        self, seed: int, epoch: int, indices: Sequence[int], heights: Sequence[int], widths: Sequence[int]
+    ) -> ViewParams:
         """Parameters of many samples, flattened image-major (sample i's views are rows i*V .. i*V+V-1)."""
         draws = [self._draws(seed, epoch, idx) for idx in indices]
         v = self.num_views
         r = np.stack([d[0] for d in draws]) if draws else np.zeros((0, v, _DRAWS_PER_VIEW))
         aspect = np.stack([d[1] for d in draws]) if draws else np.zeros((0, v, CROP_ATTEMPTS))
-        return self._params(r, aspect, np.asarray(heights, dtype=np.int64), np.asarray(widths, dtype=np.int64))
+        return self._params(
+            r, aspect, np.asarray(heights, dtype=np.int64), np.asarray(widths, dtype=np.int64)
+        )
 
     def _draws(self, seed: int, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         """All uniform draws of one sample from ``default_rng([seed, epoch, index])`` (one call: numpy's
@@ -114,7 +125,9 @@ class ViewSampler:
         aspect = np.exp(log_lo + (log_hi - log_lo) * r[:, 1 : 2 * CROP_ATTEMPTS : 2])
         return r, aspect
 
-    def _params(self, r: np.ndarray, aspect: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> ViewParams:
+    def _params(
+        self, r: np.ndarray, aspect: np.ndarray, heights: np.ndarray, widths: np.ndarray
+    ) -> ViewParams:
         """Draws ``(N, V, D)`` -> parameters."""
         n, v, _ = r.shape
         u = r[:, :, 2 * CROP_ATTEMPTS + 2 : 2 * CROP_ATTEMPTS + 8]
@@ -135,8 +148,9 @@ class ViewSampler:
             solarize=(u[..., 4] < self._solarize_p).reshape(flat),
         )
 
-    def _crop_boxes(self, r: np.ndarray, aspect: np.ndarray, heights: np.ndarray,
-                    widths: np.ndarray) -> np.ndarray:
+    def _crop_boxes(
+        self, r: np.ndarray, aspect: np.ndarray, heights: np.ndarray, widths: np.ndarray
+    ) -> np.ndarray:
         """Crop boxes ``(N, V, 4)`` as torchvision's RandomResizedCrop draws them (the first of
         ``CROP_ATTEMPTS`` (area, aspect) draws that fits, else the largest centred box within the ratio
         range) but continuous: roi_align resamples sub-pixel boxes, no rounding needed."""
@@ -156,7 +170,9 @@ class ViewSampler:
         has = ok.any(axis=-1)
         hh, ww = hh[..., 0], ww[..., 0]  # (N, 1)
         in_ratio = ww / hh
-        fw = np.where(in_ratio < CROP_RATIO[0], ww, np.where(in_ratio > CROP_RATIO[1], hh * CROP_RATIO[1], ww))
+        fw = np.where(
+            in_ratio < CROP_RATIO[0], ww, np.where(in_ratio > CROP_RATIO[1], hh * CROP_RATIO[1], ww)
+        )
         fh = np.where(in_ratio < CROP_RATIO[0], ww / CROP_RATIO[0], hh)
         w = np.where(has, w, fw)
         h = np.where(has, h, fh)

@@ -135,7 +135,10 @@ def _split(item: str) -> tuple[str, Any]:
 def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     """Build and fully validate an ExperimentConfig from a nested dict."""
     raw = copy.deepcopy(raw or {})
-    method_raw = dict(raw.pop("method", {}) or {})
+    method_raw = raw.pop("method", {}) or {}
+    if not isinstance(method_raw, dict):
+        raise ConfigError("method", f"is a section of fields; expected a mapping, got {method_raw!r}")
+    method_raw = dict(method_raw)
     method_name = method_raw.pop("name", "bam")
     if not isinstance(method_name, str):
         raise ConfigError("method.name", f"expected a method name, got {method_name!r}")
@@ -180,8 +183,7 @@ def load_config(
     raw: dict[str, Any] = {}
     if path:
         p = resolve_config_path(path)
-        with open(p) as f:
-            raw = yaml.safe_load(f) or {}
+        raw = _read_yaml(p)
         if not isinstance(raw, dict):
             raise ConfigError(str(path), "the config file must be a YAML mapping")
         if saved:
@@ -189,6 +191,21 @@ def load_config(
     if overrides:
         raw = apply_overrides(raw, overrides)
     return config_from_dict(raw)
+
+
+def _read_yaml(path: Path) -> Any:
+    """The YAML document in ``path``; a syntax error becomes a ConfigError pointing at the line, since a
+    typo in a config is the user's to fix, not a crash to debug."""
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(str(path), f"not valid YAML{where}: {problem}") from err
+    except OSError as err:
+        raise ConfigError(str(path), f"cannot read the config file: {err.strerror or err}") from err
 
 
 def resolve_config_path(path: str | Path) -> Path:

@@ -169,3 +169,58 @@ def test_saved_config_with_train_fault_fields_loads_into_debug():
     raw["train"].update(fail_at_step=-1, nan_at_step=4)
     cfg = config_from_dict(upgrade_saved_config(raw))
     assert cfg.debug.nan_at_step == 4 and cfg.debug.fail_at_step == -1
+
+
+@pytest.mark.parametrize(
+    "field, text, expected",
+    [
+        ("optim.lr", "1e-3", 1e-3),
+        ("optim.lr", "5e-4", 5e-4),
+        ("optim.min_lr", "1.0e6", 1.0e6),
+        ("optim.min_lr", "1_000", 1000.0),
+        ("optim.lr", ".5", 0.5),
+        ("optim.lr", "2", 2.0),
+        ("optim.lr", "+3E-2", 3e-2),
+        ("optim.epochs", "1_000", 1000),
+        ("optim.epochs", "1e3", 1000),
+        ("optim.epochs", "2.0", 2),
+        ("method.temperature", "-2", ConfigError),  # a number, then refused by its range
+        ("optim.lr", "1e-3x", ConfigError),
+        ("optim.lr", "true", ConfigError),
+        ("optim.lr", "1e999", ConfigError),  # not finite
+        ("optim.epochs", "1.5", ConfigError),
+        ("optim.epochs", "1e-3", ConfigError),
+        ("optim.epochs", "ten", ConfigError),
+    ],
+)
+def test_numbers_as_people_type_them(tmp_path, field, text, expected):
+    """Every numeric form, from ``--set`` and from a YAML file (where YAML 1.1 reads 1e-3 as a string)."""
+    section, name = field.split(".")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{section}:\n  {name}: {text}\n")
+    for load in (lambda: load_config("bam_fmnist", [f"{field}={text}"]), lambda: load_config(path)):
+        if expected is ConfigError:
+            with pytest.raises(ConfigError) as err:
+                load()
+            assert err.value.field == field, str(err.value)
+        else:
+            value = flatten(load().to_dict())[field]
+            assert value == pytest.approx(expected) and type(value) is type(expected)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [(["optim=3"], "optim"), (["method=3"], "method"), (["nosuch.field=1"], "nosuch")],
+)
+def test_a_section_set_to_a_scalar_or_unknown_is_a_config_error(overrides, field):
+    with pytest.raises(ConfigError) as err:
+        load_config("bam_fmnist", overrides)
+    assert err.value.field == field
+
+
+def test_malformed_yaml_is_a_config_error_naming_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  lr: [1,\n  epochs: 3\nmodel: {\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML at line \d+") as err:
+        load_config(path)
+    assert err.value.field == str(path)

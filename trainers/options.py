@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import Any
+
+#: A number as people type it: ``1e-3``, ``5e-4``, ``1.0e6``, ``1_000``, ``-2``, ``.5``. YAML 1.1 (PyYAML)
+#: reads several of these (``1e-3``, ``1.0e6``: no dot or no exponent sign) as strings, so a config field
+#: that wants a number parses the string itself instead of refusing what the CLI's own help suggests.
+_NUMBER = re.compile(r"[+-]?(?:\d(?:_?\d)*(?:\.(?:\d(?:_?\d)*)?)?|\.\d(?:_?\d)*)(?:[eE][+-]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -128,15 +135,15 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(path, f"expected true/false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
+        number = _number(value)
+        if number is None or not number.is_finite() or number != number.to_integral_value():
             raise ConfigError(path, f"expected an integer, got {value!r}")
-        return value
+        return int(number)
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        number = _number(value)
+        if number is None:
             raise ConfigError(path, f"expected a number, got {value!r}")
-        return float(value)
+        return float(number)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(path, f"expected a string, got {value!r}")
@@ -144,8 +151,26 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     return value
 
 
+def _number(value: Any) -> Decimal | None:
+    """``value`` as an exact Decimal when it is a number or a string people type for one (see
+    :data:`_NUMBER`), else None. Exact, so ``1e3`` is an integer and ``1e-3`` is not; booleans are no
+    numbers (``true`` for a learning rate is a mistake, not 1.0)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return Decimal(value)
+    if isinstance(value, float):
+        return Decimal(repr(value)) if math.isfinite(value) else Decimal(value)
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return Decimal(value.strip().replace("_", ""))
+    return None
+
+
 def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping, coercing types, refusing unknown keys, then validating."""
+    if data is not None and not isinstance(data, dict):
+        section = prefix.rstrip(".") or cls.__name__
+        raise ConfigError(section, f"is a section of fields; expected a mapping, got {data!r}")
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     kwargs = {}

@@ -3,8 +3,11 @@
 Heavy modules (Ray, MLflow, the data pipeline) are imported inside the commands, so a bad config is
 refused in a couple of seconds with exit code 2, naming the field, before anything starts.
 
-Exit codes: 0 success, 1 the run failed (MLflow run marked FAILED), 2 bad config / missing data / bad
-arguments.
+Exit codes: 0 success, 1 the run failed (MLflow run marked FAILED), 2 anything the user can fix: a bad
+config (values, YAML syntax), missing data, bad arguments, an unreachable Ray address or MLflow server, an
+unwritable path, more workers/GPUs than there are (:mod:`orchestrator.preflight`), an unknown run id. Those
+print one line naming what to fix; ``--verbose`` adds the traceback. Anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -70,6 +73,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if not args.config and not args.resume:
         raise ConfigError("--config", "required (a shipped name such as bam_fmnist, or a YAML path)")
+    if args.resume and not args.config:  # the run's config comes from the store: it must answer first
+        from orchestrator import preflight, tracking
+
+        preflight.check_tracking_uri(tracking.resolve_tracking_uri(args.tracking_uri))
     with tempfile.TemporaryDirectory() as tmp:
         path = args.config or _resume_config_path(args.resume, args.tracking_uri, tmp)
         cfg = load_config(path, _config_overrides(args), saved=not args.config)
@@ -159,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bamray",
         description="Distributed self-supervised learning on Ray "
         "(BAM, BYOL, DINO, SimCLR, MAE) tracked in MLflow.",
+    )
+    p.add_argument(
+        "--verbose", action="store_true", help="print the traceback of a refused command (exit 2) too"
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (
@@ -253,11 +263,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:
-        print(f"bamray: config error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return _refused(args, f"config error: {err}")
     except FileNotFoundError as err:  # data.sources.DataMissingError is a FileNotFoundError
-        print(f"bamray: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return _refused(args, str(err))
+
+
+def _refused(args: argparse.Namespace, message: str) -> int:
+    """A user error: one line (and, with ``--verbose``, the traceback of the exception being handled)."""
+    if args.verbose:
+        import traceback
+
+        traceback.print_exc()
+    print(f"bamray: {message}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,6 +18,7 @@ from torch import nn
 from orchestrator import checkpointing as ckpt
 from orchestrator import tracking
 from trainers.loop import embed
+from trainers.options import ConfigError
 
 EMBED_BATCH = 256
 
@@ -59,6 +60,17 @@ def raw_pixel_features(
     return embed(nn.Flatten(), batches, "cpu")
 
 
+def _check_run(uri: str, run_id: str) -> None:
+    """Refuse an unreachable store or an unknown run id naming what to fix, before any download."""
+    from orchestrator import preflight
+
+    preflight.check_tracking_uri(uri)
+    try:
+        tracking.with_retry(tracking.client(uri).get_run, run_id)
+    except Exception as err:  # noqa: BLE001 - MlflowException: no such run in this store
+        raise ConfigError("--run", f"no MLflow run {run_id!r} in {uri} ({type(err).__name__})") from err
+
+
 def run_linear_eval(
     run_id: str,
     tracking_uri: str | None = None,
@@ -77,15 +89,21 @@ def run_linear_eval(
     from trainers.evaluation.linear import linear_probe
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
+    _check_run(uri, run_id)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with tempfile.TemporaryDirectory() as tmp:
-        local = tracking.with_retry(
-            mlflow.artifacts.download_artifacts,
-            run_id=run_id,
-            artifact_path=artifact,
-            dst_path=tmp,
-            tracking_uri=uri,
-        )
+        try:
+            local = tracking.with_retry(
+                mlflow.artifacts.download_artifacts,
+                run_id=run_id,
+                artifact_path=artifact,
+                dst_path=tmp,
+                tracking_uri=uri,
+            )
+        except Exception as err:  # noqa: BLE001 - MlflowException / OSError: the artifact is not there
+            raise ConfigError(
+                "--artifact", f"MLflow run {run_id} has no {artifact!r} backbone ({type(err).__name__})"
+            ) from err
         model, cfg = ckpt.load_backbone(local, device=dev)
     cfg, meta = prepare_data(cfg)
     train_f, train_y = clean_features(model, cfg.data, "train", dev, seed=cfg.seed)

@@ -17,7 +17,7 @@ import torch
 
 from data.sources import is_uri
 from orchestrator import checkpointing as ckpt
-from orchestrator import fault_injection, tracking
+from orchestrator import fault_injection, preflight, tracking
 from orchestrator.config import ExperimentConfig
 from orchestrator.local_ray import connect_or_start
 from orchestrator.training.data_prep import prepare_data, resolved_data, steps_per_epoch
@@ -153,27 +153,49 @@ def build_trainer(
 def connect_ray(cfg: ExperimentConfig) -> bool:
     """Ray for one training run: ``train.address`` / ``RAY_ADDRESS``, else a local Ray with logical CPUs
     oversubscribed (training workers + at least 2 for Ray Data, so Data never gets a zero budget on a
-    2-core machine). Returns True when this call started or connected Ray (the caller shuts it down)."""
+    2-core machine). Returns True when this call started or connected Ray (the caller shuts it down).
+    A cluster that refuses the connection is the address's fault: a ConfigError naming it."""
     train_cpus = max(cfg.train.workers, 1) * cfg.train.cpus_per_worker
     gpus = torch.cuda.device_count() if cfg.train.gpus_per_worker > 0 and torch.cuda.is_available() else None
-    return connect_or_start(cfg.train.address, max(4, math.ceil(train_cpus) + 2), gpus)
+    try:
+        return connect_or_start(cfg.train.address, max(4, math.ceil(train_cpus) + 2), gpus)
+    except ConnectionError as err:
+        address, field = preflight.ray_address(cfg)
+        raise ConfigError(field or "train.address", f"cannot connect to Ray at {address!r}: {err}") from err
 
 
-def _open_run(cfg: ExperimentConfig, uri: str, resume: str | None) -> tuple[str, str, str]:
-    """Create the MLflow run (or re-open ``resume``) and log its params, tags and config; returns
-    ``(run id, Ray run name, Ray storage path)``."""
-    if resume:
-        try:
-            run = tracking.reopen_run(uri, resume)
-        except Exception as err:  # noqa: BLE001 - MlflowException: no such run in this store
-            raise ConfigError(
-                "--resume", f"no MLflow run {resume!r} in {uri} ({type(err).__name__})"
-            ) from err
-        run_id = run.info.run_id
-        ray_run_name = run.data.tags.get(tracking.TAG_RAY_RUN) or f"{cfg.name}-{run_id[:8]}"
-        storage = run.data.tags.get(tracking.TAG_STORAGE) or tracking.absolute_path(cfg.train.storage_path)
+def _previous_run(uri: str, run_id: str) -> Any:
+    """The MLflow run ``--resume`` names, read (not yet re-opened) so a wrong id is refused first."""
+    try:
+        return tracking.with_retry(tracking.client(uri).get_run, run_id)
+    except Exception as err:  # noqa: BLE001 - MlflowException: no such run in this store
+        raise ConfigError("--resume", f"no MLflow run {run_id!r} in {uri} ({type(err).__name__})") from err
+
+
+def _extends(cfg: ExperimentConfig, run: Any) -> bool:
+    """Whether resuming the FINISHED ``run`` with ``cfg`` asks for more epochs than it trained; a
+    time-budgeted run is refused, since its checkpoint pins the length it planned."""
+    logged = run.data.params.get("optim.epochs")
+    if logged is None or cfg.optim.epochs <= int(logged):
+        return False
+    if float(run.data.params.get("train.time_budget_min", 0) or 0) > 0:
+        raise ConfigError(
+            "optim.epochs",
+            f"run {run.info.run_id} was time-budgeted; its checkpoint keeps the epochs it planned, so it "
+            "cannot be extended: start a new run",
+        )
+    return True
+
+
+def _open_run(cfg: ExperimentConfig, uri: str, previous: Any) -> tuple[str, str]:
+    """Create the MLflow run (or re-open ``previous``, the run ``--resume`` names) and log its params,
+    tags and config; returns ``(run id, Ray run name)``."""
+    storage = _storage(cfg, previous)
+    if previous is not None:
+        run_id = previous.info.run_id
+        tracking.reopen_run(uri, run_id)
+        ray_run_name = previous.data.tags.get(tracking.TAG_RAY_RUN) or f"{cfg.name}-{run_id[:8]}"
     else:
-        storage = tracking.absolute_path(cfg.train.storage_path)
         run_id = tracking.create_run(
             uri,
             cfg.tracking.experiment,
@@ -185,30 +207,62 @@ def _open_run(cfg: ExperimentConfig, uri: str, resume: str | None) -> tuple[str,
     changed = tracking.log_params(uri, run_id, cfg.run_params())
     if changed:
         tracking.log_tags(uri, run_id, {"resume_changed_params": ",".join(sorted(changed))})
-    if not resume:
+    if previous is None:
         tracking.log_config_artifact(uri, run_id, cfg)
-    return run_id, ray_run_name, storage
+    return run_id, ray_run_name
+
+
+def _storage(cfg: ExperimentConfig, previous: Any) -> str:
+    """Ray Train storage: a resumed run's own (its tag), else ``train.storage_path`` made absolute."""
+    tagged = previous.data.tags.get(tracking.TAG_STORAGE) if previous is not None else None
+    return tagged or tracking.absolute_path(cfg.train.storage_path)
 
 
 def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[str, Any]:
     """Train ``cfg`` on Ray, tracked in one MLflow run; ``resume`` = an MLflow run id to continue.
 
     Returns ``{"run_id", "status" ("FINISHED" | "FAILED"), "reason", "metrics", "ray_run_dir",
-    "tracking_uri"}``. Config and data errors are raised (``ConfigError`` / ``DataMissingError``) before
-    any Ray or MLflow work.
+    "tracking_uri"}``. Config, data and reachability errors (:mod:`orchestrator.preflight`) are raised as
+    ``ConfigError`` / ``DataMissingError`` before any MLflow run is created; a cluster too small for the
+    workers is refused right after connecting, also before the run exists.
+
+    Resuming a FINISHED run does nothing (no Ray, no metric logged twice) and returns its status, unless
+    ``optim.epochs`` now asks for more epochs than it had: then it trains the extra epochs from its last
+    checkpoint. Every schedule (lr, wd, teacher momentum, warm-ups) is indexed by the global step over
+    the new ``optim.epochs``, so at the resume point the lr and wd jump to their values at that step of
+    the longer schedule (a cosine lr rises again) and decay to the end of the new length; warm-ups that
+    were over stay over. The run's logged params keep the original values (MLflow params are immutable);
+    the tag ``resume_changed_params`` lists ``optim.epochs``.
     """
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    preflight.check_tracking_uri(uri)
+    previous = _previous_run(uri, resume) if resume else None
+    if previous is not None and previous.info.status == "FINISHED" and not _extends(cfg, previous):
+        print(
+            f"MLflow run {resume} already FINISHED its {previous.data.params.get('optim.epochs', '?')} "
+            "epochs: nothing to do (ask for more with --set optim.epochs=N)",
+            flush=True,
+        )
+        return {"run_id": resume, "tracking_uri": uri, "status": "FINISHED", "reason": "already finished"}
+    storage = _storage(cfg, previous)
+    preflight.check_job(cfg, uri, storage)
     cfg, meta = prepare_data(cfg)
     steps_per_epoch(cfg, meta)  # refuse an impossible batch before anything starts
     from ray.train import TrainingFailedError
 
-    run_id, ray_run_name, storage = _open_run(cfg, uri, resume)
+    started = connect_ray(cfg)
+    try:
+        if started and preflight.ray_address(cfg)[0]:
+            preflight.check_cluster_resources(cfg)
+        run_id, ray_run_name = _open_run(cfg, uri, previous)
+    except BaseException:
+        if started:
+            _shutdown_ray()
+        raise
     ray_run_dir = storage if is_uri(storage) else os.path.join(storage, ray_run_name)
     print(f"MLflow run {run_id} ({uri}); Ray Train run {ray_run_dir}", flush=True)
     out: dict[str, Any] = {"run_id": run_id, "tracking_uri": uri, "ray_run_dir": ray_run_dir, "metrics": {}}
-    started = False
     try:
-        started = connect_ray(cfg)
         trainer = build_trainer(
             cfg,
             run_name=ray_run_name,
@@ -235,11 +289,15 @@ def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[st
         raise
     finally:
         if started:
-            import ray
-
-            ray.shutdown()
+            _shutdown_ray()
     _print_where(out)
     return out
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    ray.shutdown()
 
 
 def _finish(cfg: ExperimentConfig, uri: str, run_id: str, result: Any, out: dict[str, Any]) -> None:

@@ -5,11 +5,19 @@ a whole run without a dashboard)."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
-from orchestrator.local_ray import _DASHBOARD_ONLY_LOGGERS, quiet_dashboardless_warnings
+import pytest
+
+from orchestrator.local_ray import _DASHBOARD_ONLY_LOGGERS, quiet_dashboardless_warnings, session_processes
+
+REPO = Path(__file__).resolve().parents[1]
 
 CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
@@ -54,3 +62,109 @@ def test_local_ray_workers_and_detached_actors_run_the_hook(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"LEVELS {logging.ERROR} {logging.ERROR}" in out.stdout, out.stdout[-2000:]
+
+
+def test_loopback_mode_is_restored_after_init():
+    """Ray's single-machine switch is flipped for ``ray.init`` only: a later ``ray.init(address=...)`` in
+    the same process must see this machine's routable address again."""
+    from ray._private import ray_constants
+
+    from orchestrator.local_ray import _loopback_node
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    with pytest.raises(RuntimeError), _loopback_node():
+        assert ray_constants.ENABLE_RAY_CLUSTER is False
+        raise RuntimeError("ray.init failed")
+    assert ray_constants.ENABLE_RAY_CLUSTER == before
+
+
+# A stand-in driver for the watchdog, no Ray: a "GCS" (the session dir on its command line) and an
+# "agent" (a file in the session dir open, SIGTERM ignored, as a stuck agent) in sessions of their own,
+# so that only the watchdog can end them.
+FAKE_DRIVER = textwrap.dedent("""
+    import os, subprocess, sys, time
+    from orchestrator.local_ray import _start_watchdog
+    session = sys.argv[1]
+    gcs = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", session + "/gcs"],
+                           start_new_session=True)
+    agent = subprocess.Popen(
+        [sys.executable, "-c", "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+         "f = open(os.environ['AGENT_LOG'], 'w'); print('up', flush=True); time.sleep(300)"],
+        env={**os.environ, "AGENT_LOG": session + "/agent.log"}, stdout=subprocess.PIPE, text=True,
+        start_new_session=True)
+    agent.stdout.readline()
+    _start_watchdog(session)
+    print(gcs.pid, agent.pid, flush=True)
+    time.sleep(300)
+""")
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _gone_within(pids: list[int], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while any(_running(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _watchdog_of(driver: int) -> int:
+    """The driver's watchdog child, once it runs its script (a freshly forked child shows the driver's
+    command line)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                if parent == driver and b"local_ray.py" in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    return int(entry)
+            except (OSError, IndexError):
+                continue
+        time.sleep(0.1)
+    raise AssertionError("no watchdog started")
+
+
+@pytest.fixture
+def fake_driver(tmp_path):
+    session = tmp_path / "session_fake"
+    session.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FAKE_DRIVER, str(session)], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
+    gcs, agent = (int(x) for x in proc.stdout.readline().split())
+    yield proc, gcs, agent, str(session)
+    proc.kill()
+    proc.wait()
+    for pid in (gcs, agent):
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_the_watchdog_ends_the_session_of_a_killed_driver(fake_driver):
+    proc, gcs, agent, session = fake_driver
+    watchdog = _watchdog_of(proc.pid)
+    assert sorted(session_processes(session)) == sorted([gcs, agent])
+    time.sleep(1)  # the watchdog has taken note of the "GCS"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _gone_within([gcs, agent], 15), "the watchdog left the session running"
+    assert _gone_within([watchdog], 5)
+
+
+def test_the_watchdog_leaves_when_the_session_ends(fake_driver):
+    """After a ``ray.shutdown`` the driver lives on (the test suite, a second run): its watchdog cleans
+    up what is left and exits instead of waiting for the driver."""
+    proc, gcs, agent, session = fake_driver
+    watchdog = _watchdog_of(proc.pid)
+    time.sleep(1)
+    os.kill(gcs, signal.SIGKILL)
+    assert _gone_within([watchdog, agent], 15)
+    assert proc.poll() is None

@@ -189,3 +189,49 @@ def test_ui_serves_the_store_on_localhost(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_user_errors_exit_2_with_one_line_and_no_mlflow_run(tmp_path):
+    """Every refusal a user can cause: exit 2, one line naming what to fix, no traceback (unless
+    --verbose), in seconds, and no MLflow run left behind. Probes use a closed port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("optim:\n  lr: [1,\n")
+    _bamray(tmp_path, "data", "prepare", "fashion-mnist", "--limit", "1000", timeout=120)  # data come first
+    train = ("train", "--config", "bam_fmnist")
+    cases = [
+        ((*train, "--tracking-uri", f"http://127.0.0.1:{closed}"), "tracking.tracking_uri", {}),
+        ((*train, "--workers", "100", "--set", "optim.batch_size=8"), "train.workers", {"RAY_ADDRESS": ""}),
+        ((*train, "--gpus-per-worker", "1"), "train.gpus_per_worker", {"RAY_ADDRESS": ""}),
+        ((*train, "--address", f"127.0.0.1:{closed}"), "train.address", {}),
+        ((*train, "--set", f"train.storage_path={blocker}/x"), "train.storage_path", {"RAY_ADDRESS": ""}),
+        ((*train, "--set", "optim=3"), "optim", {}),
+        ((*train, "--set", "nosuch.field=1"), "nosuch", {}),
+        (("train", "--config", str(bad_yaml)), "not valid YAML", {}),
+        (("eval", "linear", "--run", "0123456789abcdef"), "--run", {}),
+    ]
+    for args, field, env in cases:
+        t0 = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "orchestrator", *args],
+            cwd=tmp_path,
+            env={**_env(tmp_path), **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert field in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+        assert time.monotonic() - t0 < 30, args
+    from mlflow import MlflowClient
+
+    store = tmp_path / ".bamray" / "mlflow.db"
+    if store.exists():  # the eval case may have created the (empty) store; no case created a run
+        c = MlflowClient(f"sqlite:///{store}")
+        assert not c.search_runs([e.experiment_id for e in c.search_experiments()])
+    proc = _bamray(tmp_path, "--verbose", "train", "--config", "bam_fmnist", "--set", "optim=3")
+    assert proc.returncode == 2 and "Traceback" in proc.stderr

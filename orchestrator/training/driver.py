@@ -244,10 +244,10 @@ def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[st
             flush=True,
         )
         return {"run_id": resume, "tracking_uri": uri, "status": "FINISHED", "reason": "already finished"}
-    storage = _storage(cfg, previous)
-    preflight.check_job(cfg, uri, storage)
     cfg, meta = prepare_data(cfg)
     steps_per_epoch(cfg, meta)  # refuse an impossible batch before anything starts
+    storage = _storage(cfg, previous)
+    preflight.check_job(cfg, uri, storage)
     from ray.train import TrainingFailedError
 
     started = connect_ray(cfg)

@@ -147,7 +147,7 @@ def _watch(driver_pid: int, session_dir: str) -> None:
     changed parent PID is its death (a pipe would stay open in any child the driver forked). The
     session has ended once its GCS, raylet and monitors (the processes named by their command lines)
     are all gone."""
-    me = frozenset({os.getpid()})
+    me = frozenset({os.getpid(), driver_pid})  # the driver holds its Ray log open: never ours to end
     core = session_processes(session_dir, me, open_files=False)
     while os.getppid() == driver_pid and any(_alive(pid) for pid in core):
         time.sleep(_WATCH_INTERVAL_S)

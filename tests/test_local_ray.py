@@ -93,6 +93,7 @@ FAKE_DRIVER = textwrap.dedent("""
         env={**os.environ, "AGENT_LOG": session + "/agent.log"}, stdout=subprocess.PIPE, text=True,
         start_new_session=True)
     agent.stdout.readline()
+    log = open(session + "/python-core-driver.log", "w")  # as Ray's driver: its log stays open
     _start_watchdog(session)
     print(gcs.pid, agent.pid, flush=True)
     time.sleep(300)
@@ -151,7 +152,7 @@ def fake_driver(tmp_path):
 def test_the_watchdog_ends_the_session_of_a_killed_driver(fake_driver):
     proc, gcs, agent, session = fake_driver
     watchdog = _watchdog_of(proc.pid)
-    assert sorted(session_processes(session)) == sorted([gcs, agent])
+    assert sorted(session_processes(session)) == sorted([proc.pid, gcs, agent])
     time.sleep(1)  # the watchdog has taken note of the "GCS"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -167,4 +168,5 @@ def test_the_watchdog_leaves_when_the_session_ends(fake_driver):
     time.sleep(1)
     os.kill(gcs, signal.SIGKILL)
     assert _gone_within([watchdog, agent], 15)
-    assert proc.poll() is None
+    time.sleep(0.5)
+    assert proc.poll() is None, "the watchdog ended its own driver"

@@ -399,3 +399,23 @@ def test_resume_after_killed_driver_continues_the_same_run(ray_local, shards, st
         "final/backbone.safetensors",
         "final/config.yaml",
     }
+
+
+def test_resume_of_a_finished_run_does_nothing(finished_run):
+    """`--resume` of a FINISHED run: says so, exits 0, starts no Ray and logs nothing twice."""
+    _, out = finished_run
+    c = tracking.client(out["tracking_uri"])
+    before = {k: _history(c, out["run_id"], k) for k in ("best_knn_top1", "train_wall_time_s")}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "train", "--resume", out["run_id"]]
+        + ["--tracking-uri", out["tracking_uri"]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "already FINISHED" in proc.stdout and "Started a local Ray" not in proc.stderr
+    assert {k: _history(c, out["run_id"], k) for k in before} == before
+    assert c.get_run(out["run_id"]).info.status == "FINISHED"

@@ -184,6 +184,33 @@ def test_a_time_budget_is_refused_in_a_sweep_before_ray():
     assert err.value.field == "train.time_budget_min" and not ray.is_initialized()
 
 
+def test_a_trial_that_cannot_fit_is_refused_before_ray_and_before_the_parent_run(tiny_data, tmp_path):
+    """100 workers on this machine: refused by the preflight naming train.workers, no Ray, no MLflow run."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("a Ray of another test is up in this process: the check then reads its resources")
+    workers = 2 * (os.cpu_count() or 1) + 1
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(ConfigError) as err:
+        run_sweep(
+            tiny_cfg(tiny_data, EPOCHS, f"train.workers={workers}"),
+            "bam_sinkhorn",
+            trials=1,
+            tracking_uri=uri,
+            storage_path=str(tmp_path / "ray_results"),
+        )
+    assert err.value.field == "train.workers" and "CPUs" in str(err.value)
+    assert not ray.is_initialized()
+    assert not (tmp_path / "ray_results" / "bam-fmnist-bam_sinkhorn").exists()
+    if (tmp_path / "mlflow.db").exists():
+        client = _mlflow(uri)
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        assert not experiments or list(client.search_runs(experiments)) == []
+
+
 @pytest.mark.parametrize(
     "status, epochs, target, outcome",
     [

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator import tracking
+from orchestrator import preflight, tracking
 from orchestrator.config import ExperimentConfig
 from orchestrator.sweep import record as rec
 from orchestrator.sweep import report
@@ -111,6 +111,11 @@ def run_sweep(
             f"--resume {name}, or pick another --name",
         )
     uri = tracking.resolve_tracking_uri(tracking_uri or cfg.tracking.tracking_uri)
+    # Before Ray starts and before the parent run exists: store, storage, address, one trial's resources.
+    trial_cfg = (
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, address=address)) if address else cfg
+    )
+    preflight.check_job(trial_cfg, uri, storage)
     settings = SweepSettings(
         name=name,
         trials=trials,

@@ -95,7 +95,7 @@ _PIXELS: dict[tuple, dict[str, float]] = {}  # raw pixels do not depend on the m
 
 def baselines(cfg, device: torch.device) -> dict[str, Any]:
     """Raw pixels and the random-init network, through the same k-NN and linear probe, on the same bank."""
-    from orchestrator.evaluate import clean_features, raw_pixel_features
+    from orchestrator.training.evaluate import clean_features, raw_pixel_features
     from trainers.build import build_method
 
     out = {}
@@ -140,7 +140,7 @@ def evaluate_features(cfg, feats: dict[str, tuple[torch.Tensor, torch.Tensor]]) 
 def measure(method: str, args: argparse.Namespace, work: Path, data_path: str, uri: str) -> dict[str, Any]:
     """One method: train under the budget, read the curve, run the linear probe, add its baselines."""
     from orchestrator.config import load_config
-    from orchestrator.evaluate import run_linear_eval
+    from orchestrator.training.evaluate import run_linear_eval
 
     sets = run_overrides(args, data_path, str(work / "ray_results"), uri, method)
     t0 = time.perf_counter()

@@ -114,7 +114,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_linear(args: argparse.Namespace) -> int:
-    from orchestrator.evaluate import run_linear_eval
+    from orchestrator.training.evaluate import run_linear_eval
 
     top1 = run_linear_eval(args.run, args.tracking_uri, artifact=args.artifact, epochs=args.epochs)
     print(f"linear_top1 = {top1:.2f} % (logged to MLflow run {args.run})")

@@ -322,7 +322,7 @@ def _finish(cfg: ExperimentConfig, uri: str, run_id: str, result: Any, out: dict
         tracking.log_metrics(uri, run_id, {"best_knn_top1": best_score}, step=step)
     tracking.log_metrics(uri, run_id, {"train_wall_time_s": out["wall_time_s"]}, step=step)
     if cfg.eval.linear_at_end:
-        from orchestrator.evaluate import run_linear_eval
+        from orchestrator.training.evaluate import run_linear_eval
 
         out["linear_top1"] = run_linear_eval(run_id, uri)
     tracking.finish_run(uri, run_id, "FINISHED")

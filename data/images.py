@@ -16,6 +16,8 @@ from PIL import Image
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as _tv_decode_image
 
+from data.bitdepth import HIGH_DEPTH_MODES, to_8bit
+
 
 def decode_image(png_bytes: bytes | bytearray | memoryview | None, channels: int) -> torch.Tensor | None:
     """PNG (or JPEG) bytes -> uint8 ``(channels, H, W)`` tensor, or ``None`` when the bytes do not decode.
@@ -40,12 +42,15 @@ def to_chw_uint8(image: Any, channels: int | None = None) -> torch.Tensor:
     """A PIL image, ``(H, W)`` / ``(C, H, W)`` / ``(H, W, C)`` array or tensor -> uint8 ``(C, H, W)`` tensor.
 
     With ``channels`` given, grayscale is repeated to RGB and RGB reduced to grayscale as needed.
+    16-bit and float PIL images are rescaled to 8 bits (:mod:`data.bitdepth`).
     """
     if isinstance(image, Image.Image):
         if channels is None:
-            channels = 1 if image.mode in ("L", "1", "I", "I;16", "F") else 3
-        image = image.convert("L" if channels == 1 else "RGB")
+            channels = 1 if image.mode in ("L", "1") or image.mode in HIGH_DEPTH_MODES else 3
+        image = to_8bit(image).convert("L" if channels == 1 else "RGB")  # 16-bit/float: rescaled, not clipped
         t = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
+        if t.ndim == 3:  # PIL is always (H, W, C): no guessing, even for an image 3 or 4 pixels high
+            t = t.permute(2, 0, 1)
     elif isinstance(image, np.ndarray):
         arr = np.ascontiguousarray(image)
         t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())

@@ -13,14 +13,28 @@ importers that produce it live in :mod:`data.sources`.
 Each shard is written to a temporary name and moved into place with ``os.replace``; ``meta.json`` is
 removed first (:func:`begin_shards`) and written last (:func:`finish_shards`), so a directory with a
 ``meta.json`` is always a complete data set.
+
+Nothing is dropped silently: every file or row an importer does not write is listed in ``skipped.csv``
+next to ``meta.json`` (columns ``split,path,reason,detail``; see :class:`SkipLog`) and counted by reason
+in ``meta["skipped_reasons"]``. ``meta["skipped"]`` keeps its meaning: per split, the images (files or
+rows) that were found but not written -- undecodable, too large, unlabelled.
+
+Image size bound: PIL refuses images above ~179 M pixels as "decompression bombs", which made a valid
+14000x14000 PNG look corrupt. Importers accept up to ``BAMRAY_MAX_IMAGE_PIXELS`` pixels (environment
+variable, default 300 M, i.e. ~0.9 GB of RGB pixels while one image is converted) and skip a larger one
+with reason ``too large``, naming its size. High-bit-depth images are rescaled to 8 bits by
+:mod:`data.bitdepth`.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
 import re
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +44,15 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from data.bitdepth import nominal_bits, to_8bit
 from data.config import DataConfig
 from trainers.fileio import atomic_write
 
 FORMAT = "bamray-shards-v1"
 SPLITS = ("train", "test")
+SKIPPED_CSV = "skipped.csv"
+MAX_PIXELS_ENV = "BAMRAY_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_IMAGE_PIXELS = 300_000_000
 SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("index", pa.int64())])
 _DECODE_ERRORS = (
     OSError,
@@ -179,7 +197,40 @@ def begin_shards(out_dir: str | Path) -> Path:
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)
+    (out / SKIPPED_CSV).unlink(missing_ok=True)
     return out
+
+
+class SkipLog:
+    """Every file or row an importer did not write, with why: becomes ``skipped.csv`` next to the shards.
+
+    A count alone ("skipped: 3") left users guessing which files and whether their data was damaged;
+    the list names each one so it can be fixed or ignored knowingly.
+    """
+
+    COLUMNS = ("split", "path", "reason", "detail")
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str, str]] = []
+
+    def add(self, split: str, path: str | Path, reason: str, detail: str = "") -> None:
+        """``split`` is ``""`` when the file was never assigned to one (e.g. a stray non-image file)."""
+        self.rows.append((split, str(path), reason, detail))
+
+    def counts(self) -> dict[str, int]:
+        """Entries per reason, most frequent first."""
+        return dict(Counter(r[2] for r in self.rows).most_common())
+
+    def write(self, out: Path) -> None:
+        """``<out>/skipped.csv`` (header only when nothing was skipped), written atomically."""
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                w = csv.writer(f)
+                w.writerow(self.COLUMNS)
+                w.writerows(self.rows)
+
+        atomic_write(out / SKIPPED_CSV, write)
 
 
 def finish_shards(
@@ -190,12 +241,16 @@ def finish_shards(
     skipped: dict[str, int],
     channels: int | None = None,
     extra: dict | None = None,
+    skip_log: SkipLog | None = None,
 ) -> dict[str, Any]:
-    """Close the writers and write ``meta.json`` last, which marks the directory complete; returns the meta.
+    """Close the writers, write ``skipped.csv`` and then ``meta.json`` last, which marks the directory
+    complete; returns the meta.
 
     ``image_size`` is set only when every image has the same square size; ``channels`` (unless given) is 1
-    only when every image is grayscale.
+    only when every image is grayscale. ``skipped_reasons`` counts the ``skipped.csv`` entries by reason.
     """
+    skip_log = skip_log or SkipLog()
+    skip_log.write(out)
     counts = {split: w.close() for split, w in writers.items()}
     sizes = set().union(*(w.sizes for w in writers.values()))
     image_size: int | None = None
@@ -213,6 +268,7 @@ def finish_shards(
         "image_size": image_size,
         "counts": counts,
         "skipped": dict(skipped),
+        "skipped_reasons": skip_log.counts(),
         "format": FORMAT,
         **(extra or {}),
     }
@@ -227,12 +283,41 @@ def finish_shards(
 
 
 # ---------------------------------------------------------------------------------------- encoding
-def encode_png(image: Image.Image | np.ndarray) -> tuple[bytes, tuple[int, int], str]:
-    """Image -> (PNG bytes, (height, width), mode). Modes other than L/RGB become L or RGB."""
+@dataclass(frozen=True)
+class Skip:
+    """Why an image was not written: a short fixed ``reason`` (counted) and a free-form ``detail``."""
+
+    reason: str
+    detail: str = ""
+
+
+def max_image_pixels() -> int:
+    """The largest image (width x height) the importers accept: ``$BAMRAY_MAX_IMAGE_PIXELS`` or 300 M."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        value = float(raw.replace("_", ""))
+    except ValueError:
+        value = float("nan")
+    if not (value >= 1 and value == int(value)):
+        raise ValueError(f"{MAX_PIXELS_ENV}={raw!r}: expected a whole number of pixels >= 1 (e.g. 300000000)")
+    return int(value)
+
+
+def encode_png(
+    image: Image.Image | np.ndarray, bits: int | None = None
+) -> tuple[bytes, tuple[int, int], str]:
+    """Image -> (PNG bytes, (height, width), mode). Modes other than L/RGB become L or RGB.
+
+    16-bit / 32-bit / float grayscale is rescaled to 8 bits (:func:`data.bitdepth.to_8bit`, ``bits`` the
+    file's declared depth), never clipped.
+    """
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
-    if image.mode in ("1", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "LA", "La"):
-        image = image.convert("L")  # 16-bit/float grayscale is clipped to 0..255
+    image = to_8bit(image, bits)
+    if image.mode in ("1", "LA", "La"):
+        image = image.convert("L")
     elif image.mode == "P":  # palette (maybe with transparency): via RGBA, as PIL recommends
         image = image.convert("RGBA").convert("RGB")
     elif image.mode != "L" and image.mode != "RGB":
@@ -242,19 +327,43 @@ def encode_png(image: Image.Image | np.ndarray) -> tuple[bytes, tuple[int, int],
     return buf.getvalue(), (image.height, image.width), image.mode
 
 
-def verify_and_encode(data: bytes | str | Path) -> tuple[bytes, tuple[int, int], str] | None:
-    """Fully decode an image (file path or bytes) and re-encode it as PNG; ``None`` when it is corrupt.
+def encode_or_skip(
+    data: bytes | str | Path, max_pixels: int | None = None
+) -> tuple[bytes, tuple[int, int], str] | Skip:
+    """Fully decode an image (file path or bytes) and re-encode it as PNG, or say why not (:class:`Skip`).
 
     ``Image.open`` only reads the header; ``load()`` decodes every pixel, which is what catches
     truncated and garbled files. EXIF rotation is applied so the stored pixels look like the photo.
+    The size bound (``max_pixels``, default :func:`max_image_pixels`) is checked on the header, before
+    any pixel is decoded; PIL's own decompression-bomb limit is lifted meanwhile (not thread-safe: the
+    importers convert one image at a time).
     """
+    limit = max_image_pixels() if max_pixels is None else int(max_pixels)
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    w = h = 0
     try:
         src = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
         with Image.open(src) as im:
+            w, h = im.size
+            if w < 1 or h < 1:
+                return Skip("corrupt", f"empty image {w}x{h}")
+            if w * h > limit:
+                return Skip("too large", f"{w}x{h} = {w * h} pixels > {limit} (raise {MAX_PIXELS_ENV})")
             im.load()
-            im = ImageOps.exif_transpose(im)
-            if im.width < 1 or im.height < 1:
-                return None
-            return encode_png(im)
-    except _DECODE_ERRORS:
-        return None
+            bits = nominal_bits(im)
+            return encode_png(ImageOps.exif_transpose(im), bits)
+    except MemoryError:
+        return Skip("out of memory", f"{w}x{h} pixels; lower {MAX_PIXELS_ENV} to skip such images early")
+    except _DECODE_ERRORS as err:
+        return Skip("corrupt", f"{type(err).__name__}: {err}")
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def verify_and_encode(
+    data: bytes | str | Path, max_pixels: int | None = None
+) -> tuple[bytes, tuple[int, int], str] | None:
+    """:func:`encode_or_skip` without the reason: ``None`` when the image cannot be written."""
+    enc = encode_or_skip(data, max_pixels)
+    return None if isinstance(enc, Skip) else enc

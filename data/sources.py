@@ -3,7 +3,9 @@
 Three sources: the Fashion-MNIST IDX files, an ImageFolder tree and Parquet files with an image-bytes
 column (a Hugging Face export, a local file or a URI). Every source is verified image by image while it
 is converted: a file or row that does not decode is skipped and counted in ``meta["skipped"]``, never a
-crash.
+crash. Nothing vanishes silently: every skipped file or row, every non-image file, empty class folder,
+broken link and symlink loop is listed with its reason in ``skipped.csv`` next to the shards
+(:class:`data.shards.SkipLog`); :func:`skipped_summary` is the one-line console summary.
 
 The shard-format names (``read_meta``, ``ShardWriter``, ``is_uri`` ...) are re-exported here so
 ``from data.sources import ...`` keeps working for every caller.
@@ -11,8 +13,11 @@ The shard-format names (``read_meta``, ``ShardWriter``, ``is_uri`` ...) are re-e
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
+import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,10 +30,14 @@ import pyarrow.parquet as pq
 from data.shards import (
     FORMAT,
     SCHEMA,
+    SKIPPED_CSV,
     SPLITS,
     DataMissingError,
     ShardWriter,
+    Skip,
+    SkipLog,
     begin_shards,
+    encode_or_skip,
     encode_png,
     filesystem_and_path,
     finish_shards,
@@ -49,6 +58,8 @@ __all__ = [
     "SPLITS",
     "DataMissingError",
     "ShardWriter",
+    "SkipLog",
+    "encode_or_skip",
     "encode_png",
     "filesystem_and_path",
     "is_uri",
@@ -59,6 +70,7 @@ __all__ = [
     "read_meta",
     "read_split_table",
     "resolve_shards",
+    "skipped_summary",
     "split_path",
     "verify_and_encode",
 ]
@@ -161,27 +173,96 @@ def prepare_fashion_mnist(
 
 
 # --------------------------------------------------------------------------------------- ImageFolder
-def _class_dirs(root: Path) -> list[str]:
-    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+def _entries(folder: Path, split: str, log: SkipLog) -> list[tuple[Path, os.stat_result]]:
+    """``(path, stat following links)`` of every entry of ``folder``, sorted by name; entries that cannot
+    be stat'ed (broken links, symlink loops, no permission) are logged instead."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as err:
+        log.add(split, folder, "unreadable folder", f"{type(err).__name__}: {err.strerror or err}")
+        return []
+    out = []
+    for name in names:
+        path = folder / name
+        try:
+            out.append((path, os.stat(path)))
+        except OSError as err:
+            if not os.path.islink(path):
+                log.add(split, path, "unreadable", f"{type(err).__name__}: {err.strerror or err}")
+            elif err.errno == errno.ELOOP:
+                log.add(split, path, "symlink loop", f"-> {os.readlink(path)}")
+            else:
+                log.add(split, path, "broken symlink", f"-> {os.readlink(path)}")
+    return out
 
 
-def _image_files(class_dir: Path) -> list[Path]:
-    return sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+def _image_files(class_dir: Path, split: str, log: SkipLog) -> list[Path]:
+    """Image files under ``class_dir`` at any depth, sorted; everything else goes to ``log``.
+
+    Directory links are followed (a linked folder of images is data, not noise) unless they point back
+    to a folder already being walked: that is a symlink loop, logged and not followed.
+    """
+    found: list[Path] = []
+
+    def visit(folder: Path, ancestors: frozenset[tuple[int, int]]) -> None:
+        for path, st in _entries(folder, split, log):
+            if stat.S_ISDIR(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if key in ancestors:
+                    log.add(
+                        split, path, "symlink loop", f"-> {os.readlink(path)}" if path.is_symlink() else ""
+                    )
+                else:
+                    visit(path, ancestors | {key})
+            elif not stat.S_ISREG(st.st_mode):
+                log.add(split, path, "not a regular file", "")
+            elif path.suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(path)
+            else:
+                log.add(split, path, "not an image", f"extension {path.suffix or '(none)'!s}")
+
+    top = os.stat(class_dir)
+    visit(class_dir, frozenset({(top.st_dev, top.st_ino)}))
+    if not found:
+        log.add(split, class_dir, "empty class folder", "no image files; not a class")
+    return sorted(found)
 
 
-def _folder_files(root: Path, val_fraction: float, seed: int) -> dict[str, list[tuple[Path, str]]]:
+def _class_dirs(base: Path, split: str, log: SkipLog, keep: tuple[str, ...] = ()) -> list[str]:
+    """Class folder names under ``base``, sorted; files beside them and hidden folders are logged.
+
+    ``keep`` names folders that are read otherwise (the split folders), so they are not logged."""
+    classes = []
+    for path, st in _entries(base, split, log):
+        if path.name in keep:
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            log.add(split, path, "not in a class folder", f"expected {base}/<class>/<image files>")
+        elif path.name.startswith("."):
+            log.add(split, path, "hidden folder", "folders starting with '.' are not classes")
+        else:
+            classes.append(path.name)
+    return classes
+
+
+def _folder_files(
+    root: Path, val_fraction: float, seed: int, log: SkipLog
+) -> dict[str, list[tuple[Path, str]]]:
     """``(file, class name)`` per split: ``root/train`` + ``root/val|test|validation`` when both exist,
     else a random per-class split (``seed``) with ``val_fraction`` of each class in ``test``."""
     val_dir = next((root / d for d in ("val", "test", "validation") if (root / d).is_dir()), None)
     files: dict[str, list[tuple[Path, str]]] = {"train": [], "test": []}
     if (root / "train").is_dir() and val_dir is not None:
+        for path, _ in _entries(root, "", log):
+            if path.name not in ("train", val_dir.name):
+                log.add("", path, "outside the split folders", f"only train/ and {val_dir.name}/ are read")
         for split, base in (("train", root / "train"), ("test", val_dir)):
-            for cls in _class_dirs(base):
-                files[split] += [(p, cls) for p in _image_files(base / cls)]
+            for cls in _class_dirs(base, split, log):
+                files[split] += [(p, cls) for p in _image_files(base / cls, split, log)]
         return files
     rng = np.random.default_rng(seed)
-    for cls in _class_dirs(root):
-        paths = _image_files(root / cls)
+    for cls in _class_dirs(root, "", log):
+        paths = _image_files(root / cls, "", log)
         n_val = int(round(val_fraction * len(paths)))
         perm = rng.permutation(len(paths))
         val_ids = set(perm[:n_val].tolist())
@@ -197,20 +278,24 @@ def prepare_image_folder(
     seed: int = 0,
     shard_size: int = 5000,
     name: str | None = None,
+    max_pixels: int | None = None,
 ) -> dict[str, Any]:
     """An ImageFolder tree (``root/<class>/*.jpg|png|...``) -> shards.
 
     If ``root/train`` and ``root/val`` (or ``root/test``) exist they are the splits; otherwise each class
     is split at random (``seed``) with ``val_fraction`` of its files in ``test``. Class ids follow the
-    sorted class directory names (torchvision's ImageFolder convention). Undecodable files are skipped
-    and counted per split. ``channels`` in meta is 1 only when every image is grayscale.
+    sorted class directory names (torchvision's ImageFolder convention); a class folder without image
+    files is no class. Undecodable and too large (``max_pixels``, default ``$BAMRAY_MAX_IMAGE_PIXELS``)
+    files are skipped and counted per split; they and every other file not read are listed in
+    ``skipped.csv``. ``channels`` in meta is 1 only when every image is grayscale.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataMissingError(f"image folder {root} does not exist (expected {root}/<class>/<image files>)")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction: got {val_fraction}; must be in [0, 1)")
-    files = _folder_files(root, val_fraction, seed)
+    log = SkipLog()
+    files = _folder_files(root, val_fraction, seed, log)
     class_names = sorted({cls for split in files.values() for _, cls in split})
     if not class_names:
         raise DataMissingError(
@@ -224,13 +309,16 @@ def prepare_image_folder(
         writer = ShardWriter(out, split, shard_size)
         bad = 0
         for path, cls in files[split]:
-            enc = verify_and_encode(path)
-            if enc is None:
+            enc = encode_or_skip(path, max_pixels)
+            if isinstance(enc, Skip):
+                log.add(split, path, enc.reason, enc.detail)
                 bad += 1
                 continue
             writer.add(enc[0], label_of[cls], enc[1], enc[2])
         writers[split], skipped[split] = writer, bad
-    return finish_shards(out, name or root.name, class_names, writers, skipped, extra={"source": str(root)})
+    return finish_shards(
+        out, name or root.name, class_names, writers, skipped, extra={"source": str(root)}, skip_log=log
+    )
 
 
 # ------------------------------------------------------------------------------------------- Parquet
@@ -345,21 +433,28 @@ def _stratified_split(ids: list[int | None], val_fraction: float, seed: int) -> 
 
 def _iter_rows(
     fs: pafs.FileSystem, paths: Iterable[str], image_column: str, label_column: str
-) -> Iterator[tuple[Any, Any]]:
+) -> Iterator[tuple[str, Any, Any]]:
+    """``(where, image value, label)`` per row; ``where`` is ``<file>#row=<n>`` (n counted per file)."""
     for path in paths:
         pf = pq.ParquetFile(path, filesystem=fs)
         for names in (image_column, label_column):
             if names not in pf.schema_arrow.names:
                 raise ValueError(f"{path}: no column {names!r}; columns are {pf.schema_arrow.names}")
+        row = 0
         for batch in pf.iter_batches(batch_size=1024, columns=[image_column, label_column]):
-            yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())
+            for value, label in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                yield f"{path}#row={row}", value, label
+                row += 1
 
 
-def _image_bytes(value: Any) -> bytes | None:
-    """Raw bytes, or a ``{"bytes": ..., "path": ...}`` struct as Hugging Face ``datasets`` writes images."""
+def _image_bytes(value: Any) -> tuple[bytes | None, str]:
+    """Raw bytes, or a ``{"bytes": ..., "path": ...}`` struct as Hugging Face ``datasets`` writes images;
+    with the struct's ``path`` (``""`` if none) to name the image in ``skipped.csv``."""
+    name = ""
     if isinstance(value, dict):
+        name = str(value.get("path") or "")
         value = value.get("bytes")
-    return bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else None
+    return (bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else None), name
 
 
 def prepare_parquet(
@@ -373,14 +468,16 @@ def prepare_parquet(
     shard_size: int = 5000,
     class_names: list[str] | None = None,
     name: str | None = None,
+    max_pixels: int | None = None,
 ) -> dict[str, Any]:
     """Parquet file(s) with an image-bytes column -> shards.
 
     ``src`` is a file, a directory or a URI. Splits: ``test_src`` if given; else, when the files under
     ``src`` are named/placed by split (``train*`` and ``test*``/``val*``, as Hugging Face exports are),
     those; else ``val_fraction`` of each class (``seed``) goes to ``test``. Images may be raw bytes or
-    ``{"bytes": ...}`` structs; undecodable or empty ones are skipped and counted. Labels are integer
-    ids, or strings mapped to sorted names. Class names come from ``class_names``, the Hugging Face
+    ``{"bytes": ...}`` structs; undecodable, too large (``max_pixels``, default
+    ``$BAMRAY_MAX_IMAGE_PIXELS``), empty or unlabelled rows are skipped, counted and listed in
+    ``skipped.csv`` as ``<file>#row=<n>``. Labels are integer ids, or strings mapped to sorted names. Class names come from ``class_names``, the Hugging Face
     ClassLabel metadata, or the ids.
     """
     src = str(src)
@@ -399,16 +496,43 @@ def prepare_parquet(
     out = begin_shards(out_dir)
     writers = {split: ShardWriter(out, split, shard_size) for split in SPLITS}
     skipped = dict.fromkeys(SPLITS, 0)
+    log = SkipLog()
     for key, (gfs, gpaths) in groups.items():
-        for row, (value, label) in enumerate(_iter_rows(gfs, gpaths, image_column, label_column)):
+        for row, (where, value, label) in enumerate(_iter_rows(gfs, gpaths, image_column, label_column)):
             split = assign[key][row] if key == "all" else key
             lid = label_id(label)
-            data = _image_bytes(value)
-            enc = verify_and_encode(data) if data and lid is not None else None
-            if enc is None:
+            data, image_name = _image_bytes(value)
+            if not data:
+                enc: Any = Skip("no image", f"column {image_column!r} is empty")
+            elif lid is None:
+                enc = Skip("missing label" if label is None else "unknown label", f"label {label!r}")
+            else:
+                enc = encode_or_skip(data, max_pixels)
+            if isinstance(enc, Skip):
+                detail = f"{enc.detail} (image {image_name})" if image_name else enc.detail
+                log.add(split, where, enc.reason, detail)
                 skipped[split] += 1
                 continue
             writers[split].add(enc[0], lid, enc[1], enc[2])
     return finish_shards(
-        out, name or Path(src.rstrip("/")).stem, class_names, writers, skipped, extra={"source": src}
+        out,
+        name or Path(src.rstrip("/")).stem,
+        class_names,
+        writers,
+        skipped,
+        extra={"source": src},
+        skip_log=log,
     )
+
+
+def skipped_summary(meta: dict[str, Any], out_dir: str | Path) -> str:
+    """One console line on what a prepare left out: counts by reason and where the list is.
+
+    e.g. ``skipped 3: 2 corrupt, 1 not an image (listed in /data/x/skipped.csv)``; ``nothing skipped``.
+    """
+    reasons = meta.get("skipped_reasons") or {}
+    total = sum(reasons.values())
+    if not total:
+        return "nothing skipped"
+    parts = ", ".join(f"{n} {reason}" for reason, n in reasons.items())
+    return f"skipped {total}: {parts} (listed in {Path(out_dir) / SKIPPED_CSV})"

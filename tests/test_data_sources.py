@@ -70,7 +70,8 @@ def test_prepare_fashion_mnist_limited_is_lossless(tmp_path, fmnist_src, idx):
         tmp_path / "fm", src_dir=fmnist_src, shard_size=128, limit=300, test_limit=100
     )
     assert meta["counts"] == {"train": 300, "test": 100}
-    assert meta["skipped"] == {"train": 0, "test": 0}
+    assert meta["skipped"] == {"train": 0, "test": 0} and meta["skipped_reasons"] == {}
+    assert (tmp_path / "fm" / "skipped.csv").read_text() == "split,path,reason,detail\n"
     assert meta["format"] == FORMAT and meta["name"] == "fashion-mnist"
     assert meta["num_classes"] == 10 and meta["class_names"] == list(FASHION_MNIST_CLASSES)
     assert meta["class_names"][0] == "T-shirt/top" and meta["class_names"][9] == "Ankle boot"
@@ -198,6 +199,13 @@ def test_image_folder_random_split_is_stratified_and_seeded(tmp_path, idx):
     # b has 11 image files (one corrupt): round(0.2*10)=2 + round(0.2*11)=2 go to test.
     assert m1["counts"]["train"] + m1["counts"]["test"] == 20
     assert m1["skipped"]["train"] + m1["skipped"]["test"] == 1
+    # the .txt is not counted as a skipped image (as before) but it is listed, as is the corrupt file
+    listed = (tmp_path / "s1" / "skipped.csv").read_text()
+    assert (
+        f"{root / 'a' / 'notes.txt'},not an image," in listed
+        and f"{root / 'b' / 'zz_garbage.png'}," in listed
+    )
+    assert m1["skipped_reasons"] == {"not an image": 1, "corrupt": 1}
     labels = read_split_table(str(tmp_path / "s1"), "test").column("label").to_pylist()
     assert sorted(labels).count(0) == 2 and len(labels) == m1["counts"]["test"]
     t1 = read_split_table(str(tmp_path / "s1"), "test").column("image").to_pylist()

@@ -40,8 +40,7 @@ run: setup
 
 test: setup
 	$(BIN)/ruff check .
-# enabled once the tree is formatted:
-#	$(BIN)/ruff format --check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 # Markers `ray` / `slow` are set by tests/conftest.py (Ray files and fixtures, CLI subprocess tests).
@@ -50,6 +49,7 @@ test-fast: setup
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: setup
 	$(BIN)/python -m bench

@@ -6,8 +6,9 @@ refused in a couple of seconds with exit code 2, naming the field, before anythi
 Exit codes: 0 success, 1 the run failed (MLflow run marked FAILED), 2 anything the user can fix: a bad
 config (values, YAML syntax), missing data, bad arguments, an unreachable Ray address or MLflow server, an
 unwritable path, more workers/GPUs than there are (:mod:`orchestrator.preflight`), an unknown run id. Those
-print one line naming what to fix; ``--verbose`` adds the traceback. Anything else is a bug and keeps its
-traceback.
+print one line naming what to fix; ``--verbose`` adds the traceback. 130 / 143: stopped by Ctrl-C / SIGTERM
+(a training run is marked KILLED and its Ray shut down first; ``--resume`` continues it). Anything else
+is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -66,21 +67,26 @@ def _resume_config_path(run_id: str, tracking_uri: str | None, dst: str) -> str:
 
 # ================================================================================================ commands
 def cmd_train(args: argparse.Namespace) -> int:
+    """SIGINT and SIGTERM stop it from the first line on (:mod:`orchestrator.training.interrupt`):
+    :func:`main` turns the :class:`~orchestrator.training.interrupt.Interrupted` into exit 130 / 143."""
     import tempfile
 
-    from orchestrator.config import load_config
-    from orchestrator.training.driver import run_training
+    from orchestrator.training.interrupt import stop_on_signals
 
-    if not args.config and not args.resume:
-        raise ConfigError("--config", "required (a shipped name such as bam_fmnist, or a YAML path)")
-    if args.resume and not args.config:  # the run's config comes from the store: it must answer first
-        from orchestrator import preflight, tracking
+    with stop_on_signals():
+        from orchestrator.config import load_config
+        from orchestrator.training.driver import run_training
 
-        preflight.check_tracking_uri(tracking.resolve_tracking_uri(args.tracking_uri))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = args.config or _resume_config_path(args.resume, args.tracking_uri, tmp)
-        cfg = load_config(path, _config_overrides(args), saved=not args.config)
-    out = run_training(cfg, resume=args.resume)
+        if not args.config and not args.resume:
+            raise ConfigError("--config", "required (a shipped name such as bam_fmnist, or a YAML path)")
+        if args.resume and not args.config:  # the run's config comes from the store: it must answer first
+            from orchestrator import preflight, tracking
+
+            preflight.check_tracking_uri(tracking.resolve_tracking_uri(args.tracking_uri))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = args.config or _resume_config_path(args.resume, args.tracking_uri, tmp)
+            cfg = load_config(path, _config_overrides(args), saved=not args.config)
+        out = run_training(cfg, resume=args.resume)
     return EXIT_OK if out.get("status") == "FINISHED" else EXIT_FAILED
 
 
@@ -266,6 +272,24 @@ def main(argv: list[str] | None = None) -> int:
         return _refused(args, f"config error: {err}")
     except FileNotFoundError as err:  # data.sources.DataMissingError is a FileNotFoundError
         return _refused(args, str(err))
+    except KeyboardInterrupt as err:
+        return _interrupted(err)
+
+
+def _interrupted(err: KeyboardInterrupt) -> int:
+    """Ctrl-C or (in ``train``) SIGTERM: one line, no traceback, the shell's code for that signal (128 +
+    signal number); for a stopped training run, the command that continues it."""
+    import signal
+
+    signum = getattr(err, "signum", signal.SIGINT)
+    run_id = getattr(err, "run_id", None)
+    where = (
+        f": MLflow run {run_id} marked KILLED; continue it with `bamray train --resume {run_id}`"
+        if run_id
+        else ""
+    )
+    print(f"bamray: stopped by {signal.Signals(signum).name}{where}", file=sys.stderr, flush=True)
+    return 128 + signum
 
 
 def _refused(args: argparse.Namespace, message: str) -> int:

@@ -8,6 +8,7 @@ The Ray run name is ``f"{cfg.name}-{mlflow_run_id[:8]}"``: ``--resume <run id>``
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -21,6 +22,7 @@ from orchestrator import fault_injection, preflight, tracking
 from orchestrator.config import ExperimentConfig
 from orchestrator.local_ray import connect_or_start
 from orchestrator.training.data_prep import prepare_data, resolved_data, steps_per_epoch
+from orchestrator.training.interrupt import SignalGuard, stop_on_signals
 from orchestrator.training.online_eval import KNN_CACHE_BYTES, knn_cache_bytes
 from orchestrator.training.plan import WorkerPlan, knn_epochs
 from orchestrator.training.worker import train_loop_per_worker
@@ -28,6 +30,10 @@ from trainers.options import ConfigError
 
 if TYPE_CHECKING:
     from orchestrator.epoch_gate import GatedEpochs
+
+
+#: How long a stopped run's Ray Train controller gets to abort its workers before Ray is shut down anyway.
+_ABORT_TIMEOUT_S = 20.0
 
 
 def _actor_name(kind: str, run_name: str) -> str:
@@ -226,6 +232,10 @@ def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[st
     ``ConfigError`` / ``DataMissingError`` before any MLflow run is created; a cluster too small for the
     workers is refused right after connecting, also before the run exists.
 
+    SIGINT / SIGTERM at any moment (:mod:`orchestrator.training.interrupt`) raise
+    :class:`~orchestrator.training.interrupt.Interrupted` once the MLflow run (if created) is marked
+    KILLED and the Ray this call started is shut down; the exception's ``run_id`` is the run to resume.
+
     Resuming a FINISHED run does nothing (no Ray, no metric logged twice) and returns its status, unless
     ``optim.epochs`` now asks for more epochs than it had: then it trains the extra epochs from its last
     checkpoint. Every schedule (lr, wd, teacher momentum, warm-ups) is indexed by the global step over
@@ -234,35 +244,63 @@ def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[st
     were over stay over. The run's logged params keep the original values (MLflow params are immutable);
     the tag ``resume_changed_params`` lists ``optim.epochs``.
     """
-    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
-    preflight.check_tracking_uri(uri)
-    previous = _previous_run(uri, resume) if resume else None
-    if previous is not None and previous.info.status == "FINISHED" and not _extends(cfg, previous):
-        print(
-            f"MLflow run {resume} already FINISHED its {previous.data.params.get('optim.epochs', '?')} "
-            "epochs: nothing to do (ask for more with --set optim.epochs=N)",
-            flush=True,
-        )
-        return {"run_id": resume, "tracking_uri": uri, "status": "FINISHED", "reason": "already finished"}
-    cfg, meta = prepare_data(cfg)
-    steps_per_epoch(cfg, meta)  # refuse an impossible batch before anything starts
-    storage = _storage(cfg, previous)
-    preflight.check_job(cfg, uri, storage)
+    with stop_on_signals() as guard:
+        uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
+        preflight.check_tracking_uri(uri)
+        previous = _previous_run(uri, resume) if resume else None
+        if previous is not None and previous.info.status == "FINISHED" and not _extends(cfg, previous):
+            print(
+                f"MLflow run {resume} already FINISHED its {previous.data.params.get('optim.epochs', '?')} "
+                "epochs: nothing to do (ask for more with --set optim.epochs=N)",
+                flush=True,
+            )
+            return {"run_id": resume, "tracking_uri": uri, "status": "FINISHED", "reason": "already finished"}
+        cfg, meta = prepare_data(cfg)
+        steps_per_epoch(cfg, meta)  # refuse an impossible batch before anything starts
+        storage = _storage(cfg, previous)
+        preflight.check_job(cfg, uri, storage)
+        from ray.train import TrainingFailedError  # noqa: F401 - seconds to import: before Ray starts
+
+        guard.check()
+        started, run_id = False, None
+        try:
+            with guard.deferred("Ray has started"):  # a half-started Ray could not be shut down
+                started = connect_ray(cfg)
+            guard.reinstall()
+            if started and preflight.ray_address(cfg)[0]:
+                preflight.check_cluster_resources(cfg)
+            with guard.deferred("the MLflow run is created"):  # a run whose id we never got stays RUNNING
+                run_id, ray_run_name = _open_run(cfg, uri, previous)
+            out = _fit(cfg, uri, run_id, ray_run_name, storage, guard)
+        except KeyboardInterrupt as err:
+            guard.stopping()
+            stop = guard.as_interrupted(err)
+            if run_id is not None:
+                stop.run_id = run_id
+                reason = f"stopped by {stop.name}; continue with `bamray train --resume {run_id}`"
+                tracking.finish_run(uri, run_id, "KILLED", reason)
+            if stop is err:
+                raise
+            raise stop from None
+        finally:
+            if started:
+                _shutdown_ray()
+    _print_where(out)
+    return out
+
+
+def _fit(
+    cfg: ExperimentConfig, uri: str, run_id: str, ray_run_name: str, storage: str, guard: SignalGuard
+) -> dict[str, Any]:
+    """Fit the run's trainer and record the outcome in its MLflow run: FINISHED / FAILED (returned); on
+    :class:`Interrupted` the Ray Train run is aborted and the exception goes on to the caller."""
     from ray.train import TrainingFailedError
 
-    started = connect_ray(cfg)
-    try:
-        if started and preflight.ray_address(cfg)[0]:
-            preflight.check_cluster_resources(cfg)
-        run_id, ray_run_name = _open_run(cfg, uri, previous)
-    except BaseException:
-        if started:
-            _shutdown_ray()
-        raise
     ray_run_dir = storage if is_uri(storage) else os.path.join(storage, ray_run_name)
-    print(f"MLflow run {run_id} ({uri}); Ray Train run {ray_run_dir}", flush=True)
     out: dict[str, Any] = {"run_id": run_id, "tracking_uri": uri, "ray_run_dir": ray_run_dir, "metrics": {}}
+    controller: list[Any] = []
     try:
+        print(f"MLflow run {run_id} ({uri}); Ray Train run {ray_run_dir}", flush=True)
         trainer = build_trainer(
             cfg,
             run_name=ray_run_name,
@@ -271,27 +309,38 @@ def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[st
             tracking_uri=uri,
             callbacks=fault_injection.driver_exit_callbacks(),
         )
+        # Ray Train's own SIGINT handler would abort and sys.exit(0); keep ours, and the controller to abort
+        trainer._register_sigint_handler = controller.append
+        guard.check()
         t0 = time.perf_counter()
         result = trainer.fit()
         out["wall_time_s"] = time.perf_counter() - t0
+        guard.reinstall()
         _finish(cfg, uri, run_id, result, out)
     except TrainingFailedError as err:
         reason = f"{type(err).__name__}: {err}"
         tracking.finish_run(uri, run_id, "FAILED", reason)
         out.update(status="FAILED", reason=reason)
-    except (KeyboardInterrupt, SystemExit):  # Ray Train's SIGINT handler aborts the run and exits
-        tracking.finish_run(
-            uri, run_id, "KILLED", f"interrupted; continue with `bamray train --resume {run_id}`"
-        )
-        raise
+    except (KeyboardInterrupt, SystemExit) as err:  # a signal: the caller marks the run KILLED
+        guard.stopping()
+        _abort(controller)
+        if isinstance(err, KeyboardInterrupt):
+            raise
+        raise guard.as_interrupted(err) from None
     except BaseException as err:
         tracking.finish_run(uri, run_id, "FAILED", f"{type(err).__name__}: {err}")
         raise
-    finally:
-        if started:
-            _shutdown_ray()
-    _print_where(out)
     return out
+
+
+def _abort(controller: list[Any]) -> None:
+    """Abort the Ray Train run the way Ray Train's own Ctrl-C does (workers stopped, run state ABORTED);
+    its checkpoints stay. The controller exits as it aborts, so its call ends in an actor error."""
+    import ray
+
+    for handle in controller:
+        with contextlib.suppress(Exception):
+            ray.get(handle.abort.remote(), timeout=_ABORT_TIMEOUT_S)
 
 
 def _shutdown_ray() -> None:

@@ -335,12 +335,29 @@ def _fit(
 
 def _abort(controller: list[Any]) -> None:
     """Abort the Ray Train run the way Ray Train's own Ctrl-C does (workers stopped, run state ABORTED);
-    its checkpoints stay. The controller exits as it aborts, so its call ends in an actor error."""
+    its checkpoints stay. The controller collects the workers' reports, and registers their checkpoints
+    in the run's snapshot that ``--resume`` starts from, only once per health-check interval: it gets one
+    more before the abort, or the checkpoint of the epoch that just ended would be on disk but unknown
+    to a resumed run. The controller exits as it aborts, so its call ends in an actor error."""
     import ray
 
+    if not controller:
+        return
+    time.sleep(_controller_poll_interval_s() + 0.5)
     for handle in controller:
         with contextlib.suppress(Exception):
             ray.get(handle.abort.remote(), timeout=_ABORT_TIMEOUT_S)
+
+
+def _controller_poll_interval_s() -> float:
+    try:
+        from ray.train.v2._internal.constants import (
+            DEFAULT_HEALTH_CHECK_INTERVAL_S,
+            HEALTH_CHECK_INTERVAL_S_ENV_VAR,
+        )
+    except ImportError:  # another Ray: its default
+        return 2.0
+    return float(os.environ.get(HEALTH_CHECK_INTERVAL_S_ENV_VAR, DEFAULT_HEALTH_CHECK_INTERVAL_S))
 
 
 def _shutdown_ray() -> None:

@@ -1,0 +1,183 @@
+"""Ctrl-C and SIGTERM stop `bamray train` cleanly at any moment (orchestrator/training/interrupt.py).
+
+Each test runs ``python -m orchestrator train`` as its own process group (a terminal's Ctrl-C reaches the
+whole group: the driver and every Ray process it started), with its own MLflow store, Ray Train storage
+and ``RAY_TMPDIR``, on the tiny run of test_train_ray.py with one worker. The session's processes are
+found by that temp dir: on a command line (GCS, raylet, the watchdog) or open (workers and agents log
+there), so other Rays on the machine are neither counted nor touched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator import checkpointing as ckpt
+from orchestrator import tracking
+from orchestrator.local_ray import session_processes
+
+REPO = Path(__file__).resolve().parents[1]
+N_TRAIN, N_TEST, BATCH = 256, 128, 32
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, fmnist_src) -> Path:
+    from data.sources import prepare_fashion_mnist
+
+    out = tmp_path_factory.mktemp("fmnist") / "fashion-mnist"
+    prepare_fashion_mnist(out, src_dir=str(fmnist_src), limit=N_TRAIN, test_limit=N_TEST)
+    return out
+
+
+@pytest.fixture
+def work() -> Iterator[Path]:
+    """Store, storage and Ray temp dir of one driver, in a short /tmp path (Ray's socket paths)."""
+    d = Path(tempfile.mkdtemp(prefix="sg", dir="/tmp"))
+    (d / "ray").mkdir()
+    yield d
+    for pid in _ray_processes(d):  # a failed test must not leave its Ray behind
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+class Driver:
+    """``bamray train`` in its own process group; its output collected line by line as it comes."""
+
+    def __init__(self, shards: Path, work: Path, epochs: int, *extra: str) -> None:
+        overrides = {
+            "data.path": shards,
+            "model.backbone": "vit_tiny_patch16_224",
+            "model.patch_size": 4,
+            "model.backbone_kwargs": "{depth: 2}",
+            "data.global_crop_size": 16,
+            "data.local_crop_size": 8,
+            "data.local_crops": 2,
+            "method.top_k_sink": 0,
+            "method.proj_hidden_dim": 64,
+            "method.proj_out_dim": 32,
+            "optim.batch_size": BATCH,
+            "optim.epochs": epochs,
+            "optim.warmup_epochs": 1,
+            "train.workers": 1,
+            "data.map_cpus": 0.5,
+            "data.map_batch_size": 64,
+            "data.local_shuffle_buffer": 0,
+            "train.storage_path": work / "storage",
+            "eval.knn_train_fraction": 1.0,
+        }
+        self.uri = f"sqlite:///{work / 'mlflow.db'}"
+        cmd = [sys.executable, "-m", "orchestrator", "train", "--tracking-uri", self.uri, *extra]
+        if not extra:
+            cmd += ["--config", "bam_fmnist"]
+            for key, value in overrides.items():
+                cmd += ["--set", f"{key}={value}"]
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+        env.update(RAY_TMPDIR=str(work / "ray"), RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.lines):
+            assert self.proc.poll() is None, (
+                f"exited {self.proc.returncode} before {text!r}:\n{self.output[-4000:]}"
+            )
+            assert time.monotonic() < deadline, f"no {text!r} in {timeout} s:\n{self.output[-4000:]}"
+            time.sleep(0.1)
+
+    def finish(self, timeout: float) -> int:
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            pytest.fail(f"still running {timeout} s after the signal:\n{self.output[-4000:]}")
+        self._reader.join(timeout=10)
+        return rc
+
+
+def _ray_processes(work: Path) -> list[int]:
+    """This driver's Ray (and its watchdog): processes with its ``RAY_TMPDIR`` on their command line or
+    a file under it open; never this test process, which reads nothing there."""
+    return session_processes(str(work / "ray"), frozenset({os.getpid()}))
+
+
+def _runs(uri: str) -> list:
+    c = tracking.client(uri)
+    return c.search_runs([e.experiment_id for e in c.search_experiments()])
+
+
+def _assert_clean_exit(driver: Driver, rc: int, expected: int, work: Path) -> None:
+    out = driver.output
+    assert rc == expected, out[-4000:]
+    assert "Traceback" not in out and "Exception ignored" not in out, out[-4000:]
+    assert "SIGTERM received at time" not in out  # Ray's fatal-signal handler (a core dump)
+    name = signal.Signals(expected - 128).name
+    assert any(line.startswith(f"bamray: stopped by {name}") for line in driver.lines), out[-2000:]
+    deadline = time.monotonic() + 20  # ray.shutdown does not wait for its processes to exit
+    while (left := _ray_processes(work)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"Ray processes left: {left}"
+
+
+def test_ctrl_c_during_start_up_exits_130_and_stops_ray(shards, work):
+    driver = Driver(shards, work, epochs=2)
+    time.sleep(3.0)  # the CLI is importing and checking; Ray starts next
+    os.killpg(driver.proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    rc = driver.finish(timeout=60)
+    _assert_clean_exit(driver, rc, 130, work)
+    # Ray's start-up is finished before the signal is acted on, so usually no run exists yet
+    runs = _runs(driver.uri) if (work / "mlflow.db").exists() else []
+    assert all(r.info.status == "KILLED" for r in runs), [r.info.status for r in runs]
+
+
+def test_sigterm_during_training_kills_the_run_keeps_its_checkpoint_and_resumes(shards, work):
+    driver = Driver(shards, work, epochs=6)
+    driver.wait_for("[bamray] epoch 1/6", timeout=150)
+    driver.proc.send_signal(signal.SIGTERM)  # a scheduler's or `kill`'s signal, to the driver only
+    rc = driver.finish(timeout=60)
+    _assert_clean_exit(driver, rc, 143, work)
+    (run,) = _runs(driver.uri)
+    run_id = run.info.run_id
+    assert run.info.status == "KILLED"
+    assert f"--resume {run_id}" in run.data.tags[tracking.TAG_FAILURE]
+    assert f"bamray train --resume {run_id}" in driver.output
+    checkpoints = sorted(p for p in (work / "storage").glob("*/checkpoint_*") if p.is_dir())
+    assert checkpoints, "no checkpoint kept"
+    assert ckpt.load_training_state(checkpoints[0])["epoch"] == 1
+
+    # ... and known to Ray Train (registered before the abort): the resumed run starts after it
+
+    resumed = Driver(shards, work, 6, "--resume", run_id)
+    assert resumed.finish(timeout=240) == 0, resumed.output[-4000:]
+    run = tracking.client(driver.uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and int(run.data.tags["bamray.start_epoch"]) >= 1

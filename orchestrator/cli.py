@@ -111,6 +111,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         )
         name = args.name
     print(f"prepared {name} in {out}: {summary}")
+    print(sources.skipped_summary(summary, out))
     if name != "fashion-mnist":
         print(
             f"train on it with: bamray train --config bam_fmnist --set data.dataset={name} "

@@ -138,6 +138,7 @@ def test_data_prepare_fashion_mnist_limit(tmp_path, fmnist_src):
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((out / "meta.json").read_text())
     assert meta["counts"] == {"train": 64, "test": 64} and meta["num_classes"] == 10 and meta["channels"] == 1
+    assert "nothing skipped" in proc.stdout and (out / "skipped.csv").exists()
     # default location: <project>/.bamray/data/fashion-mnist
     proc = _bamray(tmp_path, "data", "prepare", "fashion-mnist", "--limit", "10")
     assert proc.returncode == 0, proc.stderr

@@ -161,8 +161,8 @@ def test_ctrl_c_during_start_up_exits_130_and_stops_ray(shards, work):
 
 
 def test_sigterm_during_training_kills_the_run_keeps_its_checkpoint_and_resumes(shards, work):
-    driver = Driver(shards, work, epochs=6)
-    driver.wait_for("[bamray] epoch 1/6", timeout=150)
+    driver = Driver(shards, work, epochs=3)
+    driver.wait_for("[bamray] epoch 1/3", timeout=150)
     driver.proc.send_signal(signal.SIGTERM)  # a scheduler's or `kill`'s signal, to the driver only
     rc = driver.finish(timeout=60)
     _assert_clean_exit(driver, rc, 143, work)
@@ -177,7 +177,7 @@ def test_sigterm_during_training_kills_the_run_keeps_its_checkpoint_and_resumes(
 
     # ... and known to Ray Train (registered before the abort): the resumed run starts after it
 
-    resumed = Driver(shards, work, 6, "--resume", run_id)
+    resumed = Driver(shards, work, 3, "--resume", run_id)
     assert resumed.finish(timeout=240) == 0, resumed.output[-4000:]
     run = tracking.client(driver.uri).get_run(run_id)
     assert run.info.status == "FINISHED" and int(run.data.tags["bamray.start_epoch"]) >= 1

@@ -98,13 +98,25 @@ class EpochClock:
         return self._epoch
 
 
+def on_this_node() -> Any:
+    """The scheduling strategy of a run's helper actors: the node of the process that creates them (the
+    driver's), as Ray Train pins its own controller and dataset manager. Left to Ray, a zero-CPU actor may
+    land on any worker node, and losing that node in the middle of a run would take the run's counters and
+    clocks with it, failing a run that Ray Train could otherwise restart on the nodes left."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+
+
 def get_corrupt_counter(name: str = DEFAULT_CORRUPT_COUNTER) -> ray.actor.ActorHandle:
     """Create-or-get the named :class:`CorruptCounter`.
 
     A named actor lives as long as the process that created it: create it in the driver (as
     :func:`build_train_dataset` does), not in a short-lived worker.
     """
-    handle = CorruptCounter.options(name=name, get_if_exists=True).remote()
+    handle = CorruptCounter.options(
+        name=name, get_if_exists=True, scheduling_strategy=on_this_node()
+    ).remote()
     ray.get(handle.count.remote())  # registered and alive before anyone looks it up by name
     return handle
 
@@ -116,7 +128,7 @@ def corrupt_count(name: str = DEFAULT_CORRUPT_COUNTER) -> int:
 
 def get_epoch_clock(name: str) -> ray.actor.ActorHandle:
     """Create-or-get the named :class:`EpochClock` (``.set.remote(epoch)``, ``.get.remote()``)."""
-    handle = EpochClock.options(name=name, get_if_exists=True).remote()
+    handle = EpochClock.options(name=name, get_if_exists=True, scheduling_strategy=on_this_node()).remote()
     ray.get(handle.get.remote())
     return handle
 
@@ -232,7 +244,9 @@ def build_train_dataset(
     counter = get_corrupt_counter(corrupt_counter)
     clock = get_epoch_clock(epoch_clock) if epoch_clock else None
     ds = read_shards(
-        split_path(path, "train"), shuffle=FileShuffleConfig(seed=int(seed), reseed_after_execution=True)
+        split_path(path, "train"),
+        num_cpus=cfg.map_cpus,
+        shuffle=FileShuffleConfig(seed=int(seed), reseed_after_execution=True),
     )
     if cfg.train_limit > 0:
         ds = ds.filter(expr=col("index") < cfg.train_limit)
@@ -248,6 +262,10 @@ def read_shards(path: str, **kwargs: Any) -> Dataset:
     network-bound footer reads on object stores. A Train run reads 3 datasets (train, k-NN bank,
     validation), so on local disk those processes would dominate start-up (figures in
     ``bench/README.md``, section 2). URIs (``s3://`` ...) keep Ray's default.
+
+    The training pipeline passes ``num_cpus=data.map_cpus``: Ray's read tasks ask 1 CPU each, and on a
+    node whose CPUs the training worker mostly holds (a 2-CPU node, a 1.5-CPU worker) no read could ever be
+    scheduled, while the map tasks it feeds fit; the run then waited forever for its first batch.
     """
     ctx = DataContext.get_current()
     default = ctx.use_datasource_v2
@@ -284,7 +302,7 @@ def _run_in_task(
 def _eval_dataset(
     cfg: DataConfig, path: str, split: str, indices: np.ndarray | None, corrupt_counter: Any
 ) -> Dataset:
-    ds = read_shards(split_path(path, split))
+    ds = read_shards(split_path(path, split), num_cpus=cfg.map_cpus)
     if indices is not None:
         ds = ds.filter(expr=col("index").is_in(indices.tolist()))
     return _map(ds, cfg, _CleanBatch, {"cfg": cfg, "split": split, "corrupt_counter": corrupt_counter})

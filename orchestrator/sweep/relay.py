@@ -53,12 +53,13 @@ def fit_reporting_to_tune(
     from ray import tune
     from ray.util.queue import Queue
 
+    from data.pipeline import on_this_node
     from orchestrator.epoch_gate import EpochGate, GatedEpochs
     from orchestrator.reaper import watch_current_actor
     from orchestrator.training.driver import build_trainer
 
     queue = Queue(actor_options={"num_cpus": 0})
-    gate = EpochGate.remote() if plan.gate_epochs else None
+    gate = EpochGate.options(scheduling_strategy=on_this_node()).remote() if plan.gate_epochs else None
     trainer = build_trainer(
         cfg,
         run_name=train_name,

@@ -3,10 +3,17 @@ and the markers that split the fast unit tests (``make test-fast``) from the int
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -77,3 +84,91 @@ def fmnist_src() -> Path:
             f"Fashion-MNIST not found in {FMNIST_DIR}: run `make setup` (apt-get install dataset-fashion-mnist)"
         )
     return FMNIST_DIR
+
+
+#: The tiny `bamray train` of the Ray integration tests: a 2-block ViT-Tiny (patch 4) on 16-px crops of the
+#: first 256 Fashion-MNIST images (128 test images as k-NN queries), batch 32. Seconds an epoch on 2 CPUs,
+#: and it still learns (k-NN well above chance).
+TINY_N_TRAIN, TINY_N_TEST, TINY_BATCH = 256, 128, 32
+
+
+def tiny_train_settings(**extra: object) -> dict[str, object]:
+    """``--set`` values of the tiny run (2 workers, 2 epochs, 1 warm-up epoch), updated with ``extra``."""
+    return {
+        "model.backbone": "vit_tiny_patch16_224",
+        "model.patch_size": 4,
+        "model.backbone_kwargs": "{depth: 2}",
+        "data.global_crop_size": 16,
+        "data.local_crop_size": 8,
+        "data.local_crops": 2,
+        "method.top_k_sink": 0,
+        "method.proj_hidden_dim": 64,
+        "method.proj_out_dim": 32,
+        "optim.batch_size": TINY_BATCH,
+        "optim.epochs": 2,
+        "optim.warmup_epochs": 1,
+        "train.workers": 2,
+        "data.map_cpus": 0.5,
+        "data.map_batch_size": 64,
+        "data.local_shuffle_buffer": 0,
+        "eval.knn_train_fraction": 1.0,
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory, fmnist_src) -> Path:
+    """The tiny run's data: the first 256 train and 128 test images, prepared as `bamray data prepare` does."""
+    from data.sources import prepare_fashion_mnist
+
+    out = tmp_path_factory.mktemp("fmnist") / "fashion-mnist"
+    prepare_fashion_mnist(out, src_dir=str(fmnist_src), limit=TINY_N_TRAIN, test_limit=TINY_N_TEST)
+    return out
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now, on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_head(args: list[str], ready: Callable[[], object], env: dict[str, str], prefix: str) -> Iterator[str]:
+    """``ray start --head --block <args>`` with a short temp dir, in its own session; yields the temp dir once
+    ``ready()`` stops raising (4 min at most). Stopped by its pid, then every process of its session dir
+    (the nodes an autoscaler started too), never by ``ray stop``, which would end every Ray of this user on
+    the machine, other test sessions' included."""
+    temp_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", *args]
+    cmd += [f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    log_path = Path(temp_dir) / "ray_start.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ray start exited with {proc.returncode}: {log_path.read_text()}")
+            try:
+                ready()
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        yield temp_dir
+    finally:
+        proc.send_signal(signal.SIGTERM)  # --block: `ray start` stops the processes it started
+        try:
+            proc.wait(timeout=10)  # a graceful stop takes ~30 s; the kills below end the same processes
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # only our own session (start_new_session=True)
+            proc.wait(timeout=30)
+        from orchestrator.local_ray import session_processes
+
+        for pid in session_processes(temp_dir, frozenset({os.getpid()})):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -2,7 +2,7 @@
 
 Each test runs ``python -m orchestrator train`` as its own process group (a terminal's Ctrl-C reaches the
 whole group: the driver and every Ray process it started), with its own MLflow store, Ray Train storage
-and ``RAY_TMPDIR``, on the tiny run of test_train_ray.py with one worker. The session's processes are
+and ``RAY_TMPDIR``, on the tiny run of conftest.py with one worker. The session's processes are
 found by that temp dir: on a command line (GCS, raylet, the watchdog) or open (workers and agents log
 there), so other Rays on the machine are neither counted nor touched.
 """
@@ -21,22 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import tiny_train_settings
 
 from orchestrator import checkpointing as ckpt
 from orchestrator import tracking
 from orchestrator.local_ray import session_processes
 
 REPO = Path(__file__).resolve().parents[1]
-N_TRAIN, N_TEST, BATCH = 256, 128, 32
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, fmnist_src) -> Path:
-    from data.sources import prepare_fashion_mnist
-
-    out = tmp_path_factory.mktemp("fmnist") / "fashion-mnist"
-    prepare_fashion_mnist(out, src_dir=str(fmnist_src), limit=N_TRAIN, test_limit=N_TEST)
-    return out
 
 
 @pytest.fixture
@@ -54,27 +45,14 @@ class Driver:
     """``bamray train`` in its own process group; its output collected line by line as it comes."""
 
     def __init__(self, shards: Path, work: Path, epochs: int, *extra: str) -> None:
-        overrides = {
-            "data.path": shards,
-            "model.backbone": "vit_tiny_patch16_224",
-            "model.patch_size": 4,
-            "model.backbone_kwargs": "{depth: 2}",
-            "data.global_crop_size": 16,
-            "data.local_crop_size": 8,
-            "data.local_crops": 2,
-            "method.top_k_sink": 0,
-            "method.proj_hidden_dim": 64,
-            "method.proj_out_dim": 32,
-            "optim.batch_size": BATCH,
-            "optim.epochs": epochs,
-            "optim.warmup_epochs": 1,
-            "train.workers": 1,
-            "data.map_cpus": 0.5,
-            "data.map_batch_size": 64,
-            "data.local_shuffle_buffer": 0,
-            "train.storage_path": work / "storage",
-            "eval.knn_train_fraction": 1.0,
-        }
+        overrides = tiny_train_settings(
+            **{
+                "data.path": shards,
+                "optim.epochs": epochs,
+                "train.workers": 1,
+                "train.storage_path": work / "storage",
+            }
+        )
         self.uri = f"sqlite:///{work / 'mlflow.db'}"
         cmd = [sys.executable, "-m", "orchestrator", "train", "--tracking-uri", self.uri, *extra]
         if not extra:
@@ -149,8 +127,8 @@ def _assert_clean_exit(driver: Driver, rc: int, expected: int, work: Path) -> No
     assert not left, f"Ray processes left: {left}"
 
 
-def test_ctrl_c_during_start_up_exits_130_and_stops_ray(shards, work):
-    driver = Driver(shards, work, epochs=2)
+def test_ctrl_c_during_start_up_exits_130_and_stops_ray(tiny_shards, work):
+    driver = Driver(tiny_shards, work, epochs=2)
     time.sleep(3.0)  # the CLI is importing and checking; Ray starts next
     os.killpg(driver.proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     rc = driver.finish(timeout=60)
@@ -160,8 +138,8 @@ def test_ctrl_c_during_start_up_exits_130_and_stops_ray(shards, work):
     assert all(r.info.status == "KILLED" for r in runs), [r.info.status for r in runs]
 
 
-def test_sigterm_during_training_kills_the_run_keeps_its_checkpoint_and_resumes(shards, work):
-    driver = Driver(shards, work, epochs=3)
+def test_sigterm_during_training_kills_the_run_keeps_its_checkpoint_and_resumes(tiny_shards, work):
+    driver = Driver(tiny_shards, work, epochs=3)
     driver.wait_for("[bamray] epoch 1/3", timeout=150)
     driver.proc.send_signal(signal.SIGTERM)  # a scheduler's or `kill`'s signal, to the driver only
     rc = driver.finish(timeout=60)
@@ -177,7 +155,7 @@ def test_sigterm_during_training_kills_the_run_keeps_its_checkpoint_and_resumes(
 
     # ... and known to Ray Train (registered before the abort): the resumed run starts after it
 
-    resumed = Driver(shards, work, 3, "--resume", run_id)
+    resumed = Driver(tiny_shards, work, 3, "--resume", run_id)
     assert resumed.finish(timeout=240) == 0, resumed.output[-4000:]
     run = tracking.client(driver.uri).get_run(run_id)
     assert run.info.status == "FINISHED" and int(run.data.tags["bamray.start_epoch"]) >= 1

@@ -1,5 +1,5 @@
 """Cluster submission through the real Ray job server: `ray start --head` with the dashboard on 127.0.0.1,
-then a 2-trial sweep submitted with JobSubmissionClient (project uploaded as runtime_env working_dir),
+then a 1-trial sweep submitted with JobSubmissionClient (project uploaded as runtime_env working_dir),
 which must end SUCCEEDED with its MLflow lineage in place, and a `bamray submit` CLI round trip.
 
 The job server is part of the Ray dashboard, which needs `ray[default]` (aiohttp_cors, grpcio, opencensus,
@@ -13,26 +13,17 @@ other test sessions'): the head runs with `--block` in its own session and is te
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import free_port, ray_head
 
 from orchestrator import submit
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict[str, str]:
@@ -63,60 +54,18 @@ def job_server():
             f"the Ray job server (dashboard) needs ray[default]; `ray start --include-dashboard=true` "
             f"fails here with 'Cannot include dashboard with missing packages' ({missing})"
         )
-    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
-    dash_port = _free_port()
-    cmd = [
-        str(Path(sys.executable).parent / "ray"),
-        "start",
-        "--head",
-        "--block",
-        "--num-cpus",
-        "4",
-        "--include-dashboard=true",
-        "--dashboard-host",
-        "127.0.0.1",
-        "--dashboard-port",
-        str(dash_port),
-        "--port",
-        str(_free_port()),
-        "--ray-client-server-port",
-        str(_free_port()),
-        "--dashboard-agent-listen-port",
-        str(_free_port()),
-        "--metrics-export-port",
-        str(_free_port()),
-        "--object-store-memory",
-        str(300 * 2**20),
-        "--temp-dir",
-        temp_dir,
-        "--disable-usage-stats",
+    dash_port = free_port()
+    args = ["--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1"]
+    args += [
+        f"--dashboard-port={dash_port}",
+        f"--port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
     ]
-    log = open(Path(temp_dir) / "ray_start.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    args += [f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"]
+    args += [f"--object-store-memory={300 * 2**20}"]
     address = f"http://127.0.0.1:{dash_port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"ray start exited with {proc.returncode}: {(Path(temp_dir) / 'ray_start.log').read_text()}"
-                )
-            try:
-                submit.job_client(address).list_jobs()
-                break
-            except Exception:  # noqa: BLE001 - not up yet
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(2)
+    with ray_head(args, lambda: submit.job_client(address).list_jobs(), env, prefix="rj"):
         yield address
-    finally:
-        proc.send_signal(signal.SIGTERM)  # --block: `ray start` stops the processes it started
-        try:
-            proc.wait(timeout=10)  # a graceful stop takes ~30 s; the kill below ends the same processes
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # only our own session (start_new_session=True)
-            proc.wait(timeout=30)
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -130,9 +79,7 @@ def tiny_data(tmp_path_factory) -> str:
 
 def test_submitted_sweep_succeeds_with_lineage(job_server, tiny_data, tmp_path):
     space = tmp_path / "seeds.yaml"
-    space.write_text(
-        yaml.safe_dump({"name": "seeds", "params": {"seed": {"type": "grid", "values": [0, 1]}}})
-    )
+    space.write_text(yaml.safe_dump({"name": "seeds", "params": {"seed": {"type": "grid", "values": [0]}}}))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [
         "sweep",
@@ -141,11 +88,11 @@ def test_submitted_sweep_succeeds_with_lineage(job_server, tiny_data, tmp_path):
         "--space",
         str(space),
         "--trials",
-        "2",
+        "1",
         "--scheduler",
         "fifo",
         "--max-concurrent",
-        "2",
+        "1",
         "--storage-path",
         str(tmp_path / "ray"),
         "--name",
@@ -183,11 +130,11 @@ def test_submitted_sweep_succeeds_with_lineage(job_server, tiny_data, tmp_path):
         [client.get_experiment_by_name("submit-test").experiment_id],
         filter_string="tags.`bamray.role` = 'sweep'",
     )
-    assert parent.info.status == "FINISHED" and parent.data.params["trials"] == "2"
+    assert parent.info.status == "FINISHED" and parent.data.params["trials"] == "1"
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     )
-    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert len(children) == 1 and all(c.info.status == "FINISHED" for c in children)
     assert all("knn_top1" in c.data.metrics for c in children)
 
 

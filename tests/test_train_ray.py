@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import TINY_BATCH, TINY_N_TEST, TINY_N_TRAIN, tiny_train_settings
 
 from orchestrator import checkpointing as ckpt
 from orchestrator import tracking
@@ -29,45 +30,29 @@ from trainers.options import flatten
 
 pytestmark = pytest.mark.ray
 
-N_TRAIN, N_TEST, BATCH = 256, 128, 32
+N_TRAIN, N_TEST, BATCH = TINY_N_TRAIN, TINY_N_TEST, TINY_BATCH
 
 
 def _overrides(shards: Path, storage: Path, uri: str, workers: int = 2, **extra) -> list[str]:
-    base = {
-        "data.path": str(shards),
-        "model.backbone": "vit_tiny_patch16_224",
-        "model.patch_size": 4,
-        "model.backbone_kwargs": "{depth: 2}",
-        "data.global_crop_size": 16,
-        "data.local_crop_size": 8,
-        "data.local_crops": 2,
-        "method.top_k_sink": 0,
-        "method.proj_hidden_dim": 64,
-        "method.proj_out_dim": 32,
-        "optim.batch_size": BATCH,
-        "optim.epochs": 2,
-        "train.workers": workers,
-        "data.map_cpus": 0.5,
-        "data.map_batch_size": 64,
-        "data.local_shuffle_buffer": 0,
-        "train.storage_path": str(storage),
-        "tracking.tracking_uri": uri,
-        "eval.linear_epochs": 5,
-        "optim.warmup_epochs": 1,
-        "method.momentum": 0.995,
-        "eval.knn_train_fraction": 1.0,
-    }
-    base.update(extra)
+    base = tiny_train_settings(
+        **{
+            "data.path": str(shards),
+            "train.workers": workers,
+            "train.storage_path": str(storage),
+            "tracking.tracking_uri": uri,
+            "eval.linear_epochs": 5,
+            "method.momentum": 0.995,
+            **extra,
+        }
+    )
     return [f"{k}={v}" for k, v in base.items()]
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, fmnist_src) -> Path:
-    """Prepared shards plus one undecodable PNG row (index N_TRAIN) in an extra train part."""
-    from data.sources import SCHEMA, prepare_fashion_mnist
+def shards(tiny_shards) -> Path:
+    """The tiny run's shards plus one undecodable PNG row (index N_TRAIN) in an extra train part."""
+    from data.sources import SCHEMA
 
-    out = tmp_path_factory.mktemp("fmnist") / "fashion-mnist"
-    prepare_fashion_mnist(out, src_dir=str(fmnist_src), limit=N_TRAIN, test_limit=N_TEST)
     bad = pa.table(
         {
             "image": pa.array([b"\x89PNG\r\n\x1a\n-truncated-garbage"], pa.binary()),
@@ -76,8 +61,8 @@ def shards(tmp_path_factory, fmnist_src) -> Path:
         },
         schema=SCHEMA,
     )
-    pq.write_table(bad, out / "train" / "part-09999.parquet")
-    return out
+    pq.write_table(bad, tiny_shards / "train" / "part-09999.parquet")
+    return tiny_shards
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +98,11 @@ def test_two_worker_run_is_tracked_end_to_end(finished_run):
     # every resolved config value is a param, except the debug section's fault injection; tags carry
     # commit, versions, method
     assert set(run.data.params) == set(cfg.run_params())
-    assert set(flatten(cfg.to_dict())) - set(run.data.params) == {"debug.fail_at_step", "debug.nan_at_step"}
+    assert set(flatten(cfg.to_dict())) - set(run.data.params) == {
+        "debug.fail_at_step",
+        "debug.nan_at_step",
+        "debug.hold_at_step",
+    }
     assert run.data.params["optim.batch_size"] == str(BATCH) and run.data.params["train.workers"] == "2"
     assert run.data.tags["method"] == "bam" and run.data.tags["version.ray"] == "2.60.0"
     assert run.data.tags["git_commit"] != "unknown" and run.data.tags["bamray.start_epoch"] == "0"

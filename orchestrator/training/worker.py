@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import sys
 import tempfile
 import time
 from typing import Any
@@ -76,6 +77,25 @@ def _non_finite_everywhere(step: int, loss: torch.Tensor) -> torch.Tensor:
         if bad.item() > 0:
             loss = loss * float("nan")
     return loss
+
+
+def _say(line: str) -> None:
+    """One line to the driver's console. Ray Train patches ``print`` in its workers to go through its
+    logger and, when a library has wrapped ``sys.stdout`` (one here has), to the stream as well, so the
+    driver showed every line twice; printing to the process's own stdout goes around both."""
+    print(line, file=sys.__stdout__, flush=True)
+
+
+def _epoch_line(epoch: int, epochs: int, stats: EpochStats, mean_loss: float, metrics: dict[str, Any]) -> str:
+    knn = (
+        f", knn top-1 {metrics['knn_top1']:.2f} % ({metrics['knn_time_s']:.1f} s)"
+        if "knn_top1" in metrics
+        else ""
+    )
+    return (
+        f"[bamray] epoch {epoch + 1}/{epochs}: {stats.steps} steps in {stats.seconds:.1f} s "
+        f"(first batch after {stats.first_batch_s:.1f} s), loss {mean_loss:.4f}{knn}"
+    )
 
 
 def _corrupt_count(name: str) -> int:
@@ -286,16 +306,7 @@ class _Worker:
             )
             self.log.flush()
         if self.rank == 0:
-            knn = (
-                f", knn top-1 {metrics['knn_top1']:.2f} % ({metrics['knn_time_s']:.1f} s)"
-                if "knn_top1" in metrics
-                else ""
-            )
-            print(
-                f"[bamray] epoch {epoch + 1}/{self.cfg.optim.epochs}: {stats.steps} steps in {stats.seconds:.1f} s "
-                f"(first batch after {stats.first_batch_s:.1f} s), loss {mean_loss:.4f}{knn}",
-                flush=True,
-            )
+            _say(_epoch_line(epoch, self.cfg.optim.epochs, stats, mean_loss, metrics))
         return metrics
 
     def report_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:

@@ -103,10 +103,17 @@ def cluster():
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _checkpoint_registered(storage: Path) -> bool:
+    """Ray Train's controller has taken the epoch-1 checkpoint into its snapshot (it collects the workers'
+    reports once per poll, so a checkpoint on disk is not yet one a restarted group starts from)."""
+    return any("checkpoint_" in p.read_text() for p in storage.rglob("checkpoint_manager_snapshot.json"))
+
+
 def _replace_a_node_once_held(cluster, storage: Path, log: list[str], timeout: float = 300) -> None:
-    """Wait until both ranks hold at ``HOLD_AT``, then kill one worker node and add a fresh one."""
+    """Wait until both ranks hold at ``HOLD_AT`` and the epoch-1 checkpoint is registered, then add a fresh
+    node and kill one of the two worker nodes."""
     deadline = time.monotonic() + timeout
-    while len(list(storage.rglob(".hold_at_step.rank*"))) < 2:
+    while len(list(storage.rglob(".hold_at_step.rank*"))) < 2 or not _checkpoint_registered(storage):
         if time.monotonic() > deadline:
             log.append("the workers never reached the hold step")
             return

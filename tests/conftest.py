@@ -137,7 +137,7 @@ def free_port() -> int:
 def ray_head(args: list[str], ready: Callable[[], object], env: dict[str, str], prefix: str) -> Iterator[str]:
     """``ray start --head --block <args>`` with a short temp dir, in its own session; yields the temp dir once
     ``ready()`` stops raising (4 min at most). Stopped by its pid, then every process of its session dir
-    (the nodes an autoscaler started too), never by ``ray stop``, which would end every Ray of this user on
+    still alive, never by ``ray stop``, which would end every Ray of this user on
     the machine, other test sessions' included."""
     temp_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", *args]

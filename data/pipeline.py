@@ -38,6 +38,7 @@ iterating (read once per batch by the map actors).
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import numpy as np
@@ -85,17 +86,45 @@ class CorruptCounter:
 
 @ray.remote(num_cpus=0)
 class EpochClock:
-    """The epoch the augmentation is seeded with; set by the train loop, read by every map actor."""
+    """The epoch the augmentation is seeded with, and the samples it leaves out; set by the train loop,
+    read by every map task.
+
+    ``skip`` is for an epoch resumed from a checkpoint taken inside it: the samples its first attempt
+    already trained on (:mod:`orchestrator.training.midepoch`). Map tasks read ``state()`` (epoch, version)
+    every batch and fetch the skip array only when the version changed."""
 
     def __init__(self) -> None:
-        self._epoch = 0
+        self._epoch, self._version, self._id = 0, 0, uuid.uuid4().hex
+        self._skip = np.zeros(0, np.int64)
 
-    def set(self, epoch: int) -> int:
+    def set(self, epoch: int, skip: np.ndarray | None = None) -> int:
         self._epoch = int(epoch)
+        self._skip = np.unique(np.asarray(skip if skip is not None else [], dtype=np.int64))
+        self._version += 1
         return self._epoch
 
     def get(self) -> int:
         return self._epoch
+
+    def state(self) -> tuple[int, str]:
+        """The epoch, and a key that changes whenever the skip array may have (unique across clocks)."""
+        return self._epoch, f"{self._id}-{self._version}"
+
+    def skipped(self) -> np.ndarray:
+        return self._skip
+
+
+#: the clock's key (see ``EpochClock.state``) -> sorted sample indices to leave out; per process (map tasks build their callable
+#: per batch, so the cache must outlive it)
+_SKIP_CACHE: dict[str, Any] = {"key": None, "skip": np.zeros(0, np.int64)}
+
+
+def _clock_view(clock: Any) -> tuple[int, np.ndarray]:
+    """The clock's epoch and skip array, fetching the array once per version."""
+    epoch, key = ray.get(clock.state.remote())
+    if _SKIP_CACHE["key"] != key:
+        _SKIP_CACHE.update(key=key, skip=ray.get(clock.skipped.remote()))
+    return int(epoch), _SKIP_CACHE["skip"]
 
 
 def on_this_node() -> Any:
@@ -187,7 +216,11 @@ class _MultiCropBatch:
         self.counter = corrupt_counter
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        epoch = int(ray.get(self.clock.get.remote())) if self.clock is not None else 0
+        epoch, skip = _clock_view(self.clock) if self.clock is not None else (0, None)
+        if skip is not None and len(skip):
+            fresh = ~np.isin(np.asarray(batch["index"], dtype=np.int64), skip)
+            if not fresh.all():  # trained on before this epoch's checkpoint: not again
+                batch = {k: v[fresh] for k, v in batch.items()}
         indices = np.asarray(batch["index"], dtype=np.int64)
         images, keep = _decode_rows(batch["image"], self.cfg.channels)
         if not keep.all():

@@ -27,6 +27,18 @@ from trainers.options import ConfigError, flatten, from_dict, opt, to_dict
 CONFIG_DIR = Path(__file__).parent / "configs"
 #: the config section of test-only fault injection (orchestrator/fault_injection.py)
 DEBUG_SECTION = "debug"
+#: ``train.preemption_notice`` presets: the cloud metadata endpoints that announce a node's termination
+NOTICE_URLS = {
+    "aws": "http://169.254.169.254/latest/meta-data/spot/instance-action",
+    "gcp": "http://metadata.google.internal/computeMetadata/v1/instance/preempted",
+}
+
+
+def check_notice_source(source: str) -> str | None:
+    """Why ``source`` is not a valid ``train.preemption_notice`` (None when it is)."""
+    if not source or source in NOTICE_URLS or source.startswith(("http://", "https://", "/")):
+        return None
+    return f"got {source!r}; allowed: '' (off), aws, gcp, an http(s):// URL or an absolute file path"
 
 
 @dataclasses.dataclass
@@ -52,6 +64,19 @@ class TrainConfig:
         "0 = off",
     )
     checkpoint_freq: int = opt(1, ge=1, help="report a checkpoint every N epochs")
+    checkpoint_every_steps: int = opt(
+        0,
+        ge=0,
+        help="also checkpoint inside an epoch every N global steps; a resume continues there (0 = off)",
+    )
+    checkpoint_every_minutes: float = opt(
+        0.0, ge=0.0, le=100000.0, help="also checkpoint inside an epoch every N minutes (0 = off)"
+    )
+    preemption_notice: str = opt(
+        "",
+        help="checkpoint after the current step when a termination notice appears: aws, gcp, an "
+        "http(s):// URL (200 and not FALSE = notice) or an absolute file path (exists = notice); '' = off",
+    )
     keep_checkpoints: int = opt(2, ge=1)
     max_failures: int = opt(3, ge=0, help="worker failures Ray Train recovers from (restart from checkpoint)")
     storage_path: str = opt(".bamray/ray_results", help="Ray Train storage (local path or s3:// / gs:// URI)")
@@ -223,6 +248,9 @@ def validate_cross_fields(cfg: ExperimentConfig) -> None:
     """Rules that involve several fields."""
     d, m = cfg.data, cfg.model
     check_backbone_name(m.backbone)
+    notice_problem = check_notice_source(cfg.train.preemption_notice)
+    if notice_problem:
+        raise ConfigError("train.preemption_notice", notice_problem)
     for name in ("global_crop_scale", "local_crop_scale"):
         lo, hi = getattr(d, name)
         if not 0.0 < lo <= hi <= 1.0:

@@ -12,6 +12,7 @@ machine (other tests) are neither counted nor touched.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import shutil
@@ -33,10 +34,13 @@ pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The driver: Ray as `bamray train` gets it, a task and an actor (so worker processes listen too), then
-# wait to be killed or told to stop.
+# The driver: Ray as `bamray train` gets it, a task and an actor (so worker processes listen too), with
+# `train DIR` also a 2-worker TorchTrainer with bamray's torch config that holds after an all-reduce (so
+# torch.distributed's rendezvous and gloo's connections are up); then wait to be killed or told to stop.
 DRIVER = textwrap.dedent("""
-    import sys, ray
+    import sys, threading, time
+    from pathlib import Path
+    import ray
     from orchestrator.local_ray import connect_or_start
     assert connect_or_start(None, 2)
 
@@ -51,8 +55,39 @@ DRIVER = textwrap.dedent("""
 
     actor = Actor.remote()
     assert ray.get([task.remote(), actor.ping.remote()]) == [1, 2]
+    if sys.argv[1:2] == ["train"]:
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+        from orchestrator.training.loopback_ddp import torch_config
+
+        work = Path(sys.argv[2])
+
+        def loop(config):
+            import torch, torch.distributed as dist
+            t = torch.ones(1)
+            dist.all_reduce(t)
+            Path(config["dir"], f"ready{dist.get_rank()}").write_text(str(t.item()))
+            while not Path(config["dir"], "stop").exists():
+                time.sleep(0.2)
+
+        trainer = TorchTrainer(
+            loop,
+            train_loop_config={"dir": str(work)},
+            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+            run_config=RunConfig(storage_path=str(work), name="lb"),
+            torch_config=torch_config(),
+        )
+        fit = threading.Thread(target=trainer.fit, daemon=True)
+        fit.start()
+        deadline = time.monotonic() + 120
+        while not all((work / f"ready{r}").exists() for r in (0, 1)):
+            assert time.monotonic() < deadline and fit.is_alive(), "the workers never met"
+            time.sleep(0.2)
     print("SESSION", ray.get_runtime_context().get_session_name(), flush=True)
     sys.stdin.readline()  # until the test closes stdin (or kills us)
+    if sys.argv[1:2] == ["train"]:
+        (work / "stop").write_text("")
+        fit.join(60)
     ray.shutdown()
 """)
 
@@ -132,15 +167,15 @@ def is_loopback(address: str) -> bool:
     return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
-@pytest.fixture
-def driver() -> Iterator[tuple[subprocess.Popen, str]]:
+@contextlib.contextmanager
+def _driver(*args: str) -> Iterator[tuple[subprocess.Popen, str]]:
     """A running driver and its Ray session dir; afterwards nothing of it is left running."""
     ray_tmp = Path(tempfile.mkdtemp(prefix="lb", dir="/tmp"))  # short: Ray's socket paths
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_TMPDIR=str(ray_tmp), RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO))
     with open(ray_tmp / "driver.err", "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-c", DRIVER],
+            [sys.executable, "-c", DRIVER, *[a.replace("{tmp}", str(ray_tmp)) for a in args]],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=err,
@@ -163,6 +198,12 @@ def driver() -> Iterator[tuple[subprocess.Popen, str]]:
         for pid in _still_running(tree):  # a failed test must not leave its Ray behind
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def driver() -> Iterator[tuple[subprocess.Popen, str]]:
+    with _driver() as running:
+        yield running
 
 
 def test_the_socket_reader_sees_a_socket_on_all_interfaces():
@@ -189,6 +230,29 @@ def test_a_local_ray_listens_on_loopback_only(driver):
     assert proc.pid in titles
     wide = [(addr, port, titles[pid]) for pid, addr, port in sockets if not is_loopback(addr)]
     assert not wide, f"listening beyond loopback: {wide}"
+
+
+def test_distributed_training_on_a_local_ray_listens_on_loopback_only():
+    """Ray's own torch set-up has rank 0's rendezvous store listen on every interface (``::``) and gloo on
+    the host name's address; bamray's torch config keeps a one-node group on a FileStore and loopback."""
+    from orchestrator.training import loopback_ddp
+
+    stores = set(Path(tempfile.gettempdir()).glob(f"{loopback_ddp.STORE_PREFIX}*"))
+    with _driver("train", "{tmp}") as (proc, session_dir):
+        work = Path("/tmp", Path(session_dir).relative_to("/tmp").parts[0])  # the driver's "{tmp}"
+        assert (work / "ready0").read_text() == (work / "ready1").read_text() == "2.0"  # the all-reduce ran
+        pids = {proc.pid, *_descendants(proc.pid), *session_processes(session_dir)}
+        sockets = listening_sockets(pids)
+        titles = {pid: _title(pid) for pid, _, _ in sockets}
+        assert sum("RayTrainWorker" in t for t in titles.values()) >= 2, titles  # the workers were read
+        wide = [(addr, port, titles[pid]) for pid, addr, port in sockets if not is_loopback(addr)]
+        assert not wide, f"listening beyond loopback: {wide}"
+        assert set(Path(tempfile.gettempdir()).glob(f"{loopback_ddp.STORE_PREFIX}*")) - stores  # a FileStore
+    # Ray's private helpers the backend reuses are still there
+    from ray.train.torch import config as ray_torch_config
+
+    assert callable(ray_torch_config._setup_torch_process_group)
+    assert callable(ray_torch_config._set_torch_distributed_env_vars)
 
 
 def test_no_process_of_a_local_ray_outlives_its_killed_driver(driver):

@@ -118,6 +118,13 @@ def test_epoch_clock_changes_views_and_limit_pushdown(cfg, epoch0):
     # Epoch 1 views differ from epoch 0 views of the same images.
     same = [np.array_equal(got["global"][k], epoch0["global"][k]) for k in range(len(got["index"]))]
     assert not any(same)
+    # An epoch resumed inside itself: the clock's skip list leaves those samples out, the rest keep their views.
+    skip = np.array([0, 1, 2, 40, 99, 149, 5000])
+    get_epoch_clock("test-clock-2").set.remote(1, skip)
+    rest = _collect(ds)
+    keep = ~np.isin(got["index"], skip)
+    np.testing.assert_array_equal(rest["index"], got["index"][keep])
+    np.testing.assert_array_equal(rest["global"], got["global"][keep])
 
 
 def test_eval_datasets_sizes_balance_and_twin(cfg):

@@ -25,6 +25,7 @@ from conftest import TINY_BATCH, TINY_N_TEST, TINY_N_TRAIN, tiny_train_settings
 from orchestrator import checkpointing as ckpt
 from orchestrator import tracking
 from orchestrator.config import load_config
+from orchestrator.training import midepoch
 from orchestrator.training.driver import run_training
 from trainers.options import flatten
 
@@ -248,28 +249,39 @@ def test_exported_backbone_rebuilds_and_linear_eval_cli_logs(finished_run, tmp_p
     assert top1[0].value == max(m.value for m in c.get_metric_history(out["run_id"], "linear_val_top1"))
 
 
-def test_worker_failure_restarts_from_last_checkpoint(ray_local, shards, storage, tmp_path):
+def test_worker_failure_resumes_inside_the_epoch_from_a_step_checkpoint(ray_local, shards, storage, tmp_path):
+    """Checkpoints every 5 steps and on a termination notice (a file that exists from the start, so each
+    worker group sees it at its first step); rank 0 fails after step 7, in epoch 2 after the step-5 checkpoint.
+    The restarted group resumes at step 5, inside epoch 2, and that epoch still trains on every sample once."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    spe = N_TRAIN // (BATCH * 2)
-    fail_at = spe + 2  # the middle of epoch 2, after the epoch-1 checkpoint
-    cfg = load_config(
-        "bam_fmnist",
-        _overrides(shards, storage, uri, **{"debug.fail_at_step": fail_at, "train.max_failures": 1}),
-    )
-    out = run_training(cfg)
+    spe = N_TRAIN // (BATCH * 2)  # 4
+    notice = tmp_path / "terminating"
+    notice.write_text("spot instance interruption\n")
+    settings = {
+        "debug.fail_at_step": 7,
+        "train.max_failures": 1,
+        "train.checkpoint_every_steps": 5,
+        "train.preemption_notice": str(notice),
+    }
+    out = run_training(load_config("bam_fmnist", _overrides(shards, storage, uri, **settings)))
     assert out["status"] == "FINISHED", out.get("reason")
-    assert (
-        (Path(out["ray_run_dir"]) / ".fail_at_step.fired").read_text().startswith(f"fired at step {fail_at}")
-    )
-    assert out["worker_result"]["start_epoch"] == 1  # the restarted group resumed from the epoch-1 checkpoint
+    assert (Path(out["ray_run_dir"]) / ".fail_at_step.fired").read_text().startswith("fired at step 7")
+    assert (out["worker_result"]["start_epoch"], out["worker_result"]["start_step"]) == (1, 5)
     c = tracking.client(uri)
-    # every step and every epoch metric exactly once, although epoch 2 was partly run twice
+    # every step and every epoch metric exactly once, although steps 6-7 ran twice
     assert _steps(c, out["run_id"], "loss") == list(range(1, 2 * spe + 1))
     assert _steps(c, out["run_id"], "knn_top1") == [spe, 2 * spe]
     assert _steps(c, out["run_id"], "epoch_loss") == [spe, 2 * spe]
-    assert c.get_run(out["run_id"]).data.tags["bamray.start_epoch"] == "1"
+    # the notice checkpointed after the first step of each worker group: step 1, and step 6 after the restart
+    assert _history(c, out["run_id"], "preemption_notice") == [(1, 1.0), (6, 1.0)]
+    tags = c.get_run(out["run_id"]).data.tags
+    assert (tags["bamray.start_epoch"], tags["bamray.start_step"]) == ("1", "5")
     state = ckpt.load_training_state(out["checkpoint"])
     assert state["epoch"] == 2 and state["engine"]["step"] == 2 * spe
+    # epoch 2 = 1 step before the checkpoint + 3 after the resume, on each of the 2 ranks: all 256 samples,
+    # none twice (the resumed stream left out the 64 the checkpoint had recorded)
+    samples = midepoch.load_samples(out["checkpoint"])
+    assert sorted(samples.tolist()) == list(range(N_TRAIN))
 
 
 def test_nan_loss_fails_the_run_and_keeps_the_last_good_checkpoint(ray_local, shards, storage, tmp_path):

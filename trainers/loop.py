@@ -49,6 +49,7 @@ def train_one_epoch(
     on_step: Callable[[dict[str, float]], None] | None = None,
     loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     synchronize: bool = False,
+    stats: EpochStats | None = None,
 ) -> EpochStats:
     """Train ``engine`` on every batch of ``batches`` (uint8 crop columns, see ``crops_from_batch``).
 
@@ -57,8 +58,11 @@ def train_one_epoch(
     0-based ``epoch`` + progress). A non-finite loss ends the epoch without applying that step: it is
     returned in ``EpochStats.nan_error``, the caller decides (retrying would only meet it again).
     ``synchronize``: wait for the device at the end of each step, so a step's GPU work is timed with it.
+    ``stats``: an epoch resumed from a checkpoint taken inside it continues these counts (steps, loss,
+    seconds); ``stats.seconds`` is kept current after every step, so ``on_step`` can checkpoint it.
     """
-    stats = EpochStats()
+    stats = stats if stats is not None else EpochStats()
+    seconds_before = stats.seconds
     method = engine.method
     t_epoch = t_prev = time.perf_counter()
     for batch in batches:
@@ -89,9 +93,10 @@ def train_one_epoch(
         t_prev = now
         stats.loss_sum += logs["loss"]
         stats.steps += 1
+        stats.seconds = seconds_before + now - t_epoch
         if on_step is not None:
             on_step(logs)
-    stats.seconds = time.perf_counter() - t_epoch
+    stats.seconds = seconds_before + time.perf_counter() - t_epoch
     return stats
 
 

@@ -28,6 +28,8 @@ def relay_callback(queue: Any, with_checkpoint: bool) -> Any:
 
         def after_report(self, run_context: Any, metrics: list, checkpoint: Any) -> None:
             item = dict(metrics[0])
+            if item.get("mid_epoch"):  # a checkpoint inside an epoch: for resuming, not a result to judge
+                return
             if checkpoint is not None:
                 item["checkpoint_path"] = checkpoint.path
             self.queue.put((item, checkpoint if self.with_checkpoint else None))

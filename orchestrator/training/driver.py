@@ -21,6 +21,7 @@ from orchestrator import checkpointing as ckpt
 from orchestrator import fault_injection, preflight, tracking
 from orchestrator.config import ExperimentConfig
 from orchestrator.local_ray import connect_or_start
+from orchestrator.training import loopback_ddp
 from orchestrator.training.data_prep import prepare_data, resolved_data, steps_per_epoch
 from orchestrator.training.interrupt import SignalGuard, stop_on_signals
 from orchestrator.training.online_eval import KNN_CACHE_BYTES, knn_cache_bytes
@@ -150,6 +151,7 @@ def build_trainer(
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"plan": plan},
+        torch_config=loopback_ddp.torch_config(),
         scaling_config=scaling,
         run_config=run_config,
         datasets=datasets,
@@ -372,7 +374,10 @@ def _finish(cfg: ExperimentConfig, uri: str, run_id: str, result: Any, out: dict
     ret = result.return_value or {}
     out["worker_result"] = ret
     if "start_epoch" in ret:  # 0 = from scratch; > 0 = Ray Train resumed from a checkpoint
-        tracking.log_tags(uri, run_id, {"bamray.start_epoch": ret["start_epoch"]})
+        tags = {"bamray.start_epoch": ret["start_epoch"]}
+        if "start_step" in ret:  # a checkpoint taken inside an epoch resumes at its step
+            tags["bamray.start_step"] = ret["start_step"]
+        tracking.log_tags(uri, run_id, tags)
     out["metrics"] = dict(result.metrics or {})
     out["checkpoint"] = result.checkpoint.path if result.checkpoint else None
     if ret.get("status") == "nan":

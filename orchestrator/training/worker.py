@@ -5,7 +5,9 @@ Fault tolerance, as Ray Train 2.60 (Train V2) does it:
 
 - a worker error is retried up to ``FailureConfig(max_failures)`` times; the new worker group calls
   ``ray.train.get_checkpoint()`` and continues from the next epoch with the optimiser, scaler, teacher,
-  global step (so every schedule continues) and RNG states restored;
+  global step (so every schedule continues) and RNG states restored; a checkpoint taken inside an epoch
+  (``train.checkpoint_every_steps`` / ``_minutes``, a termination notice: :mod:`.midepoch`) continues that
+  epoch at its step, the stream leaving out the samples already trained on;
 - a NaN/Inf loss must not be retried (it would recur): every rank sees it at the same step (a per-step
   all-reduce of the "finite" flag makes the decision global), reports ``nan_detected`` without a
   checkpoint and returns ``{"status": "nan"}``; the driver marks the MLflow run FAILED. Ray Train's
@@ -28,6 +30,7 @@ import torch
 from orchestrator import checkpointing as ckpt
 from orchestrator import tracking
 from orchestrator.pictures import crop_grid
+from orchestrator.training import midepoch
 from orchestrator.training.online_eval import SHARDS, EvalCache, online_knn
 from orchestrator.training.plan import WorkerPlan, knn_epochs, plan_epochs, with_epochs
 from trainers.loop import EpochStats, train_one_epoch
@@ -63,6 +66,16 @@ def _all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return (t / dist.get_world_size()).tolist()
+
+
+def _all_reduce_max(values: list[float], device: torch.device) -> list[float]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
 
 
 def _non_finite_everywhere(step: int, loss: torch.Tensor) -> torch.Tensor:
@@ -127,7 +140,19 @@ class _Worker:
         self._build_model()
         self.start_epoch, self.best_knn, self.train_s = 0, -1.0, 0.0
         self.run_id = plan.mlflow_run_id
+        # an epoch resumed from a checkpoint taken inside it: its counts, this rank's samples so far, and
+        # (rank 0, who sets the epoch clock) every rank's samples, which the stream then leaves out
+        self.resumed: tuple[EpochStats, list[np.ndarray], np.ndarray] | None = None
+        self.epoch_samples: list[np.ndarray] = []
         self._restore()
+        t = self.cfg.train
+        self.policy = midepoch.MidEpochPolicy(
+            t.checkpoint_every_steps,
+            t.checkpoint_every_minutes,
+            midepoch.NoticeWatch(t.preemption_notice) if t.preemption_notice else None,
+            rank=self.rank,
+            agree=(lambda flags: _all_reduce_max(flags, self.device)) if self.world > 1 else None,
+        )
         self.log = None
         uri = plan.tracking_uri
         if self.rank == 0 and self.run_id and uri:
@@ -148,7 +173,11 @@ class _Worker:
         self.budgeted = self.cfg.train.time_budget_min > 0
         self.pixels_knn: float | None = None  # the raw-pixel k-NN of this run's bank, at its first evaluation
         self.checkpoints_reported = 0
-        self.status: dict[str, Any] = {"status": "finished", "start_epoch": self.start_epoch}
+        self.status: dict[str, Any] = {
+            "status": "finished",
+            "start_epoch": self.start_epoch,
+            "start_step": self.engine.step,
+        }
 
     def _build_model(self) -> None:
         """Same seed on every rank for the weights (DDP also broadcasts rank 0's, but the teacher copy is
@@ -192,6 +221,8 @@ class _Worker:
             with checkpoint.as_directory() as d:
                 state = ckpt.load_training_state(d)
                 rng = ckpt.load_rng_state(d, self.rank)
+                mine = midepoch.load_samples(d, self.rank)
+                everyone = midepoch.load_samples(d) if self.rank == 0 else np.zeros(0, np.int64)
             self.engine.load_state_dict(state["engine"])
             self.start_epoch = int(state["epoch"])
             extra = state["extra"]
@@ -202,6 +233,8 @@ class _Worker:
             self.train_s = float(extra.get("train_time_s", 0.0))
             if extra.get("planned_epochs"):  # a time-budgeted run keeps the length it planned
                 self.cfg = with_epochs(self.cfg, int(extra["planned_epochs"]), self.engine)
+            if extra.get("epoch_progress"):  # taken inside epoch `start_epoch`: continue that epoch
+                self.resumed = (EpochStats(**extra["epoch_progress"]), [mine], everyone)
         elif self.plan.init_checkpoint is not None:
             with self.plan.init_checkpoint.as_directory() as d:
                 state = ckpt.load_training_state(d)
@@ -209,13 +242,18 @@ class _Worker:
             self.start_epoch = int(state["epoch"])
 
     def train_epoch(self, epoch: int) -> EpochStats:
-        """Move the augmentation's epoch clock, then one epoch over this worker's shard."""
+        """Move the augmentation's epoch clock, then one epoch over this worker's shard (the rest of it, when
+        the epoch resumes from a checkpoint taken inside it)."""
         import ray
 
         cfg = self.cfg
+        stats, self.epoch_samples, skip = EpochStats(), [], None
+        if self.resumed is not None:
+            stats, self.epoch_samples, skip = self.resumed
+            self.resumed = None
         if self.clock is not None:
             if self.rank == 0:
-                ray.get(self.clock.set.remote(epoch))
+                ray.get(self.clock.set.remote(epoch, skip))
             _barrier()  # no worker pulls the epoch's first batch before the clock moved
         batches = self.shard.iter_torch_batches(
             batch_size=cfg.optim.batch_size,
@@ -224,7 +262,12 @@ class _Worker:
             local_shuffle_buffer_size=cfg.data.local_shuffle_buffer or None,
             local_shuffle_seed=(cfg.seed * 7919 + epoch) * 64 + self.rank,
         )
-        on_step = (lambda logs: self.log.log(logs, step=self.engine.step)) if self.log is not None else None
+
+        def on_step(logs: dict[str, float]) -> None:
+            if self.log is not None:
+                self.log.log(logs, step=self.engine.step)
+            self._checkpoint_inside(epoch, stats)
+
         return train_one_epoch(
             self.engine,
             batches,
@@ -236,9 +279,39 @@ class _Worker:
             before_step=self._before_step,
             on_step=on_step,
             loss_hook=self.loss_hook,
+            stats=stats,
         )
 
+    def _checkpoint_inside(self, epoch: int, stats: EpochStats) -> None:
+        """A checkpoint after this step when the policy says so (every rank decides alike); the steps logged
+        so far are flushed first, since the resume continues after them."""
+        import ray.train
+
+        step, spe = self.engine.step, self.plan.steps_per_epoch
+        reason = self.policy.due(step, last_of_epoch=stats.steps >= spe)
+        if reason is None:
+            return
+        self._log_notice(reason)
+        metrics = {"epoch": epoch + stats.steps / spe, "step": step, "mid_epoch": 1.0, ckpt.SCORE_KEY: -1.0}
+        with tempfile.TemporaryDirectory(prefix="bamray-ckpt-") as tmp:
+            self._save_checkpoint(tmp, epoch, progress=stats)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        self.policy.checkpointed()
+        if self.rank == 0:
+            _say(
+                f"[bamray] checkpoint at step {step} (epoch {epoch + 1}, step {stats.steps}/{spe}): {reason}"
+            )
+        self.checkpoints_reported += 1
+        self.plan.faults.after_checkpoint(self.checkpoints_reported)
+
+    def _log_notice(self, reason: str) -> None:
+        if self.log is not None:
+            if reason == midepoch.NOTICE_REASON:
+                self.log.log({"preemption_notice": 1.0}, step=self.engine.step)
+            self.log.flush()
+
     def _before_step(self, batch: dict[str, torch.Tensor]) -> None:
+        self.epoch_samples.append(batch["index"].cpu().numpy())
         if self.log is not None and self.engine.step == 0:
             self.log.log_image(
                 crop_grid({k: v.cpu().numpy() for k, v in batch.items()}), "crops/first_batch.png"
@@ -315,10 +388,14 @@ class _Worker:
         import ray.train
 
         last = epoch + 1 == self.end_epoch
-        if (epoch + 1) % self.cfg.train.checkpoint_freq == 0 or last:
+        noticed = self.policy.epoch_end_due  # a notice at the epoch's last step: checkpoint now
+        if (epoch + 1) % self.cfg.train.checkpoint_freq == 0 or last or noticed:
+            if noticed:
+                self._log_notice(midepoch.NOTICE_REASON)
             with tempfile.TemporaryDirectory(prefix="bamray-ckpt-") as tmp:
                 self._save_checkpoint(tmp, epoch + 1)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            self.policy.checkpointed()
             self.checkpoints_reported += 1
             self.plan.faults.after_checkpoint(self.checkpoints_reported)
         else:
@@ -326,13 +403,23 @@ class _Worker:
         if self.plan.epoch_gate is not None and not last:
             self.plan.epoch_gate.hold_after(epoch + 1)
 
-    def _save_checkpoint(self, directory: str, epochs_done: int) -> None:
+    def _save_checkpoint(self, directory: str, epochs_done: int, progress: EpochStats | None = None) -> None:
+        """Rank 0: the training state; every rank: its RNG streams and the samples of the epoch so far.
+        ``progress``: taken inside epoch ``epochs_done`` (0-based), whose counts the resume continues."""
         if self.rank == 0:
             extra = {
                 "best_knn_top1": self.best_knn,
                 "steps_per_epoch": self.plan.steps_per_epoch,
                 "planned_epochs": self.cfg.optim.epochs if self.budgeted else None,
-                "train_time_s": self.train_s,
+                "train_time_s": self.train_s,  # a partial epoch's seconds are in its progress
+                "epoch_progress": None
+                if progress is None
+                else {
+                    "steps": progress.steps,
+                    "loss_sum": progress.loss_sum,
+                    "seconds": progress.seconds,
+                    "first_batch_s": progress.first_batch_s,
+                },
             }
             ckpt.save_training_state(
                 directory,
@@ -344,6 +431,7 @@ class _Worker:
             )
             ckpt.export_backbone(self.method, self.cfg, directory)
         ckpt.save_rng_state(directory, self.rank)
+        midepoch.save_samples(directory, self.rank, self.epoch_samples)
 
     def finish(self) -> dict[str, Any]:
         if self.log is not None:

@@ -1,12 +1,15 @@
 """Faults on purpose, for the tests of fault tolerance: the only production module that knows of them.
 
-Two come from the config's ``debug:`` section (:class:`DebugConfig`; ``bamray config show`` marks it and
+Three come from the config's ``debug:`` section (:class:`DebugConfig`; ``bamray config show`` marks it and
 MLflow does not log it as run params), one from the environment:
 
 - ``debug.fail_at_step``: rank 0 raises once at that global step (a marker file in the Ray run directory
   keeps the restarted worker group from raising again), so Ray Train restarts the group from the last
   checkpoint;
 - ``debug.nan_at_step``: rank 0's loss becomes NaN at that step, like a blow-up on one worker;
+- ``debug.hold_at_step``: every rank stops at that global step, once per run directory (a marker file per
+  rank), and waits there: a frozen run that a test can take a node from at a known point (after the
+  checkpoints before that step, before any later one). The restarted worker group goes past it;
 - ``BAMRAY_TEST_EXIT_DRIVER_AFTER_EPOCHS=N``: the driver exits with code 17 (like a kill) once N epochs are
   checkpointed. An environment variable rather than a config field because ``--resume`` re-reads the
   run's saved config, and the resumed driver must not die again. The workers hold after the N-th
@@ -36,6 +39,7 @@ from trainers.options import opt
 EXIT_AFTER_EPOCHS_ENV = "BAMRAY_TEST_EXIT_DRIVER_AFTER_EPOCHS"
 EXIT_CODE = 17
 FAIL_MARKER = ".fail_at_step.fired"
+HOLD_MARKER = ".hold_at_step.rank{rank}"
 INTERRUPT_SWEEP_ENV = "BAMRAY_TEST_INTERRUPT_SWEEP_AFTER_TRIALS"
 
 
@@ -45,6 +49,7 @@ class DebugConfig:
 
     fail_at_step: int = opt(-1, ge=-1, help="raise once in rank 0 at this global step (-1 = off)")
     nan_at_step: int = opt(-1, ge=-1, help="make rank 0's loss NaN at this global step (-1 = off)")
+    hold_at_step: int = opt(-1, ge=-1, help="every rank waits at this global step, once (-1 = off)")
 
 
 class InjectedFailure(RuntimeError):
@@ -63,13 +68,21 @@ class WorkerFaults:
     fail_at_step: int = -1
     nan_at_step: int = -1
     hold_after_checkpoints: int = 0
+    hold_at_step: int = -1
 
     @classmethod
     def of(cls, debug: DebugConfig) -> WorkerFaults:
-        return cls(debug.fail_at_step, debug.nan_at_step, exit_after_checkpoints())
+        return cls(debug.fail_at_step, debug.nan_at_step, exit_after_checkpoints(), debug.hold_at_step)
 
     def before_step(self, step: int, rank: int, run_dir: str | None) -> None:
-        """Raise :class:`InjectedFailure` at ``fail_at_step`` once per run directory."""
+        """Hold at ``hold_at_step`` and raise :class:`InjectedFailure` at ``fail_at_step``, each once per
+        run directory."""
+        if step == self.hold_at_step and run_dir:
+            marker = Path(run_dir, HOLD_MARKER.format(rank=rank))
+            if not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(f"holding at step {step}\n")
+                time.sleep(3600)
         if rank != 0 or step != self.fail_at_step or not run_dir:
             return
         marker = Path(run_dir, FAIL_MARKER)

@@ -9,7 +9,8 @@ the head offers no CPUs, so nothing trains until the autoscaler adds a node.
 
 Losing a node is not tested with this harness: its provider keeps a node killed outside it (as a spot VM
 disappears) as "pending" forever and counts its CPUs, so no replacement is ever launched and Ray Train's
-worker group start-up times out. A real cloud provider reports the instance gone.
+worker group start-up times out. A real cloud provider reports the instance gone. Node loss is tested
+with ``ray.cluster_utils.Cluster`` instead (``tests/test_nodes_ray.py``).
 
 Ray 2.60 turns token authentication on for a cluster started with ``ray start``; the harness's fake
 nodes do not carry the token, so this cluster runs with ``RAY_AUTH_MODE=disabled`` (loopback only, for

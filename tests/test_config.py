@@ -156,7 +156,11 @@ def test_debug_section_is_not_a_run_param():
     assert (cfg.debug.fail_at_step, cfg.debug.nan_at_step) == (5, 7)
     params = cfg.run_params()
     assert not [k for k in params if k.startswith("debug.") or k.endswith(("fail_at_step", "nan_at_step"))]
-    assert set(flatten(cfg.to_dict())) - set(params) == {"debug.fail_at_step", "debug.nan_at_step"}
+    assert set(flatten(cfg.to_dict())) - set(params) == {
+        "debug.fail_at_step",
+        "debug.nan_at_step",
+        "debug.hold_at_step",
+    }
     with pytest.raises(ConfigError) as err:
         load_config("bam_fmnist", ["train.fail_at_step=5"])
     assert err.value.field == "train.fail_at_step"

@@ -99,7 +99,11 @@ def test_two_worker_run_is_tracked_end_to_end(finished_run):
     # every resolved config value is a param, except the debug section's fault injection; tags carry
     # commit, versions, method
     assert set(run.data.params) == set(cfg.run_params())
-    assert set(flatten(cfg.to_dict())) - set(run.data.params) == {"debug.fail_at_step", "debug.nan_at_step"}
+    assert set(flatten(cfg.to_dict())) - set(run.data.params) == {
+        "debug.fail_at_step",
+        "debug.nan_at_step",
+        "debug.hold_at_step",
+    }
     assert run.data.params["optim.batch_size"] == str(BATCH) and run.data.params["train.workers"] == "2"
     assert run.data.tags["method"] == "bam" and run.data.tags["version.ray"] == "2.60.0"
     assert run.data.tags["git_commit"] != "unknown" and run.data.tags["bamray.start_epoch"] == "0"

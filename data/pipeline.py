@@ -137,6 +137,13 @@ def on_this_node() -> Any:
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
 
 
+#: The helper actors come back if their node is lost, on another node, with fresh state: the train loop sets
+#: the clock at the start of every epoch (a restarted group starts an epoch first), and a counter that
+#: restarts undercounts, which beats failing the run. Found by tests/test_nodes_ray.py: the clock died with a
+#: lost worker node, and the restarted group could not start.
+RESTARTABLE = {"max_restarts": -1, "max_task_retries": -1}
+
+
 def get_corrupt_counter(name: str = DEFAULT_CORRUPT_COUNTER) -> ray.actor.ActorHandle:
     """Create-or-get the named :class:`CorruptCounter`.
 
@@ -144,7 +151,7 @@ def get_corrupt_counter(name: str = DEFAULT_CORRUPT_COUNTER) -> ray.actor.ActorH
     :func:`build_train_dataset` does), not in a short-lived worker.
     """
     handle = CorruptCounter.options(
-        name=name, get_if_exists=True, scheduling_strategy=on_this_node()
+        name=name, get_if_exists=True, scheduling_strategy=on_this_node(), **RESTARTABLE
     ).remote()
     ray.get(handle.count.remote())  # registered and alive before anyone looks it up by name
     return handle
@@ -157,7 +164,9 @@ def corrupt_count(name: str = DEFAULT_CORRUPT_COUNTER) -> int:
 
 def get_epoch_clock(name: str) -> ray.actor.ActorHandle:
     """Create-or-get the named :class:`EpochClock` (``.set.remote(epoch)``, ``.get.remote()``)."""
-    handle = EpochClock.options(name=name, get_if_exists=True, scheduling_strategy=on_this_node()).remote()
+    handle = EpochClock.options(
+        name=name, get_if_exists=True, scheduling_strategy=on_this_node(), **RESTARTABLE
+    ).remote()
     ray.get(handle.get.remote())
     return handle
 

@@ -58,24 +58,15 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
+def _all_reduce(values: list[float], device: torch.device, op: str = "mean") -> list[float]:
+    """``values`` reduced over the workers: ``"mean"`` or ``"max"`` (unchanged outside a process group)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()
-
-
-def _all_reduce_max(values: list[float], device: torch.device) -> list[float]:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return (t / dist.get_world_size() if op == "mean" else t).tolist()
 
 
 def _non_finite_everywhere(step: int, loss: torch.Tensor) -> torch.Tensor:
@@ -151,7 +142,7 @@ class _Worker:
             t.checkpoint_every_minutes,
             midepoch.NoticeWatch(t.preemption_notice) if t.preemption_notice else None,
             rank=self.rank,
-            agree=(lambda flags: _all_reduce_max(flags, self.device)) if self.world > 1 else None,
+            agree=(lambda flags: _all_reduce(flags, self.device, "max")) if self.world > 1 else None,
         )
         self.log = None
         uri = plan.tracking_uri
@@ -221,8 +212,9 @@ class _Worker:
             with checkpoint.as_directory() as d:
                 state = ckpt.load_training_state(d)
                 rng = ckpt.load_rng_state(d, self.rank)
-                mine = midepoch.load_samples(d, self.rank)
-                everyone = midepoch.load_samples(d) if self.rank == 0 else np.zeros(0, np.int64)
+                if state["extra"].get("epoch_progress"):  # only an epoch resumed inside needs its samples
+                    mine = midepoch.load_samples(d, self.rank)
+                    everyone = midepoch.load_samples(d) if self.rank == 0 else np.zeros(0, np.int64)
             self.engine.load_state_dict(state["engine"])
             self.start_epoch = int(state["epoch"])
             extra = state["extra"]
@@ -334,7 +326,7 @@ class _Worker:
     def epoch_metrics(self, epoch: int, stats: EpochStats) -> dict[str, Any]:
         """The epoch's report (means over the workers, k-NN on its evaluation epochs), logged to MLflow
         before the checkpoint commits: a checkpoint never exists without its metrics."""
-        mean_loss, mean_elapsed = _all_reduce_mean([stats.mean_loss, stats.seconds], self.device)
+        mean_loss, mean_elapsed = _all_reduce([stats.mean_loss, stats.seconds], self.device)
         self.train_s += mean_elapsed
         if epoch == 0 and self.budgeted:
             epochs = plan_epochs(self.cfg.train.time_budget_min * 60, mean_elapsed, self.cfg.optim.epochs)

@@ -106,7 +106,7 @@ def _remove_if_present(pg: PlacementGroup) -> bool:
 def start_reaper(name: str | None = None, interval_s: float = 1.0) -> Any:
     """The sweep's reaper actor (0 CPUs, so it never competes with trials), owned by the calling process
     and on its node (a lost worker node must not take it along)."""
-    from data.pipeline import on_this_node
+    from data.run_actors import on_this_node
 
     cls = ray.remote(num_cpus=0, max_concurrency=4)(PlacementGroupReaper)
     return cls.options(name=name, scheduling_strategy=on_this_node()).remote(interval_s)

@@ -18,9 +18,8 @@ from data.pipeline import (
     build_eval_datasets,
     build_train_dataset,
     configure_data_context,
-    corrupt_count,
-    get_epoch_clock,
 )
+from data.run_actors import corrupt_count, get_epoch_clock
 from data.sources import prepare_fashion_mnist, read_split_table
 from data.torch_dataset import CleanTorchDataset, MultiCropTorchDataset, collate_batch, select_eval_indices
 

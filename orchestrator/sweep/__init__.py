@@ -21,7 +21,19 @@ searched parameter. Each trial's CHILD run holds its params and tags (written by
 (written by the rank-0 Train worker) and its exported backbones.
 """
 
+from typing import Any
+
 from orchestrator.sweep.cli import add_sweep_parser, cmd_sweep
-from orchestrator.sweep.run import run_sweep
+
+
+def __getattr__(name: str) -> Any:
+    """``run_sweep`` on first use: it pulls in the config, torch and Ray Tune, which the CLI's parser (built
+    for every command, ``--help`` included) must not pay for."""
+    if name == "run_sweep":
+        from orchestrator.sweep.run import run_sweep
+
+        return run_sweep
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["add_sweep_parser", "cmd_sweep", "run_sweep"]

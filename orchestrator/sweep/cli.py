@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from orchestrator.config import load_config
-from orchestrator.sweep.run import run_sweep
 from orchestrator.sweep.settings import SCHEDULERS, SEARCHES
 from trainers.options import ConfigError
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """``bamray sweep``: 0 = finished with a best trial, 1 = interrupted or no trial produced a score."""
+    """``bamray sweep``: 0 = finished with a best trial, 1 = interrupted or no trial produced a score.
+    Imports the config and Ray-side modules here, not at the top: the parser is built for every command."""
+    from orchestrator.config import load_config
+    from orchestrator.sweep.run import run_sweep
+
     if args.resume:
         out = run_sweep(
             None,

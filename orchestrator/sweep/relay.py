@@ -55,7 +55,7 @@ def fit_reporting_to_tune(
     from ray import tune
     from ray.util.queue import Queue
 
-    from data.pipeline import on_this_node
+    from data.run_actors import on_this_node
     from orchestrator.epoch_gate import EpochGate, GatedEpochs
     from orchestrator.reaper import watch_current_actor
     from orchestrator.training.driver import build_trainer

@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from orchestrator.config import ExperimentConfig, apply_overrides, config_from_dict
 from search_spaces import SearchSpace, load_space, validate_space
 from trainers.options import ConfigError
+
+if TYPE_CHECKING:
+    from orchestrator.config import ExperimentConfig
 
 #: What Tune optimises (reported every epoch by the Train workers) and the clock its schedulers read.
 METRIC, MODE, TIME_ATTR = "knn_top1", "max", "epoch"
@@ -43,6 +45,8 @@ class SweepSettings:
 def config_check(base: dict[str, Any]) -> Callable[[dict[str, Any]], ExperimentConfig]:
     """The validator a search space is checked with: ``base`` plus flat overrides, built and validated as
     an experiment config (the fields' own ranges and the cross-field rules decide)."""
+
+    from orchestrator.config import apply_overrides, config_from_dict
 
     def check(overrides: dict[str, Any]) -> ExperimentConfig:
         return config_from_dict(apply_overrides(base, overrides))
@@ -92,6 +96,8 @@ def trial_base(
 ) -> ExperimentConfig:
     """The base config every trial starts from: ``--workers-per-trial`` and ``--gpus-per-trial`` (split
     evenly over the workers) applied and re-validated, since they change cross-field limits."""
+    from orchestrator.config import apply_overrides, config_from_dict
+
     overrides: dict[str, Any] = {}
     if workers_per_trial is not None:
         overrides["train.workers"] = workers_per_trial

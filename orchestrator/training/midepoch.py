@@ -6,7 +6,7 @@ checkpoints lose at most the steps since the last one. Resuming stays exact beca
 are seeded by ``(seed, epoch, index)`` (:mod:`data.augment`): a checkpoint taken inside an epoch stores,
 per rank, the indices of the samples trained on so far in that epoch (``epoch_samples_rank{r}.npy``);
 the resumed epoch's stream leaves exactly those out (the epoch clock carries them to the map tasks,
-:class:`data.pipeline.EpochClock`), so no sample is seen twice in the epoch and none is lost beyond what
+:class:`data.run_actors.EpochClock`), so no sample is seen twice in the epoch and none is lost beyond what
 an uninterrupted epoch drops at its end. With ``N`` samples split equally over ``W`` workers with batch
 ``B``, the stream left after ``s`` steps yields ``floor((N - s*W*B) / W / B) = steps_per_epoch - s``
 batches per worker, so the resumed epoch ends at the same step as an uninterrupted one.

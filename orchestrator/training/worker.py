@@ -104,7 +104,7 @@ def _epoch_line(epoch: int, epochs: int, stats: EpochStats, mean_loss: float, me
 
 def _corrupt_count(name: str) -> int:
     try:
-        from data.pipeline import corrupt_count
+        from data.run_actors import corrupt_count
 
         return int(corrupt_count(name))
     except Exception:  # noqa: BLE001 - a missing counter must not stop training
@@ -152,7 +152,7 @@ class _Worker:
             )
         self.clock = None
         if plan.epoch_clock:
-            from data.pipeline import get_epoch_clock
+            from data.run_actors import get_epoch_clock
 
             self.clock = get_epoch_clock(plan.epoch_clock)
         self.shard = ray.train.get_dataset_shard("train")

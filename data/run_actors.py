@@ -1,0 +1,123 @@
+"""The run's helper actors: the corrupt-row counters and the epoch clock that the map tasks read.
+
+They live apart from :mod:`data.pipeline` on purpose: Ray ships an actor class by reference, so each actor
+process imports the class's module. ``data.pipeline`` pulls in torch and Ray Data (about 4 s of CPU per
+process); this module only numpy and Ray, so the three helper actors of a run start in a fraction of that.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import numpy as np
+import ray
+
+DEFAULT_CORRUPT_COUNTER = "bamray-corrupt-train"
+DEFAULT_EVAL_CORRUPT_COUNTER = "bamray-corrupt-eval"
+
+
+@ray.remote(num_cpus=0)
+class CorruptCounter:
+    """Counts corrupt rows skipped by the map actors (metric ``data_corrupt_skipped``).
+
+    Keyed by ``(split, index)`` so a corrupt image is counted once however many epochs, actors or
+    retries meet it.
+    """
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[str, int]] = set()
+
+    def add(self, split: str, indices: list[int]) -> int:
+        self._seen.update((split, int(i)) for i in indices)
+        return len(self._seen)
+
+    def count(self) -> int:
+        return len(self._seen)
+
+
+@ray.remote(num_cpus=0)
+class EpochClock:
+    """The epoch the augmentation is seeded with, and the samples it leaves out; set by the train loop,
+    read by every map task.
+
+    ``skip`` is for an epoch resumed from a checkpoint taken inside it: the samples its first attempt
+    already trained on (:mod:`orchestrator.training.midepoch`). Map tasks read ``state()`` (epoch, version)
+    every batch and fetch the skip array only when the version changed."""
+
+    def __init__(self) -> None:
+        self._epoch, self._version, self._id = 0, 0, uuid.uuid4().hex
+        self._skip = np.zeros(0, np.int64)
+
+    def set(self, epoch: int, skip: np.ndarray | None = None) -> int:
+        self._epoch = int(epoch)
+        self._skip = np.unique(np.asarray(skip if skip is not None else [], dtype=np.int64))
+        self._version += 1
+        return self._epoch
+
+    def get(self) -> int:
+        return self._epoch
+
+    def state(self) -> tuple[int, str]:
+        """The epoch, and a key that changes whenever the skip array may have (unique across clocks)."""
+        return self._epoch, f"{self._id}-{self._version}"
+
+    def skipped(self) -> np.ndarray:
+        return self._skip
+
+
+#: the clock's key (see ``EpochClock.state``) -> sorted sample indices to leave out; per process (map tasks build their callable
+#: per batch, so the cache must outlive it)
+_SKIP_CACHE: dict[str, Any] = {"key": None, "skip": np.zeros(0, np.int64)}
+
+
+def clock_view(clock: Any) -> tuple[int, np.ndarray]:
+    """The clock's epoch and skip array, fetching the array once per version."""
+    epoch, key = ray.get(clock.state.remote())
+    if _SKIP_CACHE["key"] != key:
+        _SKIP_CACHE.update(key=key, skip=ray.get(clock.skipped.remote()))
+    return int(epoch), _SKIP_CACHE["skip"]
+
+
+def on_this_node() -> Any:
+    """The scheduling strategy of a run's helper actors: the node of the process that creates them (the
+    driver's), as Ray Train pins its own controller and dataset manager. Left to Ray, a zero-CPU actor may
+    land on any worker node, and losing that node in the middle of a run would take the run's counters and
+    clocks with it, failing a run that Ray Train could otherwise restart on the nodes left."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+
+
+#: The helper actors come back if their node is lost, on another node, with fresh state: the train loop sets
+#: the clock at the start of every epoch (a restarted group starts an epoch first), and a counter that
+#: restarts undercounts, which beats failing the run. Found by tests/test_nodes_ray.py: the clock died with a
+#: lost worker node, and the restarted group could not start.
+RESTARTABLE = {"max_restarts": -1, "max_task_retries": -1}
+
+
+def get_corrupt_counter(name: str = DEFAULT_CORRUPT_COUNTER) -> ray.actor.ActorHandle:
+    """Create-or-get the named :class:`CorruptCounter`.
+
+    A named actor lives as long as the process that created it: create it in the driver (as
+    :func:`build_train_dataset` does), not in a short-lived worker.
+    """
+    handle = CorruptCounter.options(
+        name=name, get_if_exists=True, scheduling_strategy=on_this_node(), **RESTARTABLE
+    ).remote()
+    ray.get(handle.count.remote())  # registered and alive before anyone looks it up by name
+    return handle
+
+
+def corrupt_count(name: str = DEFAULT_CORRUPT_COUNTER) -> int:
+    """Distinct corrupt rows skipped so far under counter ``name``."""
+    return int(ray.get(get_corrupt_counter(name).count.remote()))
+
+
+def get_epoch_clock(name: str) -> ray.actor.ActorHandle:
+    """Create-or-get the named :class:`EpochClock` (``.set.remote(epoch)``, ``.get.remote()``)."""
+    handle = EpochClock.options(
+        name=name, get_if_exists=True, scheduling_strategy=on_this_node(), **RESTARTABLE
+    ).remote()
+    ray.get(handle.get.remote())
+    return handle

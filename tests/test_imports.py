@@ -1,0 +1,40 @@
+"""Modules that other processes import only to unpickle something must stay light.
+
+Ray ships the dataset plan's map callables and the run's helper actors by reference, so Ray Train's
+controller, its dataset manager, every split coordinator and every helper actor import their modules;
+the CLI builds its whole parser for every command. Each torch import there costs seconds of CPU per process.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "import data.batch_maps",
+        "import data.run_actors",
+        "from orchestrator.cli import build_parser; build_parser()",
+    ],
+)
+def test_light_modules_do_not_import_torch(statement):
+    code = f"import sys; {statement}; print(sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_sweep_package_still_exposes_run_sweep():
+    from orchestrator import sweep
+    from orchestrator.sweep.run import run_sweep
+
+    assert sweep.run_sweep is run_sweep
+    with pytest.raises(AttributeError):
+        _ = sweep.no_such_name

@@ -120,7 +120,9 @@ def _is_transient(err: BaseException) -> bool:
         from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE, ErrorCode
 
         if isinstance(err, MlflowException) and err.error_code == ErrorCode.Name(TEMPORARILY_UNAVAILABLE):
-            return True
+            # A server's 503 reaches us only after MLflow's own HTTP retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+            # minutes of backoff): retrying it again would multiply that wait by our attempts.
+            return "API request to" not in str(err)
     except ImportError:  # pragma: no cover
         pass
     try:

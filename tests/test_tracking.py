@@ -152,6 +152,34 @@ def test_retry_only_transient_errors():
     assert len(always) == 4
 
 
+def test_a_servers_503_is_not_retried_on_top_of_mlflows_own_retries():
+    """MLflow's REST client retries 503s itself for minutes; a store-side TEMPORARILY_UNAVAILABLE (SQL
+    store) is still ours to retry."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+    calls = []
+
+    def server_503():
+        calls.append(1)
+        raise MlflowException(
+            "API request to endpoint /api/2.0/mlflow/runs/log-batch failed with error code 503 != 200",
+            error_code=TEMPORARILY_UNAVAILABLE,
+        )
+
+    with pytest.raises(MlflowException):
+        tracking.with_retry(server_503, attempts=4, base_delay=0.001)
+    assert len(calls) == 1
+
+    def store_busy():
+        calls.append(1)
+        raise MlflowException("the store is temporarily unavailable", error_code=TEMPORARILY_UNAVAILABLE)
+
+    with pytest.raises(MlflowException):
+        tracking.with_retry(store_busy, attempts=3, base_delay=0.001)
+    assert len(calls) == 1 + 3
+
+
 # ---------------------------------------------------------------------------------------------- run status
 def test_failed_run_reason_and_resumed_params(tmp_path):
     uri = _uri(tmp_path)

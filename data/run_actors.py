@@ -121,3 +121,25 @@ def get_epoch_clock(name: str) -> ray.actor.ActorHandle:
     ).remote()
     ray.get(handle.get.remote())
     return handle
+
+
+def pin_ray_data_singletons() -> None:
+    """Create Ray Data's two cluster-wide detached actors (its stats actor and its autoscaling
+    coordinator) now, on this process's node.
+
+    Ray Data creates them on first use, pinned to the node of whichever process builds the first dataset.
+    In a sweep that is a trial driver on an autoscaled worker node, and a detached actor there keeps the
+    node from ever counting as idle: the autoscaler never removes it (found by tests/test_autoscale_ray.py).
+    Called by the sweep's driver, which runs on the head, before any trial starts; both creators are
+    get-if-exists, so the trials reuse these. Private Ray Data functions: if a Ray upgrade moves them, the
+    sweep goes on with Ray's default placement."""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError as err:  # pragma: no cover - depends on the Ray version
+        print(f"Ray Data's helper actors not pinned to this node ({err})", flush=True)
+        return
+    for handle in (get_or_create_stats_actor(), get_or_create_autoscaling_coordinator()):
+        ray.get(handle.__ray_ready__.remote())

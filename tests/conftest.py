@@ -164,7 +164,7 @@ def ray_head(args: list[str], ready: Callable[[], object], env: dict[str, str], 
     finally:
         proc.send_signal(signal.SIGTERM)  # --block: `ray start` stops the processes it started
         try:
-            proc.wait(timeout=10)  # a graceful stop takes ~30 s; the kills below end the same processes
+            proc.wait(timeout=2)  # a graceful stop takes ~30 s; the kills below end the same processes
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # only our own session (start_new_session=True)
             proc.wait(timeout=30)

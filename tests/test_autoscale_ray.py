@@ -1,5 +1,5 @@
-"""The autoscaler adding a node for a `bamray train` run that needs it, the run training there, and the
-autoscaler removing the node once idle, on one machine.
+"""The autoscaler adding a node for a `bamray sweep` whose trials need CPUs the head does not have, the
+trials training there, and the autoscaler removing the node once idle, on one machine.
 
 Ray's own autoscaler test harness runs here: ``ray start --head --autoscaling-config`` with the
 ``fake_multinode`` provider (``RAY_FAKE_CLUSTER=1``), the real autoscaler whose "instances" are local
@@ -20,6 +20,7 @@ the length of the test).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -32,12 +33,12 @@ from conftest import TINY_BATCH, TINY_N_TRAIN, free_port, ray_head, tiny_train_s
 
 from orchestrator import tracking
 from orchestrator.config import load_config
-from orchestrator.training.driver import run_training
+from orchestrator.sweep import run_sweep
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-SPE = TINY_N_TRAIN // (TINY_BATCH * 2)  # steps per epoch with 2 workers
+SPE = TINY_N_TRAIN // TINY_BATCH  # steps per epoch of a 1-worker trial
 NODE_TYPE = "ray.worker.gpu"  # aws.yaml's worker node type
 IDLE_TIMEOUT_MIN = 0.1
 
@@ -133,7 +134,11 @@ def _worker_nodes() -> dict[str, bool]:
     }
 
 
-def test_autoscaler_adds_a_node_for_the_run_and_removes_it_when_idle(cluster, tiny_shards, tmp_path):
+def test_autoscaler_adds_a_node_for_a_sweep_and_removes_it_when_idle(cluster, tiny_shards, tmp_path):
+    """Two trials at once (a grid over ``method.reg``), each a 1-worker Ray Train run of one epoch: every
+    trial driver, Train worker and map task needs CPUs, the head has none, so all of them run on the node
+    the autoscaler adds for them. The node must then be removed: it was not, before the sweep's driver
+    pinned Ray Data's detached helper actors to the head (:func:`data.run_actors.pin_ray_data_singletons`)."""
     import ray
 
     address, temp_dir = cluster
@@ -142,26 +147,46 @@ def test_autoscaler_adds_a_node_for_the_run_and_removes_it_when_idle(cluster, ti
     settings = tiny_train_settings(
         **{
             "data.path": tiny_shards,
-            "train.address": address,
             "train.storage_path": storage,
             "tracking.tracking_uri": uri,
+            "train.workers": 1,
+            "optim.epochs": 1,
+            "optim.warmup_epochs": 0,
         }
     )
     cfg = load_config("bam_fmnist", [f"{k}={v}" for k, v in settings.items()])
+    space = {"name": "reg", "params": {"method.reg": {"type": "grid", "values": [0.05, 0.1]}}}
     t0 = time.monotonic()
-    out = run_training(cfg)
+    out = run_sweep(
+        cfg,
+        space,
+        trials=2,
+        scheduler="fifo",
+        max_concurrent=2,
+        storage_path=str(storage),
+        name="autoscaled",
+        tracking_uri=uri,
+        address=address,
+    )
     wall = time.monotonic() - t0
 
-    assert out["status"] == "FINISHED", out.get("reason")
+    assert not out["interrupted"] and len(out["trials"]) == 2, out
+    assert sorted(r["params"]["method.reg"] for r in out["trials"]) == [0.05, 0.1]
     c = tracking.client(uri)
-    assert sorted(m.step for m in c.get_metric_history(out["run_id"], "loss")) == list(range(1, 2 * SPE + 1))
+    for row in out["trials"]:
+        assert row["status"] == "completed" and row["epochs"] == 1, row
+        run = c.get_run(row["mlflow_run_id"])
+        assert run.info.status == "FINISHED"
+        assert sorted(m.step for m in c.get_metric_history(run.info.run_id, "loss")) == list(
+            range(1, SPE + 1)
+        )
     monitor = (Path(temp_dir) / "session_latest" / "logs" / "monitor.log").read_text()
-    assert f"Adding 1 node(s) of type {NODE_TYPE}" in monitor  # the autoscaler launched aws.yaml's type
+    assert re.search(rf"Adding \d+ node\(s\) of type {re.escape(NODE_TYPE)}", monitor)  # aws.yaml's node type
 
     ray.init(address=address, log_to_driver=False, configure_logging=False)
     try:
         nodes = _worker_nodes()
-        assert len(nodes) >= 1  # the run's node (the head has no CPUs, so the run trained there)
+        assert len(nodes) >= 1  # the trials' node (the head has no CPUs, so they trained there)
         deadline = time.monotonic() + 120
         while any(_worker_nodes().values()) and time.monotonic() < deadline:
             time.sleep(1)
@@ -171,4 +196,4 @@ def test_autoscaler_adds_a_node_for_the_run_and_removes_it_when_idle(cluster, ti
     monitor = (Path(temp_dir) / "session_latest" / "logs" / "monitor.log").read_text()
     assert f"nodes of type {NODE_TYPE} (idle)" in monitor
     shutil.rmtree(storage, ignore_errors=True)
-    print(f"autoscaled run: {wall:.0f} s", file=sys.stderr)
+    print(f"autoscaled sweep: {wall:.0f} s", file=sys.stderr)

@@ -212,12 +212,14 @@ def _fit(
     record: rec.SweepRecord, exp_path: str, address: str | None, resume_errored: bool | None
 ) -> dict[str, Any]:
     """Run the Tuner (a new one, or the stored one when ``resume_errored`` is not None), then summarise."""
+    from data.run_actors import pin_ray_data_singletons
     from orchestrator.reaper import start_reaper
 
     settings, plan = record.settings, trial_plan(record, exp_path)
     uri, parent = settings.tracking_uri, record.parent_run_id
     started = connect_ray(address, record.base, settings)
     reaper = start_reaper(plan.reaper_name)
+    pin_ray_data_singletons()
     try:
         if resume_errored is not None:
             tuner = restored_tuner(plan, settings, exp_path, resume_errored)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import sys
 import tempfile
 import time
 from typing import Any
@@ -30,7 +29,7 @@ import torch
 from orchestrator import checkpointing as ckpt
 from orchestrator import tracking
 from orchestrator.pictures import crop_grid
-from orchestrator.training import midepoch
+from orchestrator.training import console, midepoch, ranks
 from orchestrator.training.online_eval import SHARDS, EvalCache, online_knn
 from orchestrator.training.plan import WorkerPlan, knn_epochs, plan_epochs, with_epochs
 from trainers.loop import EpochStats, train_one_epoch
@@ -49,57 +48,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             break
         run.report_epoch(epoch, run.epoch_metrics(epoch, stats))
     return run.finish()
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _all_reduce(values: list[float], device: torch.device, op: str = "mean") -> list[float]:
-    """``values`` reduced over the workers: ``"mean"`` or ``"max"`` (unchanged outside a process group)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return (t / dist.get_world_size() if op == "mean" else t).tolist()
-
-
-def _non_finite_everywhere(step: int, loss: torch.Tensor) -> torch.Tensor:
-    """Loss hook of a multi-worker run: if any rank's loss is non-finite every rank sees NaN, so all of
-    them stop at the same step instead of some blocking in DDP's gradient all-reduce while the others
-    have left the loop. Costs one 1-element all-reduce per step."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item() > 0:
-            loss = loss * float("nan")
-    return loss
-
-
-def _say(line: str) -> None:
-    """One line to the driver's console. Ray Train patches ``print`` in its workers to go through its
-    logger and, when a library has wrapped ``sys.stdout`` (one here has), to the stream as well, so the
-    driver showed every line twice; printing to the process's own stdout goes around both."""
-    print(line, file=sys.__stdout__, flush=True)
-
-
-def _epoch_line(epoch: int, epochs: int, stats: EpochStats, mean_loss: float, metrics: dict[str, Any]) -> str:
-    knn = (
-        f", knn top-1 {metrics['knn_top1']:.2f} % ({metrics['knn_time_s']:.1f} s)"
-        if "knn_top1" in metrics
-        else ""
-    )
-    return (
-        f"[bamray] epoch {epoch + 1}/{epochs}: {stats.steps} steps in {stats.seconds:.1f} s "
-        f"(first batch after {stats.first_batch_s:.1f} s), loss {mean_loss:.4f}{knn}"
-    )
 
 
 def _corrupt_count(name: str) -> int:
@@ -142,7 +90,7 @@ class _Worker:
             t.checkpoint_every_minutes,
             midepoch.NoticeWatch(t.preemption_notice) if t.preemption_notice else None,
             rank=self.rank,
-            agree=(lambda flags: _all_reduce(flags, self.device, "max")) if self.world > 1 else None,
+            agree=(lambda flags: ranks.all_reduce(flags, self.device, "max")) if self.world > 1 else None,
         )
         self.log = None
         uri = plan.tracking_uri
@@ -198,7 +146,7 @@ class _Worker:
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
         random.seed(seed)
-        hook = _non_finite_everywhere if self.world > 1 else None
+        hook = ranks.non_finite_everywhere if self.world > 1 else None
         self.loss_hook = self.plan.faults.wrap_loss_hook(self.rank, hook)
 
     def _restore(self) -> None:
@@ -246,7 +194,7 @@ class _Worker:
         if self.clock is not None:
             if self.rank == 0:
                 ray.get(self.clock.set.remote(epoch, skip))
-            _barrier()  # no worker pulls the epoch's first batch before the clock moved
+            ranks.barrier()  # no worker pulls the epoch's first batch before the clock moved
         batches = self.shard.iter_torch_batches(
             batch_size=cfg.optim.batch_size,
             drop_last=True,
@@ -290,7 +238,7 @@ class _Worker:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         self.policy.checkpointed()
         if self.rank == 0:
-            _say(
+            console.say(
                 f"[bamray] checkpoint at step {step} (epoch {epoch + 1}, step {stats.steps}/{spe}): {reason}"
             )
         self.checkpoints_reported += 1
@@ -326,7 +274,7 @@ class _Worker:
     def epoch_metrics(self, epoch: int, stats: EpochStats) -> dict[str, Any]:
         """The epoch's report (means over the workers, k-NN on its evaluation epochs), logged to MLflow
         before the checkpoint commits: a checkpoint never exists without its metrics."""
-        mean_loss, mean_elapsed = _all_reduce([stats.mean_loss, stats.seconds], self.device)
+        mean_loss, mean_elapsed = ranks.all_reduce([stats.mean_loss, stats.seconds], self.device)
         self.train_s += mean_elapsed
         if epoch == 0 and self.budgeted:
             epochs = plan_epochs(self.cfg.train.time_budget_min * 60, mean_elapsed, self.cfg.optim.epochs)
@@ -371,7 +319,7 @@ class _Worker:
             )
             self.log.flush()
         if self.rank == 0:
-            _say(_epoch_line(epoch, self.cfg.optim.epochs, stats, mean_loss, metrics))
+            console.say(console.epoch_line(epoch, self.cfg.optim.epochs, stats, mean_loss, metrics))
         return metrics
 
     def report_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:

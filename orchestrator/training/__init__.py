@@ -2,7 +2,8 @@
 
 One job per module: :mod:`.data_prep` (the shards, their meta and the steps of an epoch),
 :mod:`.plan` (:class:`~.plan.WorkerPlan`, what the driver hands every worker, and the time budget),
-:mod:`.driver` (MLflow run, Ray, ``TorchTrainer``, artifacts), :mod:`.worker` (the per-worker loop around
+:mod:`.driver` (Ray, ``TorchTrainer``, artifacts), :mod:`.mlflow_run` (creating, re-opening or
+extending the MLflow run), :mod:`.worker` (the per-worker loop around
 ``trainers.loop.train_one_epoch``: resume, reports, checkpoints), :mod:`.midepoch` (checkpoints inside
 an epoch, termination notices), :mod:`.ranks` (what the workers agree on through the process group),
 :mod:`.console` (the workers' console lines), :mod:`.loopback_ddp` (the process group on one node) and

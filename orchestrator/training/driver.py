@@ -21,7 +21,7 @@ from orchestrator import checkpointing as ckpt
 from orchestrator import fault_injection, preflight, tracking
 from orchestrator.config import ExperimentConfig
 from orchestrator.local_ray import connect_or_start
-from orchestrator.training import loopback_ddp
+from orchestrator.training import loopback_ddp, mlflow_run
 from orchestrator.training.data_prep import prepare_data, resolved_data, steps_per_epoch
 from orchestrator.training.interrupt import SignalGuard, stop_on_signals
 from orchestrator.training.online_eval import KNN_CACHE_BYTES, knn_cache_bytes
@@ -172,60 +172,6 @@ def connect_ray(cfg: ExperimentConfig) -> bool:
         raise ConfigError(field or "train.address", f"cannot connect to Ray at {address!r}: {err}") from err
 
 
-def _previous_run(uri: str, run_id: str) -> Any:
-    """The MLflow run ``--resume`` names, read (not yet re-opened) so a wrong id is refused first."""
-    try:
-        return tracking.with_retry(tracking.client(uri).get_run, run_id)
-    except Exception as err:  # noqa: BLE001 - MlflowException: no such run in this store
-        raise ConfigError("--resume", f"no MLflow run {run_id!r} in {uri} ({type(err).__name__})") from err
-
-
-def _extends(cfg: ExperimentConfig, run: Any) -> bool:
-    """Whether resuming the FINISHED ``run`` with ``cfg`` asks for more epochs than it trained; a
-    time-budgeted run is refused, since its checkpoint pins the length it planned."""
-    logged = run.data.params.get("optim.epochs")
-    if logged is None or cfg.optim.epochs <= int(logged):
-        return False
-    if float(run.data.params.get("train.time_budget_min", 0) or 0) > 0:
-        raise ConfigError(
-            "optim.epochs",
-            f"run {run.info.run_id} was time-budgeted; its checkpoint keeps the epochs it planned, so it "
-            "cannot be extended: start a new run",
-        )
-    return True
-
-
-def _open_run(cfg: ExperimentConfig, uri: str, previous: Any) -> tuple[str, str]:
-    """Create the MLflow run (or re-open ``previous``, the run ``--resume`` names) and log its params,
-    tags and config; returns ``(run id, Ray run name)``."""
-    storage = _storage(cfg, previous)
-    if previous is not None:
-        run_id = previous.info.run_id
-        tracking.reopen_run(uri, run_id)
-        ray_run_name = previous.data.tags.get(tracking.TAG_RAY_RUN) or f"{cfg.name}-{run_id[:8]}"
-    else:
-        run_id = tracking.create_run(
-            uri,
-            cfg.tracking.experiment,
-            cfg.tracking.run_name or cfg.name,
-            tracking.run_tags(cfg.method_name),
-        )
-        ray_run_name = f"{cfg.name}-{run_id[:8]}"
-    tracking.log_tags(uri, run_id, {tracking.TAG_RAY_RUN: ray_run_name, tracking.TAG_STORAGE: storage})
-    changed = tracking.log_params(uri, run_id, cfg.run_params())
-    if changed:
-        tracking.log_tags(uri, run_id, {"resume_changed_params": ",".join(sorted(changed))})
-    if previous is None:
-        tracking.log_config_artifact(uri, run_id, cfg)
-    return run_id, ray_run_name
-
-
-def _storage(cfg: ExperimentConfig, previous: Any) -> str:
-    """Ray Train storage: a resumed run's own (its tag), else ``train.storage_path`` made absolute."""
-    tagged = previous.data.tags.get(tracking.TAG_STORAGE) if previous is not None else None
-    return tagged or tracking.absolute_path(cfg.train.storage_path)
-
-
 def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[str, Any]:
     """Train ``cfg`` on Ray, tracked in one MLflow run; ``resume`` = an MLflow run id to continue.
 
@@ -249,8 +195,12 @@ def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[st
     with stop_on_signals() as guard:
         uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
         preflight.check_tracking_uri(uri)
-        previous = _previous_run(uri, resume) if resume else None
-        if previous is not None and previous.info.status == "FINISHED" and not _extends(cfg, previous):
+        previous = mlflow_run.previous_run(uri, resume) if resume else None
+        if (
+            previous is not None
+            and previous.info.status == "FINISHED"
+            and not mlflow_run.extends(cfg, previous)
+        ):
             print(
                 f"MLflow run {resume} already FINISHED its {previous.data.params.get('optim.epochs', '?')} "
                 "epochs: nothing to do (ask for more with --set optim.epochs=N)",
@@ -259,7 +209,7 @@ def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[st
             return {"run_id": resume, "tracking_uri": uri, "status": "FINISHED", "reason": "already finished"}
         cfg, meta = prepare_data(cfg)
         steps_per_epoch(cfg, meta)  # refuse an impossible batch before anything starts
-        storage = _storage(cfg, previous)
+        storage = mlflow_run.storage(cfg, previous)
         preflight.check_job(cfg, uri, storage)
         from ray.train import TrainingFailedError  # noqa: F401 - seconds to import: before Ray starts
 
@@ -272,7 +222,7 @@ def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[st
             if started and preflight.ray_address(cfg)[0]:
                 preflight.check_cluster_resources(cfg)
             with guard.deferred("the MLflow run is created"):  # a run whose id we never got stays RUNNING
-                run_id, ray_run_name = _open_run(cfg, uri, previous)
+                run_id, ray_run_name = mlflow_run.open_run(cfg, uri, previous)
             out = _fit(cfg, uri, run_id, ray_run_name, storage, guard)
         except KeyboardInterrupt as err:
             guard.stopping()

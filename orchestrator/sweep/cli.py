@@ -87,25 +87,7 @@ def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--max-concurrent", type=int, default=2, help="trials running at once")
     s.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (train.workers)")
     s.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, split over its workers")
-    s.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
-    s.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: keep the top 1/rf at each rung")
-    s.add_argument(
-        "--perturbation-interval",
-        type=int,
-        default=1,
-        help="PBT: epochs between exploit/explore steps (a multiple of train.checkpoint_freq)",
-    )
-    s.add_argument(
-        "--quantile-fraction",
-        type=float,
-        default=0.25,
-        help="PBT: share of trials that clone a top trial (and of top trials they clone from)",
-    )
-    s.add_argument(
-        "--seed",
-        type=int,
-        help="seed of the search algorithm and of PBT's choices (reproducible sampled params)",
-    )
+    _add_scheduler_arguments(s)
     s.add_argument(
         "--storage-path",
         help="Tune/Train storage: local path or s3:// / gs:// URI "
@@ -123,3 +105,31 @@ def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a base-config field")
     s.set_defaults(func=cmd_sweep)
     return s
+
+
+def _add_scheduler_arguments(parser: argparse.ArgumentParser) -> None:
+    """ASHA's and PBT's own knobs, and the seed of the search and of PBT's choices."""
+    group = parser.add_argument_group("scheduler and search")
+    group.add_argument(
+        "--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped"
+    )
+    group.add_argument(
+        "--reduction-factor", type=float, default=2.0, help="ASHA: keep the top 1/rf at each rung"
+    )
+    group.add_argument(
+        "--perturbation-interval",
+        type=int,
+        default=1,
+        help="PBT: epochs between exploit/explore steps (a multiple of train.checkpoint_freq)",
+    )
+    group.add_argument(
+        "--quantile-fraction",
+        type=float,
+        default=0.25,
+        help="PBT: share of trials that clone a top trial (and of top trials they clone from)",
+    )
+    group.add_argument(
+        "--seed",
+        type=int,
+        help="seed of the search algorithm and of PBT's choices (reproducible sampled params)",
+    )

@@ -22,13 +22,10 @@ failure (the restarted epoch recomputes them).
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import logging
 import math
 import os
 import re
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -196,44 +193,6 @@ def ensure_experiment(uri: str, name: str) -> str:
 
 def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "experiment"
-
-
-# ---------------------------------------------------------------------------------------------- driver side
-def git_commit(path: str | os.PathLike | None = None) -> str:
-    """``HEAD`` of the repository holding this package (``+dirty`` when modified), or ``unknown``."""
-    cwd = Path(path) if path else Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def package_versions() -> dict[str, str]:
-    out = {}
-    for pkg in ("torch", "ray", "timm", "mlflow", "torchvision", "numpy", "pyarrow"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = "missing"
-    out["python"] = sys.version.split()[0]
-    return out
-
-
-def run_tags(method: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    tags = {"git_commit": git_commit(), "method": method}
-    tags.update({f"version.{k}": v for k, v in package_versions().items()})
-    tags.update(extra or {})
-    return tags
 
 
 def _param_value(v: Any) -> str:

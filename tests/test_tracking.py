@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator import tracking
+from orchestrator import provenance, tracking
 from orchestrator.mlflow_ui import ui_command
 from orchestrator.pictures import crop_grid
 
@@ -183,7 +183,7 @@ def test_a_servers_503_is_not_retried_on_top_of_mlflows_own_retries():
 # ---------------------------------------------------------------------------------------------- run status
 def test_failed_run_reason_and_resumed_params(tmp_path):
     uri = _uri(tmp_path)
-    run_id = tracking.create_run(uri, "exp", "r", tracking.run_tags("bam"))
+    run_id = tracking.create_run(uri, "exp", "r", provenance.run_tags("bam"))
     assert tracking.log_params(uri, run_id, {"optim.lr": 0.1, "optim.epochs": 2}) == []
     tracking.finish_run(uri, run_id, "FAILED", "NonFiniteLossError: non-finite loss nan at step 7")
     run = tracking.client(uri).get_run(run_id)

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator import preflight, tracking
+from orchestrator import preflight, provenance, tracking
 from orchestrator.config import ExperimentConfig
 from orchestrator.sweep import record as rec
 from orchestrator.sweep import report
@@ -103,13 +103,7 @@ def run_sweep(
 
     cfg, meta = prepare_data(cfg)  # once, here, not racing in every trial
     steps_per_epoch(cfg, meta)
-    name = name or f"{cfg.name}-{space.name}"
-    if rec.sweep_exists(rec.join(storage, name)):
-        raise ConfigError(
-            "--name",
-            f"a sweep named {name!r} already exists in {storage}; continue it with "
-            f"--resume {name}, or pick another --name",
-        )
+    name = _new_sweep_name(name or f"{cfg.name}-{space.name}", storage)
     uri = tracking.resolve_tracking_uri(tracking_uri or cfg.tracking.tracking_uri)
     # Before Ray starts and before the parent run exists: store, storage, address, one trial's resources.
     trial_cfg = (
@@ -135,6 +129,17 @@ def run_sweep(
     return _start(cfg, space, settings, address)
 
 
+def _new_sweep_name(name: str, storage: str) -> str:
+    """``name``, refused if a sweep of that name is already stored (``--resume`` continues it)."""
+    if rec.sweep_exists(rec.join(storage, name)):
+        raise ConfigError(
+            "--name",
+            f"a sweep named {name!r} already exists in {storage}; continue it with "
+            f"--resume {name}, or pick another --name",
+        )
+    return name
+
+
 def _start(
     cfg: ExperimentConfig, space: SearchSpace, settings: SweepSettings, address: str | None
 ) -> dict[str, Any]:
@@ -146,7 +151,7 @@ def _start(
         uri,
         settings.experiment,
         name,
-        tracking.run_tags(
+        provenance.run_tags(
             cfg.method_name, {TAG_ROLE: "sweep", TAG_SWEEP: name, tracking.TAG_STORAGE: exp_path}
         ),
     )

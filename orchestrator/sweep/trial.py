@@ -18,7 +18,7 @@ import hashlib
 import json
 from typing import Any
 
-from orchestrator import tracking
+from orchestrator import provenance, tracking
 from orchestrator.config import ExperimentConfig, config_from_dict
 from orchestrator.sweep.lineage import (
     TAG_PARENT,
@@ -73,7 +73,7 @@ def _open_child_run(
     existing = child_runs(uri, plan.experiment_id, plan.parent_run_id).get(trial_id)
     if existing is not None:
         return tracking.reopen_run(uri, existing.info.run_id).info.run_id
-    tags = tracking.run_tags(
+    tags = provenance.run_tags(
         cfg.method_name,
         {
             TAG_PARENT: plan.parent_run_id,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator import tracking
+from orchestrator import provenance, tracking
 from orchestrator.config import ExperimentConfig
 from trainers.options import ConfigError
 
@@ -47,7 +47,7 @@ def open_run(cfg: ExperimentConfig, uri: str, previous: Any) -> tuple[str, str]:
             uri,
             cfg.tracking.experiment,
             cfg.tracking.run_name or cfg.name,
-            tracking.run_tags(cfg.method_name),
+            provenance.run_tags(cfg.method_name),
         )
         ray_run_name = f"{cfg.name}-{run_id[:8]}"
     tracking.log_tags(uri, run_id, {tracking.TAG_RAY_RUN: ray_run_name, tracking.TAG_STORAGE: storage_path})

@@ -82,12 +82,12 @@ class CleanBatch:
         self.cfg, self.split, self.counter = cfg, split, corrupt_counter
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        indices = np.asarray(batch["index"], dtype=np.int64)
-        images, keep = decode_rows(batch["image"], self.cfg.channels)
         import torch
 
         from data.images import clean_transform
 
+        indices = np.asarray(batch["index"], dtype=np.int64)
+        images, keep = decode_rows(batch["image"], self.cfg.channels)
         if not keep.all():
             ray.get(self.counter.add.remote(self.split, indices[~keep].tolist()))
         size, c = self.cfg.global_crop_size, self.cfg.channels

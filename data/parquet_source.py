@@ -2,6 +2,8 @@
 
 Row by row like the other importers (:mod:`data.sources`): a row without an image, without a label or with a
 label outside the class list is skipped and listed in ``skipped.csv`` with its reason, never a crash.
+Without a label column (``label_column=None``) the rows need only an image: an unlabelled set for
+self-supervised pre-training, every label -1.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from data.shards import (
+    NO_LABEL,
     SPLITS,
     DataMissingError,
     ShardWriter,
@@ -44,6 +47,13 @@ def _parquet_files(src: str) -> tuple[pafs.FileSystem, list[str]]:
     if not paths:
         raise DataMissingError(f"no .parquet files under {src}")
     return fs, paths
+
+
+def parquet_columns(src: str | Path) -> list[str]:
+    """Column names of the first Parquet file under ``src`` (a file, a folder or a URI); the files of one
+    export share a schema. Lets the CLI ask whether there is a ``label`` column before converting."""
+    fs, paths = _parquet_files(str(src))
+    return list(pq.ParquetFile(paths[0], filesystem=fs).schema_arrow.names)
 
 
 def _split_of(path: str, base: str) -> str | None:
@@ -137,18 +147,30 @@ def _stratified_split(ids: list[int | None], val_fraction: float, seed: int) -> 
     return dest
 
 
+def _random_split(n: int, val_fraction: float, seed: int) -> list[str]:
+    """Destination split per row of an unlabelled set: ``val_fraction`` of all rows (``seed``) to ``test``."""
+    dest = ["train"] * n
+    for r in np.random.default_rng(seed).permutation(n)[: int(round(val_fraction * n))]:
+        dest[r] = "test"
+    return dest
+
+
 def _iter_rows(
-    fs: pafs.FileSystem, paths: Iterable[str], image_column: str, label_column: str
+    fs: pafs.FileSystem, paths: Iterable[str], image_column: str, label_column: str | None
 ) -> Iterator[tuple[str, Any, Any]]:
-    """``(where, image value, label)`` per row; ``where`` is ``<file>#row=<n>`` (n counted per file)."""
+    """``(where, image value, label)`` per row (label None without ``label_column``); ``where`` is
+    ``<file>#row=<n>`` (n counted per file)."""
+    columns = [image_column] if label_column is None else [image_column, label_column]
     for path in paths:
         pf = pq.ParquetFile(path, filesystem=fs)
-        for names in (image_column, label_column):
+        for names in columns:
             if names not in pf.schema_arrow.names:
                 raise ValueError(f"{path}: no column {names!r}; columns are {pf.schema_arrow.names}")
         row = 0
-        for batch in pf.iter_batches(batch_size=1024, columns=[image_column, label_column]):
-            for value, label in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+        for batch in pf.iter_batches(batch_size=1024, columns=columns):
+            values = batch.column(0).to_pylist()
+            labels = batch.column(1).to_pylist() if label_column is not None else [None] * len(values)
+            for value, label in zip(values, labels):
                 yield f"{path}#row={row}", value, label
                 row += 1
 
@@ -167,7 +189,7 @@ def prepare_parquet(
     src: str | Path,
     out_dir: str | Path,
     image_column: str = "image",
-    label_column: str = "label",
+    label_column: str | None = "label",
     test_src: str | Path | None = None,
     val_fraction: float = 0.1,
     seed: int = 0,
@@ -183,21 +205,32 @@ def prepare_parquet(
     those; else ``val_fraction`` of each class (``seed``) goes to ``test``. Images may be raw bytes or
     ``{"bytes": ...}`` structs; undecodable, too large (``max_pixels``, default
     ``$BAMRAY_MAX_IMAGE_PIXELS``), empty or unlabelled rows are skipped, counted and listed in
-    ``skipped.csv`` as ``<file>#row=<n>``. Labels are integer ids, or strings mapped to sorted names. Class names come from ``class_names``, the Hugging Face
-    ClassLabel metadata, or the ids.
+    ``skipped.csv`` as ``<file>#row=<n>``. Labels are integer ids, or strings mapped to sorted names.
+    Class names come from ``class_names``, the Hugging Face ClassLabel metadata, or the ids.
+
+    ``label_column=None``: an unlabelled set. Rows need only an image, every label is -1, the random
+    split is over all rows (there are no classes to stratify by) and meta has ``num_classes`` 0 and
+    ``labelled`` false.
     """
     src = str(src)
     groups = _parquet_groups(src, test_src)
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction: got {val_fraction}; must be in [0, 1)")
-    # Labels first: needed for the string -> id mapping and the stratified split.
-    labels, schema = _read_labels(groups, label_column)
-    class_names, label_id = _label_ids(labels, schema, label_column, class_names)
-    assign = (
-        {"all": _stratified_split([label_id(v) for v in labels["all"]], val_fraction, seed)}
-        if "all" in groups
-        else {}
-    )
+    assign: dict[str, list[str]] = {}
+    if label_column is None:
+        if class_names:
+            raise ValueError("class_names needs a label column; got label_column=None (unlabelled)")
+        class_names, label_id = [], lambda v: NO_LABEL
+        if "all" in groups:
+            gfs, gpaths = groups["all"]
+            n_rows = sum(pq.ParquetFile(p, filesystem=gfs).metadata.num_rows for p in gpaths)  # footers
+            assign["all"] = _random_split(n_rows, val_fraction, seed)
+    else:
+        # Labels first: needed for the string -> id mapping and the stratified split.
+        labels, schema = _read_labels(groups, label_column)
+        class_names, label_id = _label_ids(labels, schema, label_column, class_names)
+        if "all" in groups:
+            assign["all"] = _stratified_split([label_id(v) for v in labels["all"]], val_fraction, seed)
 
     out = begin_shards(out_dir)
     writers = {split: ShardWriter(out, split, shard_size) for split in SPLITS}
@@ -228,4 +261,5 @@ def prepare_parquet(
         skipped,
         extra={"source": src},
         skip_log=log,
+        labelled=label_column is not None,
     )

@@ -1,9 +1,11 @@
 """The shard format (``bamray-shards-v1``): Parquet of PNG bytes, the one format every pipeline reads.
 
 A shard directory holds ``train/part-00000.parquet ...``, ``test/part-*.parquet`` and ``meta.json``.
-Rows: ``image`` (PNG bytes, lossless, so a decoded shard equals the source pixels), ``label`` (int64),
-``index`` (int64, 0..n-1 per split in write order). ``index`` is the sample's identity: the augmentation
-is seeded by it, ``train_limit`` keeps ``index < N`` and evaluation subsets are lists of indices.
+Rows: ``image`` (PNG bytes, lossless, so a decoded shard equals the source pixels), ``label`` (int64;
+-1 in every row of an unlabelled set, whose ``meta["labelled"]`` is false), ``index`` (int64, 0..n-1 per
+split in write order). ``index`` is the sample's identity: the augmentation is seeded by it,
+``train_limit`` keeps ``index < N`` and evaluation subsets are lists of indices. ``meta.json`` also holds
+the train split's per-channel ``mean`` / ``std`` (:func:`image_stats`), which training normalises with.
 
 Why Parquet of PNG bytes: one columnar format that Ray Data reads in parallel from local disk or object
 storage (``shuffle="files"`` is free), small (PNG keeps 28x28 images at ~300 bytes), and independent of
@@ -19,50 +21,42 @@ next to ``meta.json`` (columns ``split,path,reason,detail``; see :class:`SkipLog
 in ``meta["skipped_reasons"]``. ``meta["skipped"]`` keeps its meaning: per split, the images (files or
 rows) that were found but not written -- undecodable, too large, unlabelled.
 
-Image size bound: PIL refuses images above ~179 M pixels as "decompression bombs", which made a valid
-14000x14000 PNG look corrupt. Importers accept up to ``BAMRAY_MAX_IMAGE_PIXELS`` pixels (environment
-variable, default 300 M, i.e. ~0.9 GB of RGB pixels while one image is converted) and skip a larger one
-with reason ``too large``, naming its size. High-bit-depth images are rescaled to 8 bits by
-:mod:`data.bitdepth`.
+Source images are verified and turned into PNG bytes by :mod:`data.encoding` (re-exported here).
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-from data.bitdepth import nominal_bits, to_8bit
 from data.config import DataConfig
+from data.encoding import (  # noqa: F401 - re-exported: the importers' and tests' one entry point
+    DEFAULT_MAX_IMAGE_PIXELS,
+    MAX_PIXELS_ENV,
+    Skip,
+    encode_or_skip,
+    encode_png,
+    max_image_pixels,
+    verify_and_encode,
+)
 from trainers.fileio import atomic_write
 
 FORMAT = "bamray-shards-v1"
 SPLITS = ("train", "test")
 SKIPPED_CSV = "skipped.csv"
-MAX_PIXELS_ENV = "BAMRAY_MAX_IMAGE_PIXELS"
-DEFAULT_MAX_IMAGE_PIXELS = 300_000_000
+NO_LABEL = -1  #: the label of every row of an unlabelled set
 SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("index", pa.int64())])
-_DECODE_ERRORS = (
-    OSError,
-    UnidentifiedImageError,
-    ValueError,
-    SyntaxError,
-    Image.DecompressionBombError,
-    EOFError,
-    TypeError,
-)
 
 
 class DataMissingError(FileNotFoundError):
@@ -112,10 +106,16 @@ def split_path(path: str, split: str) -> str:
     return f"{path.rstrip('/')}/{split}"
 
 
-def read_split_table(path: str, split: str, columns: list[str] | None = None) -> pa.Table:
-    """One split of a shard directory as an Arrow table sorted by ``index`` (local path or URI)."""
+def read_split_table(
+    path: str, split: str, columns: list[str] | None = None, filters: Any = None
+) -> pa.Table:
+    """One split of a shard directory as an Arrow table sorted by ``index`` (local path or URI).
+
+    ``filters`` (pyarrow's DNF form, e.g. ``[("index", "in", rows)]``) drops rows while the files are
+    read, so a sample of a large split never holds the whole split in memory.
+    """
     fs, base = filesystem_and_path(split_path(path, split))
-    table = pq.read_table(base, columns=columns, filesystem=fs)
+    table = pq.read_table(base, columns=columns, filesystem=fs, filters=filters)
     if "index" in table.column_names:
         table = table.sort_by("index")
     return table
@@ -131,6 +131,51 @@ def filesystem_and_path(path: str) -> tuple[pafs.FileSystem, str]:
 def is_uri(path: str) -> bool:
     """``scheme://...`` (s3, gs, file, ...), as opposed to a plain local path."""
     return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", str(path)))
+
+
+# -------------------------------------------------------------------------------------- statistics
+def image_stats(path: str, channels: int, max_images: int = 5000) -> tuple[list[float], list[float], int]:
+    """Per-channel pixel ``mean`` and ``std`` (values / 255) of the ``train`` split, and how many images
+    they come from: the normalisation a data set of its own needs, instead of borrowed ImageNet numbers.
+
+    Reads up to ``max_images`` evenly spaced rows (by ``index``) of the shards at ``path`` (local or URI),
+    decodes them to ``channels`` (1: L, 3: RGB) with the decoder training uses
+    (:func:`data.images.decode_image`) and weighs every pixel of every sampled image alike (population
+    std). Exact 256-bin histograms, so a huge image costs no float copy of its pixels. Works on any
+    shard directory, also one whose meta predates these fields. Raises :class:`DataMissingError` when the
+    split has no decodable image.
+    """
+    from data.images import decode_image  # torch: kept out of the importers' and the CLI's start-up
+
+    if channels not in (1, 3):
+        raise ValueError(f"channels: got {channels!r}; must be 1 or 3")
+    if max_images < 1:
+        raise ValueError(f"max_images: got {max_images}; must be >= 1")
+    fs, base = filesystem_and_path(split_path(path, "train"))
+    n_rows = pads.dataset(base, format="parquet", filesystem=fs).count_rows()  # footers only
+    if not n_rows:
+        raise DataMissingError(f"the train split of {path} is empty: cannot measure mean/std")
+    filters = None
+    if n_rows > max_images:
+        rows = np.unique(np.linspace(0, n_rows - 1, max_images).round().astype(np.int64))
+        filters = [("index", "in", rows.tolist())]
+    images = read_split_table(path, "train", columns=["image", "index"], filters=filters).column("image")
+    hist = np.zeros((channels, 256), dtype=np.int64)
+    used = 0
+    for data in images.to_pylist():
+        image = decode_image(data, channels)
+        if image is None:
+            continue
+        for c in range(channels):
+            hist[c] += image[c].reshape(-1).bincount(minlength=256).numpy()
+        used += 1
+    if not used:
+        raise DataMissingError(f"no decodable image in the train split of {path}: cannot measure mean/std")
+    values = np.arange(256, dtype=np.float64) / 255.0
+    pixels = hist.sum(axis=1).astype(np.float64)
+    mean = (hist * values).sum(axis=1) / pixels
+    var = np.maximum((hist * values**2).sum(axis=1) / pixels - mean**2, 0.0)
+    return [float(m) for m in mean], [float(s) for s in np.sqrt(var)], used
 
 
 # ----------------------------------------------------------------------------------------- writing
@@ -242,12 +287,16 @@ def finish_shards(
     channels: int | None = None,
     extra: dict | None = None,
     skip_log: SkipLog | None = None,
+    labelled: bool = True,
 ) -> dict[str, Any]:
-    """Close the writers, write ``skipped.csv`` and then ``meta.json`` last, which marks the directory
-    complete; returns the meta.
+    """Close the writers, write ``skipped.csv``, measure the train split and then write ``meta.json``
+    last, which marks the directory complete; returns the meta.
 
     ``image_size`` is set only when every image has the same square size; ``channels`` (unless given) is 1
     only when every image is grayscale. ``skipped_reasons`` counts the ``skipped.csv`` entries by reason.
+    ``mean`` / ``std`` / ``stats_images`` come from :func:`image_stats` (``None`` / ``None`` / 0 when the
+    train split is empty), so training normalises with the data set's own statistics. ``labelled`` is
+    False for a set without classes (every label -1).
     """
     skip_log = skip_log or SkipLog()
     skip_log.write(out)
@@ -260,11 +309,20 @@ def finish_shards(
     if channels is None:
         modes = set().union(*(w.modes for w in writers.values()))
         channels = 1 if modes and modes <= {"L"} else 3
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    n_stats = 0
+    if counts.get("train"):
+        mean, std, n_stats = image_stats(str(out), channels)
     meta = {
         "name": name,
+        "labelled": bool(labelled),
         "num_classes": len(class_names),
         "class_names": list(class_names),
         "channels": channels,
+        "mean": mean,
+        "std": std,
+        "stats_images": n_stats,
         "image_size": image_size,
         "counts": counts,
         "skipped": dict(skipped),
@@ -280,90 +338,3 @@ def finish_shards(
 
     atomic_write(out / "meta.json", write)
     return meta
-
-
-# ---------------------------------------------------------------------------------------- encoding
-@dataclass(frozen=True)
-class Skip:
-    """Why an image was not written: a short fixed ``reason`` (counted) and a free-form ``detail``."""
-
-    reason: str
-    detail: str = ""
-
-
-def max_image_pixels() -> int:
-    """The largest image (width x height) the importers accept: ``$BAMRAY_MAX_IMAGE_PIXELS`` or 300 M."""
-    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
-    if not raw:
-        return DEFAULT_MAX_IMAGE_PIXELS
-    try:
-        value = float(raw.replace("_", ""))
-    except ValueError:
-        value = float("nan")
-    if not (value >= 1 and value == int(value)):
-        raise ValueError(f"{MAX_PIXELS_ENV}={raw!r}: expected a whole number of pixels >= 1 (e.g. 300000000)")
-    return int(value)
-
-
-def encode_png(
-    image: Image.Image | np.ndarray, bits: int | None = None
-) -> tuple[bytes, tuple[int, int], str]:
-    """Image -> (PNG bytes, (height, width), mode). Modes other than L/RGB become L or RGB.
-
-    16-bit / 32-bit / float grayscale is rescaled to 8 bits (:func:`data.bitdepth.to_8bit`, ``bits`` the
-    file's declared depth), never clipped.
-    """
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    image = to_8bit(image, bits)
-    if image.mode in ("1", "LA", "La"):
-        image = image.convert("L")
-    elif image.mode == "P":  # palette (maybe with transparency): via RGBA, as PIL recommends
-        image = image.convert("RGBA").convert("RGB")
-    elif image.mode != "L" and image.mode != "RGB":
-        image = image.convert("RGB")
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=6)
-    return buf.getvalue(), (image.height, image.width), image.mode
-
-
-def encode_or_skip(
-    data: bytes | str | Path, max_pixels: int | None = None
-) -> tuple[bytes, tuple[int, int], str] | Skip:
-    """Fully decode an image (file path or bytes) and re-encode it as PNG, or say why not (:class:`Skip`).
-
-    ``Image.open`` only reads the header; ``load()`` decodes every pixel, which is what catches
-    truncated and garbled files. EXIF rotation is applied so the stored pixels look like the photo.
-    The size bound (``max_pixels``, default :func:`max_image_pixels`) is checked on the header, before
-    any pixel is decoded; PIL's own decompression-bomb limit is lifted meanwhile (not thread-safe: the
-    importers convert one image at a time).
-    """
-    limit = max_image_pixels() if max_pixels is None else int(max_pixels)
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    w = h = 0
-    try:
-        src = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
-        with Image.open(src) as im:
-            w, h = im.size
-            if w < 1 or h < 1:
-                return Skip("corrupt", f"empty image {w}x{h}")
-            if w * h > limit:
-                return Skip("too large", f"{w}x{h} = {w * h} pixels > {limit} (raise {MAX_PIXELS_ENV})")
-            im.load()
-            bits = nominal_bits(im)
-            return encode_png(ImageOps.exif_transpose(im), bits)
-    except MemoryError:
-        return Skip("out of memory", f"{w}x{h} pixels; lower {MAX_PIXELS_ENV} to skip such images early")
-    except _DECODE_ERRORS as err:
-        return Skip("corrupt", f"{type(err).__name__}: {err}")
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
-
-
-def verify_and_encode(
-    data: bytes | str | Path, max_pixels: int | None = None
-) -> tuple[bytes, tuple[int, int], str] | None:
-    """:func:`encode_or_skip` without the reason: ``None`` when the image cannot be written."""
-    enc = encode_or_skip(data, max_pixels)
-    return None if isinstance(enc, Skip) else enc

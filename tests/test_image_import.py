@@ -1,11 +1,13 @@
 """Image import never damages or drops data silently: high-bit-depth images are rescaled to 8 bits (not
 clipped to a 0/255 mask), large valid images are accepted up to a configurable bound and refused above it
-with a reason, and every file not imported is listed in ``skipped.csv`` with its reason."""
+with a reason, and every file not imported is listed in ``skipped.csv`` with its reason. Any folder tree
+of images imports unlabelled (label -1), also through ``bamray data prepare``."""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import struct
 import time
@@ -21,7 +23,14 @@ from PIL import Image
 from data.bitdepth import high_depth_to_uint8
 from data.images import decode_image, to_chw_uint8
 from data.shards import DEFAULT_MAX_IMAGE_PIXELS, MAX_PIXELS_ENV, encode_or_skip, max_image_pixels
-from data.sources import prepare_image_folder, prepare_parquet, read_split_table, skipped_summary
+from data.sources import (
+    DataMissingError,
+    prepare_image_folder,
+    prepare_parquet,
+    read_split_table,
+    skipped_summary,
+)
+from orchestrator.cli import main as cli_main
 
 RAMP8 = np.tile(np.arange(256, dtype=np.uint8), (4, 1))  # the 8-bit ramp every test expects back
 RAMP16 = RAMP8.astype(np.uint16) * 257  # 0..65535: i * 257 is exactly i in 8 bits
@@ -280,3 +289,146 @@ def test_nothing_skipped_still_writes_the_header(tmp_path):
     meta = prepare_image_folder(tmp_path / "tree", tmp_path / "shards", val_fraction=0.0)
     assert (tmp_path / "shards" / "skipped.csv").read_text().splitlines() == ["split,path,reason,detail"]
     assert meta["skipped_reasons"] == {} and skipped_summary(meta, tmp_path / "shards") == "nothing skipped"
+
+
+# ------------------------------------------------------------------------------- unlabelled sets
+def _labels(shards: Path) -> list[int]:
+    """Every label of both splits (an empty split is a table without columns)."""
+    tables = [read_split_table(str(shards), split) for split in ("train", "test")]
+    return [y for t in tables if t.num_rows for y in t.column("label").to_pylist()]
+
+
+def _messy_tree(root: Path) -> int:
+    """Images at every depth in mixed formats and modes, beside non-image files and a hidden folder;
+    returns the number of image files that must be read."""
+    (root / "2021" / "june" / "raw").mkdir(parents=True)
+    (root / "misc").mkdir()
+    (root / ".thumbnails").mkdir()
+    Image.new("L", (8, 8), 40).save(root / "top.png")  # a file right under the root
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(root / "2021" / "beach.jpg")
+    Image.new("L", (6, 9), 90).save(root / "2021" / "june" / "gray.png")
+    Image.new("RGB", (12, 8), (1, 2, 3)).save(root / "2021" / "june" / "raw" / "deep.png")  # sub-sub-folder
+    Image.new("RGB", (8, 8), (5, 5, 5)).save(root / "misc" / "photo.JPG")
+    Image.new("L", (8, 8)).save(root / ".thumbnails" / "thumb.png")  # hidden: not data
+    (root / "misc" / "notes.txt").write_text("not an image")
+    (root / "2021" / "june" / "index.csv").write_text("file,when\n")
+    return 5
+
+
+def test_unlabelled_tree_reads_every_image_at_any_depth(tmp_path):
+    root = tmp_path / "photos"
+    n_images = _messy_tree(root)
+    meta = prepare_image_folder(root, tmp_path / "shards", val_fraction=0.4, seed=2, labelled=False)
+    assert meta["counts"]["train"] + meta["counts"]["test"] == n_images
+    assert meta["counts"]["test"] == 2  # round(0.4 * 5): a random split of the files, not per class
+    assert meta["labelled"] is False and meta["num_classes"] == 0 and meta["class_names"] == []
+    assert meta["channels"] == 3 and meta["image_size"] is None  # mixed modes and sizes
+    assert _labels(tmp_path / "shards") == [-1] * n_images
+    assert meta["skipped"] == {"train": 0, "test": 0}
+    rows = {(os.path.relpath(r["path"], root), r["reason"]) for r in _rows(tmp_path / "shards")}
+    assert rows == {
+        ("misc/notes.txt", "not an image"),
+        ("2021/june/index.csv", "not an image"),
+        (".thumbnails", "hidden folder"),
+    }
+    assert meta["skipped_reasons"] == {"not an image": 2, "hidden folder": 1}
+    prepare_image_folder(root, tmp_path / "again", val_fraction=0.4, seed=2, labelled=False)
+    same = [
+        read_split_table(str(p), "test").column("image").to_pylist()
+        for p in (tmp_path / "shards", tmp_path / "again")
+    ]
+    assert same[0] == same[1]  # the seed fixes the split
+
+
+def test_unlabelled_flat_folder_and_split_folders(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(5):
+        Image.new("L", (8, 8), 20 * i).save(flat / f"{i}.png")
+    meta = prepare_image_folder(flat, tmp_path / "s1", val_fraction=0.2, labelled=False)
+    assert meta["counts"] == {"train": 4, "test": 1} and meta["labelled"] is False and meta["channels"] == 1
+    assert _labels(tmp_path / "s1") == [-1] * 5
+    with pytest.raises(DataMissingError, match="unlabelled"):  # labelled, a flat folder has no class
+        prepare_image_folder(flat, tmp_path / "s2")
+
+    split = tmp_path / "split"
+    for name, n in (("train", 3), ("val", 2)):
+        (split / name / "any" / "depth").mkdir(parents=True)
+        for i in range(n):
+            Image.new("L", (8, 8), i).save(split / name / ("any/depth" if i else "") / f"{i}.png")
+    (split / "README.txt").write_text("about")
+    meta = prepare_image_folder(split, tmp_path / "s3", val_fraction=0.5, labelled=False)
+    assert meta["counts"] == {"train": 3, "test": 2}  # the split folders, not val_fraction
+    assert {(r["path"], r["reason"]) for r in _rows(tmp_path / "s3")} == {
+        (str(split / "README.txt"), "outside the split folders")
+    }
+
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "a.txt").write_text("no images here")
+    with pytest.raises(DataMissingError, match=str(empty)):
+        prepare_image_folder(empty, tmp_path / "s4", labelled=False)
+
+
+def test_labelled_folder_meta_says_labelled(tmp_path):
+    (tmp_path / "tree" / "a").mkdir(parents=True)
+    Image.new("L", (4, 4), 51).save(tmp_path / "tree" / "a" / "0.png")
+    meta = prepare_image_folder(tmp_path / "tree", tmp_path / "shards", val_fraction=0.0)
+    assert meta["labelled"] is True and meta["num_classes"] == 1 and _labels(tmp_path / "shards") == [0]
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# -------------------------------------------------------------------------------- the CLI
+def test_cli_prepares_unlabelled_sets(tmp_path, capsys):
+    root = tmp_path / "photos"
+    n_images = _messy_tree(root)
+    rc = cli_main(
+        [
+            "data",
+            "prepare",
+            "folder",
+            str(root),
+            "--name",
+            "photos",
+            "--out",
+            str(tmp_path / "f"),
+            "--unlabelled",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    meta = json.loads((tmp_path / "f" / "meta.json").read_text())
+    assert meta["labelled"] is False and sum(meta["counts"].values()) == n_images
+    assert "unlabelled, 3 channel(s), mean (" in out and "std (" in out
+    assert f"train on it with: bamray train --set data.path={tmp_path / 'f'}" in out
+    assert "--set eval.dataset=<labelled set>" in out and "data.channels" not in out
+
+    images = [_png_bytes(Image.new("L", (8, 8), i)) for i in range(4)]
+    pq.write_table(pa.table({"image": pa.array(images, pa.binary())}), tmp_path / "u.parquet")
+    pq.write_table(
+        pa.table({"image": pa.array(images, pa.binary()), "label": [0, 1, 0, 1]}), tmp_path / "l.parquet"
+    )
+    prepare = ["data", "prepare", "parquet"]
+    cases = (
+        (["u.parquet"], False),  # no label column: unlabelled without being told
+        (["l.parquet"], True),  # a column named "label": used
+        (["l.parquet", "--unlabelled"], False),  # forced
+    )
+    for i, (args, labelled) in enumerate(cases):
+        out_dir = tmp_path / f"p{i}"
+        rc = cli_main([*prepare, str(tmp_path / args[0]), *args[1:], "--name", "p", "--out", str(out_dir)])
+        out = capsys.readouterr().out
+        assert rc == 0, out
+        assert json.loads((out_dir / "meta.json").read_text())["labelled"] is labelled
+        assert ("labelled (2 class(es)), 1 channel(s)" in out) is labelled and (
+            "eval.dataset" in out
+        ) is not labelled
+    with pytest.raises(SystemExit):  # argparse: one or the other
+        cli_main(
+            [*prepare, str(tmp_path / "l.parquet"), "--name", "p", "--label-column", "label", "--unlabelled"]
+        )

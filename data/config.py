@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
-from trainers.options import opt
+from trainers.options import ConfigError, opt
 
 
 @dataclasses.dataclass
@@ -19,9 +20,13 @@ class DataConfig:
     dataset: str = opt("fashion-mnist", help="name of a prepared data set under data_root")
     data_root: str = opt(".bamray/data", help="where `bamray data prepare` writes shards")
     path: str = opt("", help="explicit shard directory or URI (overrides dataset/data_root)")
-    channels: int = opt(1, choices=(1, 3), help="1 = grayscale, 3 = RGB")
-    mean: tuple[float, ...] = opt((0.2860,), help="per-channel normalisation mean")
-    std: tuple[float, ...] = opt((0.3530,), help="per-channel normalisation std")
+    channels: int = opt(
+        0, choices=(0, 1, 3), help="1 = grayscale, 3 = RGB; 0 = the data set's own (its meta.json)"
+    )
+    mean: tuple[float, ...] = opt(
+        (), help="per-channel normalisation mean; empty = the data set's own (measured by `data prepare`)"
+    )
+    std: tuple[float, ...] = opt((), help="per-channel normalisation std; empty = the data set's own")
     global_crops: int = opt(2, ge=1, le=8)
     global_crop_size: int = opt(28, ge=8, le=1024)
     global_crop_scale: tuple[float, float] = opt((0.25, 1.0))
@@ -65,3 +70,35 @@ class DataConfig:
         help="Ray Data augmentation as tasks (reuse warm worker processes) or as an actor pool "
         "(a fresh pool, i.e. processes importing torch, on every epoch's execution)",
     )
+
+
+def with_dataset_stats(cfg: DataConfig, meta: dict[str, Any], path: str | None = None) -> DataConfig:
+    """``cfg`` with ``channels`` / ``mean`` / ``std`` left to the data set (0 / empty) taken from its
+    meta (``data prepare`` measures them; shards prepared before that get them measured now from
+    ``path``). Explicit values must fit the shards. Every reader of shards applies it, so no code path
+    can decode with channels 0 or normalise with nothing."""
+    channels = int(meta.get("channels") or cfg.channels or 1)
+    where = path or cfg.path or cfg.dataset
+    if cfg.channels and cfg.channels != channels:
+        raise ConfigError(
+            "data.channels",
+            f"got {cfg.channels}; the shards in {where} have {channels} channel(s) "
+            "(leave it at 0 for the data set's own)",
+        )
+    mean, std = tuple(cfg.mean), tuple(cfg.std)
+    if not mean or not std:
+        measured = meta.get("mean"), meta.get("std")
+        if measured[0] is None or measured[1] is None or len(measured[0]) != channels:
+            from data.shards import image_stats
+
+            m, sd, _ = image_stats(where, channels)
+            measured = (m, sd)
+        mean = mean or tuple(float(v) for v in measured[0])
+        std = std or tuple(float(v) for v in measured[1])
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) != channels:
+            raise ConfigError(
+                f"data.{name}",
+                f"got {len(values)} value(s); the shards in {where} have {channels} channel(s)",
+            )
+    return dataclasses.replace(cfg, channels=channels, mean=mean, std=std)

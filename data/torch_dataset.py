@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from data.augment import MultiCropAugment
-from data.config import DataConfig
+from data.config import DataConfig, with_dataset_stats
 from data.images import clean_transform, decode_image
 from data.shards import read_meta, read_split_table, resolve_shards
 from trainers.evaluation.knn import class_balanced_indices
@@ -48,9 +48,9 @@ class _ShardRows(torch.utils.data.Dataset):
     """A split's rows held in memory (PNG bytes are small: Fashion-MNIST train is ~30 MB)."""
 
     def __init__(self, cfg: DataConfig, split: str, indices: np.ndarray | None = None, limit: int = 0):
-        self.cfg = cfg
         path = resolve_shards(cfg)
-        read_meta(path)  # fail fast with the "run: bamray data prepare ..." hint
+        # fails fast with the "run: bamray data prepare ..." hint; channels 0 / no mean: the data set's
+        self.cfg = cfg = with_dataset_stats(cfg, read_meta(path), path)
         table = read_split_table(path, split, columns=["image", "label", "index"])
         index = table.column("index").to_numpy()
         keep = np.ones(len(index), dtype=bool)
@@ -83,7 +83,7 @@ class MultiCropTorchDataset(_ShardRows):
 
     def __init__(self, cfg: DataConfig, split: str = "train", seed: int = 0):
         super().__init__(cfg, split, limit=cfg.train_limit if split == "train" else cfg.val_limit)
-        self.augment = MultiCropAugment(cfg)
+        self.augment = MultiCropAugment(self.cfg)
         self.seed = int(seed)
         self.epoch = 0
 

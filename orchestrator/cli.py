@@ -66,6 +66,10 @@ def _resume_config_path(run_id: str, tracking_uri: str | None, dst: str) -> str:
 
 
 # ================================================================================================ commands
+#: the config of a new `bamray train` without --config: BAM, sized for small images
+DEFAULT_CONFIG = "bam_fmnist"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """SIGINT and SIGTERM stop it from the first line on (:mod:`orchestrator.training.interrupt`):
     :func:`main` turns the :class:`~orchestrator.training.interrupt.Interrupted` into exit 130 / 143."""
@@ -78,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from orchestrator.training.driver import run_training
 
         if not args.config and not args.resume:
-            raise ConfigError("--config", "required (a shipped name such as bam_fmnist, or a YAML path)")
+            args.config = DEFAULT_CONFIG  # the headline recipe; `--set data.dataset=<name>` adapts it
         if args.resume and not args.config:  # the run's config comes from the store: it must answer first
             from orchestrator import preflight, tracking
 
@@ -91,6 +95,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
+    """Write the shards, then say what training will read from meta.json (labels, channels, mean, std),
+    so the user sees before training what ``--set data.dataset=<name>`` will normalise with."""
     from data import sources
 
     if args.source == "fashion-mnist":
@@ -98,26 +104,45 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         kwargs = {"limit": args.limit} if args.limit else {}
         if args.src:
             kwargs["src_dir"] = args.src
-        summary = sources.prepare_fashion_mnist(out, **kwargs)
+        meta = sources.prepare_fashion_mnist(out, **kwargs)
         name = "fashion-mnist"
     elif args.source == "folder":
         out = args.out or str(_data_root() / args.name)
-        summary = sources.prepare_image_folder(args.root, out, name=args.name)
+        meta = sources.prepare_image_folder(args.root, out, name=args.name, labelled=not args.unlabelled)
         name = args.name
     else:
         out = args.out or str(_data_root() / args.name)
-        summary = sources.prepare_parquet(
-            args.src, out, image_column=args.image_column, label_column=args.label_column, name=args.name
+        label_column = args.label_column  # None with --unlabelled (argparse keeps the two apart)
+        if label_column is None and not args.unlabelled:  # a column "label" if the files have one
+            label_column = "label" if "label" in sources.parquet_columns(args.src) else None
+        meta = sources.prepare_parquet(
+            args.src, out, image_column=args.image_column, label_column=label_column, name=args.name
         )
         name = args.name
-    print(f"prepared {name} in {out}: {summary}")
-    print(sources.skipped_summary(summary, out))
+    print(_prepared_summary(name, out, meta))
+    print(sources.skipped_summary(meta, out))
     if name != "fashion-mnist":
-        print(
-            f"train on it with: bamray train --config bam_fmnist --set data.dataset={name} "
-            f"--set data.channels=<1|3>"
-        )
+        where = f"data.path={os.path.abspath(out)}" if args.out else f"data.dataset={name}"
+        hint = f"train on it with: bamray train --set {where}"
+        if not meta.get("labelled", True):
+            hint += " (the k-NN evaluation needs a labelled set: add --set eval.dataset=<labelled set>)"
+        print(hint)
     return EXIT_OK
+
+
+def _prepared_summary(name: str, out: str, meta: dict[str, Any]) -> str:
+    """e.g. ``prepared pets in /d/pets: 900 train / 100 test images, labelled (2 class(es)), 3 channel(s),
+    mean (0.4810, 0.4500, 0.3960), std (0.2500, 0.2400, 0.2500) from 900 images``."""
+    counts = meta.get("counts", {})
+    labels = f"labelled ({meta['num_classes']} class(es))" if meta.get("labelled", True) else "unlabelled"
+    stats = "mean/std not measured (empty train split)"
+    if meta.get("mean") is not None:
+        mean, std = (", ".join(f"{v:.4f}" for v in meta[k]) for k in ("mean", "std"))
+        stats = f"mean ({mean}), std ({std}) from {meta['stats_images']} images"
+    return (
+        f"prepared {name} in {out}: {counts.get('train', 0)} train / {counts.get('test', 0)} test images, "
+        f"{labels}, {meta['channels']} channel(s), {stats}"
+    )
 
 
 def cmd_eval_linear(args: argparse.Namespace) -> int:
@@ -193,7 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_train_parser(sub: Any) -> None:
     t = sub.add_parser("train", help="train a method with Ray Train, tracked in MLflow")
-    t.add_argument("--config", help="shipped config name (bamray config list) or YAML path")
+    t.add_argument(
+        "--config",
+        help=f"shipped config name (bamray config list) or YAML path (default for a new run: {DEFAULT_CONFIG})",
+    )
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. optim.lr=1e-3")
     t.add_argument("--workers", type=int, help="Ray Train workers (train.workers)")
     t.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (train.gpus_per_worker)")
@@ -219,17 +247,28 @@ def _add_data_parser(sub: Any) -> None:
     f.add_argument("--limit", type=int, help="first N images per split (quick experiments)")
     f.set_defaults(func=cmd_data_prepare)
     fo = psub.add_parser(
-        "folder", help="an ImageFolder tree ROOT/<split>/<class>/*.png|jpg or ROOT/<class>/..."
+        "folder",
+        help="an ImageFolder tree ROOT/<split>/<class>/*.png|jpg or ROOT/<class>/..., "
+        "or with --unlabelled any folder tree of images",
     )
     fo.add_argument("root")
     fo.add_argument("--name", required=True, help="data set name (data.dataset)")
     fo.add_argument("--out", help="default: .bamray/data/<name>")
+    fo.add_argument(
+        "--unlabelled",
+        action="store_true",
+        help="no classes: every image file at any depth under ROOT, label -1 (self-supervised only)",
+    )
     fo.set_defaults(func=cmd_data_prepare)
-    pq = psub.add_parser("parquet", help="a Parquet file/folder with encoded images and labels")
+    pq = psub.add_parser("parquet", help="a Parquet file/folder with encoded images (and labels)")
     pq.add_argument("src")
     pq.add_argument("--name", required=True, help="data set name (data.dataset)")
     pq.add_argument("--image-column", default="image")
-    pq.add_argument("--label-column", default="label")
+    labels = pq.add_mutually_exclusive_group()
+    labels.add_argument(
+        "--label-column", help="default: the column 'label' if the files have one, else unlabelled"
+    )
+    labels.add_argument("--unlabelled", action="store_true", help="ignore any label column: every label -1")
     pq.add_argument("--out", help="default: .bamray/data/<name>")
     pq.set_defaults(func=cmd_data_prepare)
 

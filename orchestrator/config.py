@@ -244,6 +244,25 @@ def resolve_config_path(path: str | Path) -> Path:
     raise ConfigError("--config", f"no such file {str(path)!r}; shipped configs: {names}")
 
 
+def check_normalisation(d: DataConfig) -> None:
+    """``data.mean`` / ``data.std`` against ``data.channels`` where both are known (an empty value or
+    channels 0 means "the data set's own", resolved from its meta once the data is found)."""
+    for name in ("mean", "std"):
+        values = getattr(d, name)
+        if values and d.channels and len(values) != d.channels:
+            raise ConfigError(
+                f"data.{name}",
+                f"got {len(values)} value(s); need {d.channels} for data.channels={d.channels} "
+                f"(or leave it empty for the data set's own)",
+            )
+    if d.mean and d.std and len(d.mean) != len(d.std):
+        raise ConfigError(
+            "data.std", f"got {len(d.std)} value(s); need one per data.mean value ({len(d.mean)})"
+        )
+    if any(s <= 0 for s in d.std):
+        raise ConfigError("data.std", "all values must be > 0")
+
+
 def validate_cross_fields(cfg: ExperimentConfig) -> None:
     """Rules that involve several fields."""
     d, m = cfg.data, cfg.model
@@ -260,10 +279,7 @@ def validate_cross_fields(cfg: ExperimentConfig) -> None:
             "data.local_crop_size",
             f"got {d.local_crop_size}; must be <= data.global_crop_size ({d.global_crop_size})",
         )
-    if len(d.mean) < d.channels or len(d.std) < d.channels:
-        raise ConfigError("data.mean", f"need {d.channels} values for data.channels={d.channels}")
-    if any(s <= 0 for s in d.std):
-        raise ConfigError("data.std", "all values must be > 0")
+    check_normalisation(d)
     if m.img_size is not None and m.img_size != d.global_crop_size:
         raise ConfigError(
             "model.img_size", f"got {m.img_size}; must equal data.global_crop_size ({d.global_crop_size})"

@@ -95,6 +95,11 @@ def fmnist_src() -> Path:
 TINY_N_TRAIN, TINY_N_TEST, TINY_BATCH = 256, 128, 32
 
 
+#: Fashion-MNIST's channels and normalisation, for tests that build a model or a view from a shipped config
+#: without preparing its data (the configs leave them to the data set's meta: 0 / empty)
+FMNIST_DATA = ("data.channels=1", "data.mean=[0.2860]", "data.std=[0.3530]")
+
+
 def tiny_train_settings(**extra: object) -> dict[str, object]:
     """``--set`` values of the tiny run (2 workers, 2 epochs, 1 warm-up epoch), updated with ``extra``."""
     return {
@@ -127,6 +132,30 @@ def tiny_shards(tmp_path_factory, fmnist_src) -> Path:
     out = tmp_path_factory.mktemp("fmnist") / "fashion-mnist"
     prepare_fashion_mnist(out, src_dir=str(fmnist_src), limit=TINY_N_TRAIN, test_limit=TINY_N_TEST)
     return out
+
+
+def write_unlabelled_tree(root: Path, src: Path, n: int) -> int:
+    """The first ``n`` Fashion-MNIST train images as a user's own unlabelled folder would hold them: nested
+    at different depths, PNG and JPEG (grayscale and RGB), with notes and a hidden folder beside them.
+    Returns the number of image files written."""
+    from PIL import Image
+
+    from data.sources import read_idx
+
+    images = read_idx(src / "train-images-idx3-ubyte.gz")[:n]
+    for i, im in enumerate(images):
+        folder = root / ["", "trip_a", "trip_b/day_2"][i % 3]
+        folder.mkdir(parents=True, exist_ok=True)
+        picture = Image.fromarray(im)
+        if i % 4 == 3:
+            picture.convert("RGB").save(folder / f"img_{i:04d}.jpg", quality=95)
+        else:
+            picture.save(folder / f"img_{i:04d}.png")
+    (root / "notes.txt").write_text("not an image")
+    (root / "trip_a" / "index.csv").write_text("a,b\n")
+    (root / ".thumbnails").mkdir()
+    Image.fromarray(images[0]).save(root / ".thumbnails" / "t.png")
+    return len(images)
 
 
 def free_port() -> int:

@@ -12,12 +12,19 @@ import torch
 from PIL import Image
 
 from data.augment import MultiCropAugment, clean_transform, decode_image, to_chw_uint8
-from data.config import DataConfig
+from data.config import DataConfig as _DataConfig
 from data.sources import read_idx
 from trainers.options import ConfigError
 
+
 # Every random op off and a full-image "random" crop (scale 1 forces the centred full box): the views
 # are then exactly the input image, so each test can switch on one op and predict the pixels.
+def DataConfig(**fields) -> _DataConfig:  # noqa: N802 - stands in for the class
+    """Grayscale unless told: the augmentation reads no meta, so ``channels`` must be set (0 = the data
+    set's own, resolved when shards are read)."""
+    return _DataConfig(**{"channels": 1, **fields})
+
+
 IDENTITY = dict(
     global_crop_scale=(1.0, 1.0),
     local_crop_scale=(1.0, 1.0),

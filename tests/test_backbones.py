@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
+from conftest import FMNIST_DATA
 from torch import nn
 
 from orchestrator import checkpointing as ckpt
@@ -109,6 +110,7 @@ def _tiny_bam_cfg(extra=()):
             "method.top_k_sink=0",
             "optim.batch_size=4",
             "train.workers=1",
+            *FMNIST_DATA,
             *extra,
         ],
     )

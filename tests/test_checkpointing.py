@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import FMNIST_DATA
 
 from orchestrator import checkpointing as ckpt
 from orchestrator.config import load_config
@@ -32,6 +33,7 @@ def _tiny_cfg():
             "model.backbone=vit_tiny_patch16_224",
             "model.patch_size=4",
             "model.backbone_kwargs={depth: 1}",
+            *FMNIST_DATA,
             "data.local_crops=2",
             "data.local_crop_size=12",
             "method.top_k_sink=0",

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import FMNIST_DATA
 
 from orchestrator.config import load_config
 from trainers.backbones import ModelConfig, build_backbone
@@ -261,7 +262,8 @@ SHIPPED = ["bam", "byol", "dino", "simclr", "mae"]
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_config_builds_and_steps(name):
     """Each shipped recipe builds as the worker builds it (precision, memory layout, stem) and steps."""
-    cfg = load_config(f"{name}_fmnist")
+    assert load_config(f"{name}_fmnist").data.channels == 0  # left to the data set's meta
+    cfg = load_config(f"{name}_fmnist", list(FMNIST_DATA))
     assert cfg.method_name == name
     d = cfg.data
     assert (d.channels, d.global_crop_size, cfg.train.workers, cfg.model.stem) == (1, 28, 2, "auto")

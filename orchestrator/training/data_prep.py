@@ -66,13 +66,67 @@ def prepare_data(cfg: ExperimentConfig) -> tuple[ExperimentConfig, dict[str, Any
         meta = _prepare_fashion_mnist_once(str(path), src)
     if not is_uri(str(path)):
         path = str(Path(path).resolve())
-    data_cfg = dataclasses.replace(data_cfg, path=str(path))
-    if int(meta.get("channels", cfg.data.channels)) != cfg.data.channels:
-        raise ConfigError(
-            "data.channels",
-            f"got {cfg.data.channels}; the shards in {path} have {meta['channels']} channel(s)",
+    data_cfg = _with_data_stats(dataclasses.replace(data_cfg, path=str(path)), meta)
+    cfg = dataclasses.replace(cfg, data=data_cfg)
+    return dataclasses.replace(cfg, eval=_resolve_eval_path(cfg, root)), meta
+
+
+def _with_data_stats(data_cfg: Any, meta: dict[str, Any]) -> Any:
+    """:func:`data.config.with_dataset_stats`, the values it filled in printed (they are logged as the
+    run's ``data.*`` params), so ``--set data.dataset=<name>`` alone trains on any prepared set."""
+    from data.config import with_dataset_stats
+
+    out = with_dataset_stats(data_cfg, meta)
+    if (out.channels, out.mean, out.std) != (data_cfg.channels, data_cfg.mean, data_cfg.std):
+        print(
+            f"data {meta.get('name', data_cfg.dataset)}: {out.channels} channel(s), mean {_fmt(out.mean)}, "
+            f"std {_fmt(out.std)} (the data set's own; set data.channels / mean / std to override)",
+            flush=True,
         )
-    return dataclasses.replace(cfg, data=data_cfg), meta
+    return out
+
+
+def _fmt(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:.4f}" for v in values) + ")"
+
+
+def _resolve_eval_path(cfg: ExperimentConfig, root: Path) -> Any:
+    """``eval.path`` made absolute (from ``eval.dataset`` under ``data.data_root`` when only that is
+    set), and refused naming the field when no labelled data set is there: a k-NN that cannot run
+    must fail before Ray starts, not at the end of the first epoch."""
+    from data.sources import DataMissingError, read_meta
+
+    ev = cfg.eval
+    if not ev.path and not ev.dataset:
+        return ev
+    field = "eval.path" if ev.path else "eval.dataset"
+    path = tracking.absolute_path(ev.path, root) if ev.path else str(Path(cfg.data.data_root) / ev.dataset)
+    if not is_uri(path):
+        path = str(Path(path).resolve())
+    try:
+        meta = read_meta(path)
+    except DataMissingError as err:
+        raise ConfigError(field, f"no prepared data set at {path}: {err}") from err
+    if not is_labelled(meta):
+        raise ConfigError(field, f"the data set at {path} has no labels; the k-NN needs a labelled one")
+    return dataclasses.replace(ev, path=path)
+
+
+def is_labelled(meta: dict[str, Any]) -> bool:
+    """Shards with class labels (meta written before ``labelled`` existed always had them)."""
+    return bool(meta.get("labelled", True)) and int(meta.get("num_classes", 0)) > 0
+
+
+def knn_source(cfg: ExperimentConfig, meta: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
+    """``(data config, meta)`` of the labelled set the online k-NN runs on: ``eval.path`` (resolved by
+    :func:`prepare_data`) with the training set's views and normalisation, else the training set when
+    it has labels; None when there is none (the run logs the label-free signals only)."""
+    if cfg.eval.path:
+        from data.sources import read_meta
+
+        # The bank is the whole labelled set: data.train_limit caps training images, not the bank.
+        return dataclasses.replace(cfg.data, path=cfg.eval.path, train_limit=0), read_meta(cfg.eval.path)
+    return (cfg.data, meta) if is_labelled(meta) else None
 
 
 def _prepare_fashion_mnist_once(path: str, src: Path) -> dict[str, Any]:
@@ -96,4 +150,9 @@ def resolved_data(cfg: ExperimentConfig) -> tuple[ExperimentConfig, dict[str, An
         return prepare_data(cfg)
     from data.sources import read_meta
 
-    return cfg, read_meta(cfg.data.path)
+    meta = read_meta(cfg.data.path)
+    if not (cfg.data.channels and cfg.data.mean and cfg.data.std):
+        cfg = dataclasses.replace(cfg, data=_with_data_stats(cfg.data, meta))
+    if cfg.eval.dataset and not cfg.eval.path:
+        cfg = dataclasses.replace(cfg, eval=_resolve_eval_path(cfg, tracking.project_root()))
+    return cfg, meta

@@ -8,6 +8,7 @@ a 2 x 2 Sinkhorn block) or computed by an independent reference written below fr
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import os
@@ -19,6 +20,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from trainers.losses.bam import BAMLoss, keep_top_k, positive_mask, sinkhorn
+from trainers.methods.bam import BAM, BAMOptions
+from trainers.methods.base import MethodContext, forward_by_resolution
 from trainers.schedules import reg_schedule
 
 # The loss may offer several equivalent implementations of the cross-view reduction; test each.
@@ -615,3 +618,218 @@ def test_cross_view_reduction_equals_the_loop_in_value_and_gradient(num_global, 
     if num_crops == 1:
         lq = torch.log_softmax(logits, -1)
         assert torch.allclose(outs[0][0], -(p * lq).sum(-1).mean())
+
+
+# ---------------------------------------------------------------- 7. entropies logged beside reg
+def _entropy(probs: list[float]) -> float:
+    """Shannon entropy in nats with 0 log 0 = 0."""
+    return -sum(x * math.log(x) for x in probs if x > 0)
+
+
+def reference_entropies(
+    z: torch.Tensor,
+    z_teacher: torch.Tensor | None,
+    num_crops: int,
+    num_global: int,
+    num_target: int,
+    reg: float,
+    temperature: float,
+    num_iters: int,
+    top_k: int = 0,
+    positive_masking: bool = True,
+) -> dict[str, float]:
+    """Straightforward float64 recomputation: the official plan (``official_sinkhorn``), then one
+    Python loop per row -- entropy of the target row over its non-zero entries, and of the source row
+    as an explicit softmax over its unmasked columns."""
+    b = z.shape[0] // num_crops
+    zs = F.normalize(z.detach().double(), dim=-1)
+    zt = F.normalize(z_teacher.detach().double(), dim=-1) if z_teacher is not None else zs
+    targets = zt[: b * num_target]
+    k = targets.shape[0]
+    if positive_masking:
+        mask = official_positive_mask(b, num_crops, num_target)
+    else:
+        mask = torch.zeros(num_crops * b, k, dtype=torch.bool)
+    p = official_sinkhorn(zt @ targets.t(), mask, reg, num_iters, num_target if positive_masking else 0)
+    p = p[: b * num_global]
+    if top_k > 0:
+        p = official_keep_top_values(p, num_global, min(top_k, k))
+    target_rows = [_entropy(p[i].tolist()) for i in range(p.shape[0])]
+    sim = zs @ targets.t()
+    source_rows = []
+    for r in range(num_crops * b):
+        logits = [sim[r, j].item() / temperature for j in range(k) if not mask[r, j]]
+        top = max(logits)
+        weights = [math.exp(x - top) for x in logits]
+        total = sum(weights)
+        source_rows.append(_entropy([w / total for w in weights]))
+    n_global = b * num_global
+    out = {
+        "bam_target_entropy": sum(target_rows) / len(target_rows),
+        "bam_attn_entropy_global": sum(source_rows[:n_global]) / n_global,
+    }
+    if num_crops > num_global:
+        out["bam_attn_entropy_local"] = sum(source_rows[n_global:]) / (len(source_rows) - n_global)
+    return out
+
+
+def _stats(loss_fn: BAMLoss, z: torch.Tensor, z_teacher: torch.Tensor | None = None, **kw) -> dict:
+    loss, stats = loss_fn(z, z_teacher, return_stats=True, **kw)
+    assert loss.item() == pytest.approx(loss_fn(z, z_teacher, **kw).item(), rel=1e-6)  # same loss
+    assert all(v.ndim == 0 and not v.requires_grad for v in stats.values())
+    return {k: v.item() for k, v in stats.items()}
+
+
+def _binary_entropy(x: float) -> float:
+    return _entropy([x, 1 - x])
+
+
+@pytest.mark.parametrize("variant", LOSS_VARIANTS)
+def test_entropies_of_the_tiny_case_by_hand(variant):
+    """2 images x 2 views (``_angles_case``): every row has exactly 2 unmasked columns. At convergence
+    each target row is ``(x, 1-x)`` (the closed form above); each source row is a 2-way softmax, i.e.
+    ``sigmoid((s1 - s2) / temp)``."""
+    z, s = _angles_case()
+    reg, temp = 0.5, 0.2
+    a, b, c, d = (0, 0), (0, 1), (1, 0), (1, 1)
+    log_rho = (s(a, b) + s(c, d) - s(a, d) - s(c, b)) / reg
+    x = 1.0 / (1.0 + math.exp(-log_rho / 2))
+
+    def src(u, v, w):  # row u over columns v, w
+        return _binary_entropy(1.0 / (1.0 + math.exp(-(s(u, v) - s(u, w)) / temp)))
+
+    rows = [src(a, b, d), src(b, a, c), src(c, b, d), src(d, a, c)]  # (crop 0: img 0, 1), (crop 1: ...)
+    loss_fn = make_bam(
+        variant,
+        num_crops=2,
+        num_global_crops=2,
+        num_target_crops=2,
+        reg=reg,
+        temperature=temp,
+        num_sink_iter=300,
+    )
+    stats = _stats(loss_fn, z)
+    assert set(stats) == {"bam_target_entropy", "bam_attn_entropy_global"}  # no local crops
+    assert stats["bam_target_entropy"] == pytest.approx(_binary_entropy(x), rel=1e-5)
+    assert stats["bam_attn_entropy_global"] == pytest.approx(sum(rows) / 4, rel=1e-5)
+    ref = reference_entropies(z, None, 2, 2, 2, reg, temp, 300)
+    assert stats == pytest.approx(ref, rel=1e-5)
+
+
+ENTROPY_SETTINGS = [
+    # num_crops, num_global, num_target, top_k, positive_masking, reg, iters
+    (3, 2, 2, 0, True, 0.3, 3),  # 2 images x (2 global + 1 local)
+    (6, 2, 2, 0, True, 0.05, 3),
+    (6, 2, 2, 5, True, 0.05, 3),
+    (4, 2, 1, 0, False, 0.1, 1),
+    (4, 1, 2, 3, True, 0.3, 10),
+]
+
+
+@pytest.mark.parametrize("variant", LOSS_VARIANTS)
+@pytest.mark.parametrize("teacher", [False, True])
+@pytest.mark.parametrize("setting", ENTROPY_SETTINGS)
+def test_entropies_equal_the_straightforward_reference(setting, teacher, variant):
+    num_crops, num_global, num_target, top_k, masking, reg, iters = setting
+    b = 2 if setting == ENTROPY_SETTINGS[0] else 6
+    g = torch.Generator().manual_seed(20 + ENTROPY_SETTINGS.index(setting))
+    z = torch.randn(num_crops * b, 5, generator=g)
+    z_teacher = z + 0.5 * torch.randn(num_crops * b, 5, generator=g) if teacher else None
+    loss_fn = make_bam(
+        variant,
+        num_crops=num_crops,
+        num_global_crops=num_global,
+        num_target_crops=num_target,
+        reg=reg,
+        temperature=0.2,
+        num_sink_iter=iters,
+        top_k_sink=top_k,
+        positive_masking=masking,
+    )
+    stats = _stats(loss_fn, z, z_teacher)
+    ref = reference_entropies(
+        z, z_teacher, num_crops, num_global, num_target, reg, 0.2, iters, top_k, masking
+    )
+    assert set(stats) == set(ref)
+    assert stats == pytest.approx(ref, rel=1e-5, abs=1e-6)
+    # the reg argument (the schedule's override) is the one the entropies use
+    other = _stats(loss_fn, z, z_teacher, reg=2 * reg)
+    ref2 = reference_entropies(
+        z, z_teacher, num_crops, num_global, num_target, 2 * reg, 0.2, iters, top_k, masking
+    )
+    assert other == pytest.approx(ref2, rel=1e-5, abs=1e-6)
+
+
+def test_target_entropy_falls_with_reg():
+    g = torch.Generator().manual_seed(30)
+    z = torch.randn(4 * 8, 16, generator=g)
+    loss_fn = make_bam({}, num_crops=4, num_global_crops=2, num_target_crops=2, temperature=0.1)
+    regs = [2.0, 0.5, 0.2, 0.1, 0.05, 0.02]
+    target = [_stats(loss_fn, z, reg=r)["bam_target_entropy"] for r in regs]
+    assert all(hi > lo for hi, lo in zip(target, target[1:])), target
+    assert target[0] < math.log(16 - 2)  # never above uniform over the 14 unmasked columns
+    # the source attention does not depend on reg
+    src = {_stats(loss_fn, z, reg=r)["bam_attn_entropy_global"] for r in (2.0, 0.02)}
+    assert len(src) == 1
+
+
+@pytest.mark.parametrize("teacher", [False, True])
+def test_equal_embeddings_give_uniform_entropies(teacher):
+    """Identical embeddings: every row is uniform over its included columns, entropy log K."""
+    num_crops, b, t = 4, 8, 2
+    same = torch.ones(num_crops * b, 32)
+    z_teacher = same.clone() if teacher else None
+    kwargs = dict(num_crops=num_crops, num_global_crops=2, num_target_crops=t, reg=0.05, temperature=0.1)
+    k_unmasked = t * b - t  # 16 target columns, the row's own 2 views masked
+    stats = _stats(make_bam({}, **kwargs), same, z_teacher)
+    assert stats == pytest.approx(
+        {
+            "bam_target_entropy": math.log(k_unmasked),
+            "bam_attn_entropy_global": math.log(k_unmasked),
+            "bam_attn_entropy_local": math.log(k_unmasked),
+        },
+        rel=1e-6,
+    )
+    # top-k keeps 5 (unmasked) columns of the target; the source still spans all unmasked ones
+    top = _stats(make_bam({}, top_k_sink=5, **kwargs), same, z_teacher)
+    assert top["bam_target_entropy"] == pytest.approx(math.log(5), rel=1e-6)
+    assert top["bam_attn_entropy_global"] == pytest.approx(math.log(k_unmasked), rel=1e-6)
+    # without positive masking every one of the 16 columns is included
+    free = _stats(make_bam({}, positive_masking=False, **kwargs), same, z_teacher)
+    assert free == pytest.approx(dict.fromkeys(free, math.log(t * b)), rel=1e-6)
+
+
+@pytest.mark.parametrize("num_local, teacher", [(2, True), (0, True), (1, False)])
+def test_bam_method_logs_the_entropies_beside_reg(num_local, teacher):
+    """The method's step logs floats: ``reg`` as before, plus the loss's entropies at that reg."""
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+    )
+    ctx = MethodContext(
+        backbone=backbone, feat_dim=8, num_global_crops=2, num_local_crops=num_local, batch_size=4
+    )
+    options = dataclasses.replace(
+        BAMOptions(), teacher=teacher, proj_hidden_dim=16, proj_out_dim=8, reg=0.2, reg_final=0.1
+    )
+    method = BAM(options, ctx)
+    g = torch.Generator().manual_seed(1)
+    crops = [torch.randn(4, 1, 12, 12, generator=g) for _ in range(2)]
+    crops += [torch.randn(4, 1, 6, 6, generator=g) for _ in range(num_local)]
+    loss, logs = method(crops, 15)  # 1 step per epoch: halfway through the 30-epoch reg warm-up
+    expected = {"reg", "bam_target_entropy", "bam_attn_entropy_global"}
+    if num_local:
+        expected.add("bam_attn_entropy_local")
+    assert set(logs) == expected
+    assert expected - {"reg"} <= set(BAM.epoch_logs)  # epoch means reported (trainers/loop.py)
+    assert all(isinstance(v, float) and math.isfinite(v) for v in logs.values())
+    assert logs["reg"] == pytest.approx(0.15)
+    # the logged values are the loss's own entropies at the step's reg
+    with torch.no_grad():
+        z = method.projector(forward_by_resolution(backbone, crops))
+        zt = None
+        if teacher:
+            zt = method.teacher_projector(forward_by_resolution(method.teacher_backbone, crops))
+    ref = reference_entropies(z, zt, 2 + num_local, 2, 2, 0.15, options.temperature, options.num_sink_iter)
+    assert {k: v for k, v in logs.items() if k != "reg"} == pytest.approx(ref, rel=1e-4, abs=1e-5)
+    assert torch.isfinite(loss)

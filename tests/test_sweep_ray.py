@@ -266,6 +266,9 @@ def test_results_table_and_best():
             "status": "completed",
             "epochs": 3,
             "knn_top1": 60.0,
+            "metric": 60.0,
+            "rankme": None,
+            "stop_reason": None,
             "params": {"optim.lr": 0.002},
             "mlflow_run_id": "r1",
         },
@@ -274,6 +277,9 @@ def test_results_table_and_best():
             "status": "stopped_early",
             "epochs": 1,
             "knn_top1": 70.0,
+            "metric": 70.0,
+            "rankme": None,
+            "stop_reason": None,
             "params": {"optim.lr": 10.0},
             "mlflow_run_id": "r2",
         },
@@ -282,14 +288,27 @@ def test_results_table_and_best():
             "status": "failed",
             "epochs": 0,
             "knn_top1": None,
+            "metric": None,
+            "rankme": None,
+            "stop_reason": None,
             "params": {"optim.lr": 1.0},
             "mlflow_run_id": None,
         },
     ]
     # a stopped trial's early score is not comparable with a finished one: the completed trial wins
     assert report.best_row(rows)["trial_id"] == "a"
+    assert report.best_row(rows, "min")["trial_id"] == "a"  # completed trials first, whatever the mode
     table = list(csv.reader(io.StringIO(report.results_csv(rows, ["optim.lr"]))))
-    assert table[0] == ["trial_id", "status", "epochs", "knn_top1", "optim.lr", "mlflow_run_id"]
+    assert table[0] == [
+        "trial_id",
+        "status",
+        "epochs",
+        "knn_top1",
+        "rankme",
+        "optim.lr",
+        "stop_reason",
+        "mlflow_run_id",
+    ]
     assert [r[0] for r in table[1:]] == ["a", "b", "c"] and table[3][3] == ""
     md = report.results_markdown(rows, ["optim.lr"]).splitlines()
     assert md[0].startswith("| trial | status") and "| b | stopped_early | 1 | 70.00 | 10 |" in md

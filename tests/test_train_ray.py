@@ -133,6 +133,32 @@ def test_two_worker_run_is_tracked_end_to_end(finished_run):
     ]
     assert out["worker_result"]["knn_pixels_top1"] == pytest.approx(_idx_pixel_knn(cfg), abs=1e-9)
 
+    # the label-free signals beside the k-NN, on its evaluation epochs; the backbone's figures were computed
+    # over the two workers' all-gathered shares: equal to one process on the whole sample, final backbone
+    for key in (
+        "rankme",
+        "std_norm",
+        "align",
+        "uniform",
+        "rankme_proj",
+        "std_norm_proj",
+        "epoch_bam_target_entropy",
+    ):
+        assert [s for s, _ in _history(c, out["run_id"], key)] == [spe, 2 * spe], key
+    assert run.data.params["data.channels"] == "1"  # the data set's own, logged as the run used it
+    with tempfile.TemporaryDirectory() as tmp:
+        backbone, rcfg = ckpt.load_backbone(c.download_artifacts(out["run_id"], "final", tmp))
+    assert rcfg.data.channels == 1 and rcfg.data.mean == pytest.approx(
+        (0.2860,), abs=0.01
+    )  # the meta's (256 images)
+    alone = _signals_alone(backbone, rcfg)
+    for key in ("rankme", "std", "std_norm", "align", "uniform"):
+        assert _history(c, out["run_id"], key)[-1][1] == pytest.approx(alone[key], rel=1e-4, abs=1e-6), key
+    # BAM's entropies: every step, and their epoch means over the workers (nats, at most log of the columns)
+    assert _steps(c, out["run_id"], "bam_target_entropy") == list(range(1, 2 * spe + 1))
+    ent = [v for _, v in _history(c, out["run_id"], "epoch_bam_target_entropy")]
+    assert all(0.0 < v <= np.log(BATCH * 2 * 2) for v in ent)
+
     names = {a.path for a in c.list_artifacts(out["run_id"], "final")}
     assert names == {"final/backbone.safetensors", "final/config.yaml"}
     assert {a.path for a in c.list_artifacts(out["run_id"], "best_knn")} == {
@@ -148,6 +174,14 @@ def test_two_worker_run_is_tracked_end_to_end(finished_run):
         state["epoch"] == 2 and state["engine"]["step"] == 2 * spe and state["mlflow_run_id"] == out["run_id"]
     )
     assert ckpt.load_rng_state(out["checkpoint"], 0) is not None and ckpt.load_rng_state(out["checkpoint"], 1)
+
+
+def _signals_alone(backbone, cfg) -> dict[str, float]:
+    """The label-free signals of ``backbone`` on the run's fixed sample, in one process (world size 1)."""
+    from orchestrator.training.online_eval import SignalSample, label_free_signals
+
+    method = type("M", (), {"eval_backbone": lambda self: backbone, "signal_head": lambda self: None})()
+    return label_free_signals(method, cfg, SignalSample(cfg, rank=0, world=1), torch.device("cpu"))
 
 
 def _idx_pixel_knn(cfg) -> float:

@@ -58,3 +58,16 @@ def global_logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     s = all_reduce_sum(torch.exp(local - m_safe))
     return m_safe + torch.log(s)
+
+
+@torch.no_grad()
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``x`` (rows may differ in number) concatenated in rank order, on every rank: padded to
+    the longest for ``all_gather``, then trimmed."""
+    if not is_dist():
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [int(s.item()) for s in all_gather_nograd(n)]
+    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    return torch.cat([part[:size] for part, size in zip(all_gather_nograd(padded), sizes)])

@@ -30,10 +30,15 @@ class EpochStats:
     seconds: float = 0.0
     first_batch_s: float = 0.0
     nan_error: NonFiniteLossError | None = None
+    #: summed per-step values of the method's ``epoch_logs`` keys (their epoch means are reported)
+    log_sums: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def mean_loss(self) -> float:
         return self.loss_sum / max(self.steps, 1)
+
+    def log_means(self) -> dict[str, float]:
+        return {k: v / max(self.steps, 1) for k, v in self.log_sums.items()}
 
 
 def train_one_epoch(
@@ -92,6 +97,9 @@ def train_one_epoch(
         logs["epoch"] = epoch + (stats.steps + 1) / steps_per_epoch
         t_prev = now
         stats.loss_sum += logs["loss"]
+        for key in getattr(method, "epoch_logs", ()):
+            if key in logs:
+                stats.log_sums[key] = stats.log_sums.get(key, 0.0) + float(logs[key])
         stats.steps += 1
         stats.seconds = seconds_before + now - t_epoch
         if on_step is not None:

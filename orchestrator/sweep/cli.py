@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from orchestrator.sweep.settings import SCHEDULERS, SEARCHES
+from orchestrator.sweep.settings import (
+    COLLAPSE_METRIC,
+    COLLAPSE_PATIENCE,
+    COLLAPSE_THRESHOLD,
+    METRIC,
+    MODE,
+    SCHEDULERS,
+    SEARCHES,
+)
 from trainers.options import ConfigError
 
 
@@ -51,6 +59,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             quantile_fraction=args.quantile_fraction,
             seed=args.seed,
             address=args.address,
+            metric=args.metric,
+            mode=args.mode,
+            collapse_metric=args.collapse_metric,
+            collapse_threshold=args.collapse_threshold,
+            collapse_patience=args.collapse_patience,
         )
     return 0 if (out["best_config"] is not None and not out["interrupted"]) else 1
 
@@ -75,7 +88,7 @@ def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--scheduler",
         choices=SCHEDULERS,
         default="asha",
-        help="asha = early stopping on knn_top1 per epoch; pbt = population based training "
+        help="asha = early stopping on --metric per epoch; pbt = population based training "
         "(synchronous; bottom trials clone top trials' checkpoints, params perturbed); fifo = none",
     )
     s.add_argument(
@@ -108,8 +121,36 @@ def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _add_scheduler_arguments(parser: argparse.ArgumentParser) -> None:
-    """ASHA's and PBT's own knobs, and the seed of the search and of PBT's choices."""
+    """What is optimised and when a trial is stopped; ASHA's and PBT's own knobs; the seed of the search
+    and of PBT's choices."""
     group = parser.add_argument_group("scheduler and search")
+    group.add_argument(
+        "--metric",
+        default=METRIC,
+        help=f"what the sweep optimises: any per-epoch metric the runs log, e.g. knn_top1, rankme, "
+        f"rankme_proj, std_norm, loss, bam_target_entropy (checked before launch; default {METRIC})",
+    )
+    group.add_argument(
+        "--mode", choices=("max", "min"), default=MODE, help=f"maximise or minimise --metric (default {MODE})"
+    )
+    group.add_argument(
+        "--collapse-metric",
+        default=COLLAPSE_METRIC,
+        help=f"label-free signal the collapse stop watches (default {COLLAPSE_METRIC}: std of normalised "
+        "backbone features x sqrt(dim), ~1 healthy, 0 collapsed)",
+    )
+    group.add_argument(
+        "--collapse-threshold",
+        type=float,
+        default=COLLAPSE_THRESHOLD,
+        help=f"stop a trial whose --collapse-metric stays below this (default {COLLAPSE_THRESHOLD}; 0 = never)",
+    )
+    group.add_argument(
+        "--collapse-patience",
+        type=int,
+        default=COLLAPSE_PATIENCE,
+        help=f"... for this many evaluations in a row (default {COLLAPSE_PATIENCE})",
+    )
     group.add_argument(
         "--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped"
     )

@@ -28,6 +28,8 @@ class TrialPlan:
     reaper_name: str  #: the placement-group reaper actor (see orchestrator/reaper.py)
     gate_epochs: tuple[int, ...] = ()  #: ASHA's rungs, where the workers wait for Tune's decision
     pbt_interval: int | None = None  #: PBT's perturbation interval; None when the scheduler is not PBT
+    #: the collapse stop: ``(metric, threshold, patience)``; None = off (orchestrator/sweep/collapse.py)
+    collapse: tuple[str, float, int] | None = None
 
     @property
     def relays_checkpoints(self) -> bool:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from orchestrator import tracking
 from orchestrator.config import ExperimentConfig
+from orchestrator.sweep.collapse import STOP_FLAG, TAG_STOP_REASON, TAG_STOPPED, CollapseWatch
 from orchestrator.sweep.plan import TrialPlan
 from orchestrator.sweep.settings import TIME_ATTR
 
@@ -86,8 +88,14 @@ def fit_reporting_to_tune(
 
     thread = threading.Thread(target=fit, name="bamray-train-fit", daemon=True)
     thread.start()
+    watch = CollapseWatch(*plan.collapse) if plan.collapse else None
     while (item := queue.get()) is not None:
         metrics, checkpoint = item
+        reason = watch.see(metrics) if watch is not None else None
+        if reason is not None:  # tagged before Tune acts on it: the reason survives the teardown
+            tracking.log_tags(plan.tracking_uri, run_id, {TAG_STOPPED: "collapse", TAG_STOP_REASON: reason})
+            print(f"[bamray] stopping trial: {reason}", flush=True)
+            metrics = {**metrics, STOP_FLAG: 1.0}
         tune.report(metrics, checkpoint=checkpoint)
         if gate is not None:
             gate.release.remote(int(metrics.get(TIME_ATTR) or 0))

@@ -24,7 +24,17 @@ from orchestrator.config import ExperimentConfig
 from orchestrator.sweep import record as rec
 from orchestrator.sweep import report
 from orchestrator.sweep.lineage import TAG_ROLE, TAG_SWEEP, TAG_SWEEP_STATUS, child_runs, lineage_callback
-from orchestrator.sweep.settings import METRIC, SweepSettings, check_arguments, checked_sweep
+from orchestrator.sweep.settings import (
+    COLLAPSE_METRIC,
+    COLLAPSE_PATIENCE,
+    COLLAPSE_THRESHOLD,
+    METRIC,
+    MODE,
+    SweepSettings,
+    check_arguments,
+    check_watch,
+    checked_sweep,
+)
 from orchestrator.sweep.tune_setup import (
     connect_ray,
     expected_trials,
@@ -59,12 +69,22 @@ def run_sweep(
     seed: int | None = None,
     resume_errored: bool = False,
     address: str | None = None,
+    metric: str = METRIC,
+    mode: str = MODE,
+    collapse_metric: str = COLLAPSE_METRIC,
+    collapse_threshold: float = COLLAPSE_THRESHOLD,
+    collapse_patience: int = COLLAPSE_PATIENCE,
 ) -> dict[str, Any]:
     """Run (or, with ``resume=True``, continue) a sweep; returns
 
     ``{"name", "experiment_path", "parent_run_id", "tracking_uri", "best_config" (searched params of the best
-    trial), "best_metric" (its final knn_top1), "best_trial_id", "trials": [{"trial_id", "params",
-    "knn_top1", "epochs", "status", "mlflow_run_id"}], "total_trial_epochs", "interrupted"}``.
+    trial), "best_metric" (its final ``metric``), "best_trial_id", "trials": [{"trial_id", "params",
+    "metric", "knn_top1", "rankme", "epochs", "status", "stop_reason", "mlflow_run_id"}],
+    "total_trial_epochs", "interrupted"}``.
+
+    ``metric`` / ``mode``: what Tune optimises, any per-epoch metric the runs log (checked before
+    launch). ``collapse_*``: a trial whose ``collapse_metric`` stays below ``collapse_threshold`` for
+    ``collapse_patience`` evaluations in a row is stopped and tagged ``stopped: collapse`` (0 = never).
 
     ``gpus_per_trial`` is split evenly over ``workers_per_trial`` workers. Config and space errors raise
     ``ConfigError`` before Ray or MLflow is touched. On resume ``base_cfg`` / ``space`` / the search
@@ -99,10 +119,19 @@ def run_sweep(
         perturbation_interval=perturbation_interval,
         quantile_fraction=quantile_fraction,
     )
-    from orchestrator.training.data_prep import prepare_data, steps_per_epoch
+    from orchestrator.training.data_prep import knn_source, prepare_data, steps_per_epoch
 
     cfg, meta = prepare_data(cfg)  # once, here, not racing in every trial
     steps_per_epoch(cfg, meta)
+    check_watch(
+        cfg,
+        knn_source(cfg, meta) is not None,
+        metric,
+        mode,
+        collapse_metric,
+        collapse_threshold,
+        collapse_patience,
+    )
     name = _new_sweep_name(name or f"{cfg.name}-{space.name}", storage)
     uri = tracking.resolve_tracking_uri(tracking_uri or cfg.tracking.tracking_uri)
     # Before Ray starts and before the parent run exists: store, storage, address, one trial's resources.
@@ -125,6 +154,11 @@ def run_sweep(
         storage_path=storage,
         tracking_uri=uri,
         experiment=cfg.tracking.experiment,
+        metric=metric,
+        mode=mode,
+        collapse_metric=collapse_metric,
+        collapse_threshold=collapse_threshold,
+        collapse_patience=collapse_patience,
     )
     return _start(cfg, space, settings, address)
 
@@ -171,7 +205,11 @@ def _start(
             "grace_period": settings.grace_period,
             "reduction_factor": settings.reduction_factor,
             "seed": settings.seed,
-            "metric": METRIC,
+            "metric": settings.metric,
+            "mode": settings.mode,
+            "collapse_metric": settings.collapse_metric,
+            "collapse_threshold": settings.collapse_threshold,
+            "collapse_patience": settings.collapse_patience,
             **(
                 {
                     "perturbation_interval": settings.perturbation_interval,
@@ -265,14 +303,14 @@ def _summarise(record: rec.SweepRecord, exp_path: str, wall: float) -> dict[str,
     settings, parent = record.settings, record.parent_run_id
     uri = settings.tracking_uri
     children = child_runs(uri, record.experiment_id, parent)
-    rows = report.results(exp_path, record.base, record.space, children)
+    rows = report.results(exp_path, record.base, record.space, children, settings.metric, settings.mode)
     report.reconcile_children(uri, rows, children)
     # A search algorithm that respects max_concurrent creates trials lazily: an interrupted sweep may have
     # fewer trials than planned, all of them finished (the rest exist only in the searcher's saved state).
     interrupted = any(r["status"] == "unfinished" for r in rows) or len(rows) < expected_trials(
         record.space, settings
     )
-    best = report.finish_parent(uri, parent, rows, record.space, interrupted)
+    best = report.finish_parent(uri, parent, rows, record.space, interrupted, settings.metric, settings.mode)
     tracking.log_metrics(uri, parent, {"sweep_wall_time_s": wall}, step=0)
     out = {
         "name": settings.name,
@@ -280,7 +318,8 @@ def _summarise(record: rec.SweepRecord, exp_path: str, wall: float) -> dict[str,
         "parent_run_id": parent,
         "tracking_uri": uri,
         "best_config": dict(best["params"]) if best else None,
-        "best_metric": best["knn_top1"] if best else None,
+        "metric": settings.metric,
+        "best_metric": best["metric"] if best else None,
         "best_trial_id": best["trial_id"] if best else None,
         "trials": rows,
         "total_trial_epochs": sum(r["epochs"] for r in rows),

@@ -14,8 +14,10 @@ from trainers.options import ConfigError
 if TYPE_CHECKING:
     from orchestrator.config import ExperimentConfig
 
-#: What Tune optimises (reported every epoch by the Train workers) and the clock its schedulers read.
+#: What Tune optimises by default (``--metric`` / ``--mode``) and the clock its schedulers read.
 METRIC, MODE, TIME_ATTR = "knn_top1", "max", "epoch"
+#: the collapse stop's defaults (orchestrator/sweep/collapse.py): ``std_norm`` below 0.05 twice in a row
+COLLAPSE_METRIC, COLLAPSE_THRESHOLD, COLLAPSE_PATIENCE = "std_norm", 0.05, 2
 SCHEDULERS = ("asha", "pbt", "fifo")
 SEARCHES = ("random", "optuna", "grid")
 #: PBT copies weights between trials, so it may only perturb params that keep every tensor's shape.
@@ -40,6 +42,11 @@ class SweepSettings:
     storage_path: str = ""
     tracking_uri: str = ""
     experiment: str = "bamray"
+    metric: str = METRIC
+    mode: str = MODE
+    collapse_metric: str = COLLAPSE_METRIC
+    collapse_threshold: float = COLLAPSE_THRESHOLD
+    collapse_patience: int = COLLAPSE_PATIENCE
 
 
 def config_check(base: dict[str, Any]) -> Callable[[dict[str, Any]], ExperimentConfig]:
@@ -193,3 +200,24 @@ def checked_sweep(
     if scheduler == "pbt":
         check_pbt(space, cfg, search, perturbation_interval, quantile_fraction)
     return cfg, space
+
+
+def check_watch(
+    cfg: ExperimentConfig,
+    labelled: bool,
+    metric: str,
+    mode: str,
+    collapse_metric: str,
+    collapse_threshold: float,
+    collapse_patience: int,
+) -> None:
+    """``--metric`` / ``--mode`` and the collapse stop's settings against what the trials will log."""
+    from orchestrator.sweep.collapse import check_metric
+
+    check_metric(metric, mode, cfg, labelled)
+    if collapse_threshold < 0:
+        raise ConfigError("--collapse-threshold", f"got {collapse_threshold}; must be >= 0 (0 = never stop)")
+    if collapse_patience < 1:
+        raise ConfigError("--collapse-patience", f"got {collapse_patience}; must be >= 1")
+    if collapse_threshold > 0 and cfg.eval.signal_samples > 0:  # no signals (0 samples): nothing to watch
+        check_metric(collapse_metric, "min", cfg, labelled, field="--collapse-metric")

@@ -1,12 +1,12 @@
 """Ray Tune's side of a sweep: scheduler, search algorithm, trainable, and the Tuner built from them.
 
-ASHA stops a trial at ``grace_period * reduction_factor**k`` epochs when its ``knn_top1`` is below the
+ASHA stops a trial at ``grace_period * reduction_factor**k`` epochs when its ``--metric`` is below the
 rung's ``1 - 1/reduction_factor`` quantile; ``stop_last_trials=False`` lets a trial that reaches
 ``max_t = epochs`` finish on its own (so its driver logs the final artifacts) instead of being killed
 on its last report.
 
 PBT (synchronous ``PopulationBasedTraining``): every ``perturbation_interval`` epochs the whole population
-pauses; the bottom ``quantile_fraction`` of trials (by ``knn_top1``) take a copy of a top trial's
+pauses; the bottom ``quantile_fraction`` of trials (by ``--metric``) take a copy of a top trial's
 checkpoint and continue with mutated params (continuous params x 0.8 / 1.2 or resampled, clipped to the
 space's range; discrete ones moved to a neighbouring value or resampled). Each perturbation restarts
 every trial's Train run: worth it when epochs are long, not for toy runs.
@@ -19,9 +19,10 @@ from typing import Any
 
 from orchestrator.config import ExperimentConfig
 from orchestrator.local_ray import connect_or_start
+from orchestrator.sweep.collapse import collapse_stopper
 from orchestrator.sweep.plan import TrialPlan
 from orchestrator.sweep.record import SweepRecord
-from orchestrator.sweep.settings import METRIC, MODE, TIME_ATTR, SweepSettings, check_scheduler
+from orchestrator.sweep.settings import TIME_ATTR, SweepSettings, check_scheduler
 from orchestrator.sweep.trial import trial_driver
 from search_spaces import SearchSpace
 
@@ -135,6 +136,9 @@ def trial_plan(record: SweepRecord, exp_path: str) -> TrialPlan:
         reaper_name=reaper_name(settings.name),
         gate_epochs=tuple(gates),
         pbt_interval=settings.perturbation_interval if settings.scheduler == "pbt" else None,
+        collapse=(settings.collapse_metric, settings.collapse_threshold, settings.collapse_patience)
+        if settings.collapse_threshold > 0
+        else None,
     )
 
 
@@ -163,8 +167,8 @@ def new_tuner(plan: TrialPlan, settings: SweepSettings, callbacks: list):
         trainable(plan, settings),
         param_space=space.to_tune(settings.search),
         tune_config=tune.TuneConfig(
-            metric=METRIC,
-            mode=MODE,
+            metric=settings.metric,
+            mode=settings.mode,
             scheduler=scheduler(settings, plan.base.optim.epochs, space),
             search_alg=search_alg(settings),
             num_samples=num_samples(space, settings.trials, settings.search),
@@ -181,6 +185,7 @@ def new_tuner(plan: TrialPlan, settings: SweepSettings, callbacks: list):
             # <= 2 can delete a donor's checkpoint before a slower trial has cloned it.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
             callbacks=callbacks,
+            stop=collapse_stopper() if plan.collapse else None,
         ),
     )
 

@@ -22,7 +22,7 @@ from orchestrator import fault_injection, preflight, tracking
 from orchestrator.config import ExperimentConfig
 from orchestrator.local_ray import connect_or_start
 from orchestrator.training import loopback_ddp, mlflow_run
-from orchestrator.training.data_prep import prepare_data, resolved_data, steps_per_epoch
+from orchestrator.training.data_prep import knn_source, prepare_data, resolved_data, steps_per_epoch
 from orchestrator.training.interrupt import SignalGuard, stop_on_signals
 from orchestrator.training.online_eval import KNN_CACHE_BYTES, knn_cache_bytes
 from orchestrator.training.plan import WorkerPlan, knn_epochs
@@ -49,18 +49,21 @@ def _data_cpus(train_cpus: float) -> float:
     return max(total - train_cpus, 1.0)
 
 
-def _datasets(cfg: ExperimentConfig, run_name: str, clock: str, counter: str) -> dict[str, Any]:
-    """``train`` (the multi-crop stream) and, for the online k-NN, ``knn_train`` / ``knn_val`` (clean centre
-    crops); Ray Train splits each across the workers."""
+def _datasets(
+    cfg: ExperimentConfig, knn_data: Any, run_name: str, clock: str, counter: str
+) -> dict[str, Any]:
+    """``train`` (the multi-crop stream) and, for the online k-NN on ``knn_data`` (a labelled set's data
+    config, or None), ``knn_train`` / ``knn_val`` (clean centre crops); Ray Train splits each across the
+    workers."""
     from data.pipeline import build_eval_datasets, build_train_dataset, configure_data_context
 
     configure_data_context(_data_cpus(max(cfg.train.workers, 1) * cfg.train.cpus_per_worker))
     datasets = {
         "train": build_train_dataset(cfg.data, seed=cfg.seed, epoch_clock=clock, corrupt_counter=counter)
     }
-    if knn_epochs(cfg):
+    if knn_data is not None and knn_epochs(cfg):
         knn_train, knn_val = build_eval_datasets(
-            cfg.data,
+            knn_data,
             cfg.eval.knn_train_fraction,
             cfg.eval.knn_eval_fraction,
             cfg.seed,
@@ -109,21 +112,28 @@ def build_trainer(
     from orchestrator.epoch_gate import GatedEpochs
 
     cfg, meta = resolved_data(cfg)
+    knn = knn_source(cfg, meta)
+    if knn is None:
+        print(
+            f"k-NN skipped: the data set {meta.get('name', cfg.data.dataset)!r} has no labels (give a labelled "
+            "one with --set eval.dataset=<name>); the label-free signals are logged instead",
+            flush=True,
+        )
     clock, counter = _actor_name("epoch", run_name), _actor_name("corrupt", run_name)
-    datasets = _datasets(cfg, run_name, clock, counter)
+    datasets = _datasets(cfg, knn[0] if knn else None, run_name, clock, counter)
     storage_path = tracking.absolute_path(storage_path)
     workers = cfg.train.workers
     plan = WorkerPlan(
         cfg=cfg,
         steps_per_epoch=steps_per_epoch(cfg, meta),
-        num_classes=int(meta["num_classes"]),
+        num_classes=int(knn[1]["num_classes"]) if knn else 0,
         mlflow_run_id=mlflow_run_id,
         tracking_uri=tracking_uri,
         epoch_clock=clock,
         corrupt_counter=counter,
         run_dir=None if is_uri(storage_path) else os.path.join(storage_path, run_name),
         knn="knn_train" in datasets,
-        knn_prefetch=knn_cache_bytes(cfg, meta) <= KNN_CACHE_BYTES,
+        knn_prefetch=knn is not None and knn_cache_bytes(cfg, *knn) <= KNN_CACHE_BYTES,
         init_checkpoint=init_checkpoint,
         stop_after_epoch=stop_after_epoch,
         pg_watch=pg_watch if workers > 0 else None,

@@ -1,5 +1,8 @@
-"""The online k-NN at the end of an epoch: every worker embeds its share of the clean bank and queries,
-``knn_evaluate`` all-gathers the bank, so every rank gets the global figure.
+"""What an evaluation epoch measures: the online k-NN (when a labelled set is there) and the label-free
+signals (always, unless ``eval.signal_samples`` is 0).
+
+k-NN: every worker embeds its share of the clean bank and queries, ``knn_evaluate`` all-gathers the
+bank, so every rank gets the global figure.
 
 The clean views never change, so a worker loads its share once (:class:`EvalCache`, in a background
 thread that starts with training) when the driver's estimate fits :data:`KNN_CACHE_BYTES`; otherwise
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,10 +30,11 @@ SHARDS = ("knn_train", "knn_val")
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
 
-def knn_cache_bytes(cfg: ExperimentConfig, meta: dict[str, Any]) -> int:
-    """Estimated uint8 bytes of one worker's k-NN bank + validation shard."""
-    train = min(meta["counts"]["train"], cfg.data.train_limit or meta["counts"]["train"])
-    test = min(meta["counts"]["test"], cfg.data.val_limit or meta["counts"]["test"])
+def knn_cache_bytes(cfg: ExperimentConfig, knn_data: Any, meta: dict[str, Any]) -> int:
+    """Estimated uint8 bytes of one worker's k-NN bank + validation shard (``knn_data``: the data config
+    of the labelled set the k-NN runs on, ``meta`` its meta)."""
+    train = min(meta["counts"]["train"], knn_data.train_limit or meta["counts"]["train"])
+    test = min(meta["counts"]["test"], knn_data.val_limit or meta["counts"]["test"])
     rows = train * cfg.eval.knn_train_fraction + test * cfg.eval.knn_eval_fraction
     return int(rows / cfg.world_size * cfg.data.channels * cfg.data.global_crop_size**2)
 
@@ -116,3 +121,125 @@ def online_knn(
     if with_pixels:
         out["knn_pixels_top1"] = knn(torch.nn.Flatten(), pixels=True)["top1"]
     return out
+
+
+class SignalSample:
+    """This worker's share of the fixed held-out sample the label-free signals read: two views per image
+    made by the run's own training augmentation at a fixed seed and epoch, so every evaluation sees the
+    very same pairs and a change in a signal is the model's, not the sample's.
+
+    The sample: ``eval.signal_samples`` evenly spaced images of the training set's ``test`` split (its
+    ``train`` split when it has no test images), no labels read; loaded once, lazily, with the torch twin
+    of the stream (a few hundred images: no Ray Data pipeline to start)."""
+
+    SEED_OFFSET = 7_654_321  # not the training stream's seed: the sample's views are their own draw
+
+    def __init__(self, cfg: ExperimentConfig, rank: int, world: int) -> None:
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.views: torch.Tensor | None = None  # uint8 (n, V, C, S, S)
+
+    def load(self) -> torch.Tensor:
+        if self.views is None:
+            import numpy as np
+
+            from data.torch_dataset import MultiCropTorchDataset
+
+            split = "test"
+            ds = MultiCropTorchDataset(self.cfg.data, split=split, seed=self.cfg.seed + self.SEED_OFFSET)
+            if len(ds) == 0:
+                ds = MultiCropTorchDataset(
+                    self.cfg.data, split="train", seed=self.cfg.seed + self.SEED_OFFSET
+                )
+            n = min(self.cfg.eval.signal_samples, len(ds))
+            positions = np.unique(np.linspace(0, len(ds) - 1, n).round().astype(int))[self.rank :: self.world]
+            items = [it for it in ds.__getitems__([int(p) for p in positions]) if it is not None]
+            c, s = self.cfg.data.channels, self.cfg.data.global_crop_size
+            self.views = (
+                torch.stack([it["global"][:2] for it in items])
+                if items
+                else torch.zeros((0, 1, c, s, s), dtype=torch.uint8)
+            )
+        return self.views
+
+
+@torch.no_grad()
+def label_free_signals(
+    method: Any, cfg: ExperimentConfig, sample: SignalSample, device: torch.device
+) -> dict[str, float]:
+    """RankMe, the per-dimension std of normalised embeddings, alignment and uniformity
+    (:mod:`trainers.evaluation.signals`) of the eval backbone's features (``*_backbone``) and of its
+    projection head's outputs (``*_proj``), on the whole fixed sample (every rank embeds its share, the
+    embeddings are all-gathered, every rank gets the same figures)."""
+    from trainers.distributed import gather_rows
+    from trainers.engine import normalise_uint8
+    from trainers.evaluation.signals import signals
+
+    views = sample.load()
+    backbone, head = method.eval_backbone(), method.signal_head()
+    modules = [m for m in (backbone, head) if m is not None]
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    feats: dict[str, list[list[torch.Tensor]]] = {"backbone": [[], []], "proj": [[], []]}
+    try:
+        for start in range(0, len(views), KNN_BATCH):
+            chunk = views[start : start + KNN_BATCH]
+            for v in range(chunk.shape[1]):
+                x = normalise_uint8(
+                    chunk[:, v], cfg.data.mean, cfg.data.std, device, channels_last=cfg.train.channels_last
+                )
+                f = backbone(x)
+                feats["backbone"][v].append(f.float())
+                if head is not None:
+                    feats["proj"][v].append(head(f).float())
+    finally:
+        for m, flag in zip(modules, was_training):
+            m.train(flag)
+    out: dict[str, float] = {}
+    for kind, (first, second) in feats.items():
+        if kind == "proj" and head is None:
+            continue
+        z1 = gather_rows(_cat(first, device)).cpu()
+        z2 = gather_rows(_cat(second, device)).cpu() if views.shape[1] > 1 else None
+        if (
+            len(z1) >= 2
+        ):  # the backbone's figures carry the plain names (rankme, std_norm ...), the head's *_proj
+            suffix = "" if kind == "backbone" else f"_{kind}"
+            out.update({k.replace("_z", "") + suffix: v for k, v in signals("z", z1, z2).items()})
+    return out
+
+
+def _cat(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.zeros((0, 0), device=device)
+
+
+class Evaluation:
+    """One worker's evaluations: the k-NN (its eval images cached, the raw-pixel floor measured once) and
+    the label-free signals on the fixed sample."""
+
+    def __init__(self, cfg: ExperimentConfig, *, knn: bool, prefetch: bool, rank: int, world: int) -> None:
+        self.knn = knn
+        self.cache = EvalCache()
+        if knn and prefetch:
+            import ray.train
+
+            self.cache.prefetch({n: ray.train.get_dataset_shard(n) for n in SHARDS})
+        self.sample = SignalSample(cfg, rank, world) if cfg.eval.signal_samples > 0 else None
+        self.pixels_knn: float | None = None  # the raw-pixel k-NN of this run's bank, at its first evaluation
+
+    def run(
+        self, method: Any, cfg: ExperimentConfig, num_classes: int, device: torch.device
+    ) -> dict[str, float]:
+        """The evaluation epoch's metrics, with ``eval_time_s``."""
+        t0 = time.perf_counter()
+        out: dict[str, float] = {}
+        if self.knn:
+            out.update(
+                online_knn(method, cfg, num_classes, device, self.cache, with_pixels=self.pixels_knn is None)
+            )
+            self.pixels_knn = out.get("knn_pixels_top1", self.pixels_knn)
+            out["knn_time_s"] = time.perf_counter() - t0
+        if self.sample is not None:
+            out.update(label_free_signals(method, cfg, self.sample, device))
+        out["eval_time_s"] = time.perf_counter() - t0
+        return out

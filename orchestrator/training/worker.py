@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import random
 import tempfile
-import time
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,7 @@ from orchestrator import checkpointing as ckpt
 from orchestrator import tracking
 from orchestrator.pictures import crop_grid
 from orchestrator.training import console, midepoch, ranks
-from orchestrator.training.online_eval import SHARDS, EvalCache, online_knn
+from orchestrator.training.online_eval import Evaluation
 from orchestrator.training.plan import WorkerPlan, knn_epochs, plan_epochs, with_epochs
 from trainers.loop import EpochStats, train_one_epoch
 
@@ -104,13 +103,12 @@ class _Worker:
 
             self.clock = get_epoch_clock(plan.epoch_clock)
         self.shard = ray.train.get_dataset_shard("train")
-        self.eval_cache = EvalCache()
-        if plan.knn and plan.knn_prefetch:
-            self.eval_cache.prefetch({n: ray.train.get_dataset_shard(n) for n in SHARDS})
+        self.evaluation = Evaluation(
+            self.cfg, knn=plan.knn, prefetch=plan.knn_prefetch, rank=self.rank, world=self.world
+        )
         self.knn_epochs = knn_epochs(self.cfg)
         self.end_epoch = min(self.cfg.optim.epochs, int(plan.stop_after_epoch or self.cfg.optim.epochs))
         self.budgeted = self.cfg.train.time_budget_min > 0
-        self.pixels_knn: float | None = None  # the raw-pixel k-NN of this run's bank, at its first evaluation
         self.checkpoints_reported = 0
         self.status: dict[str, Any] = {
             "status": "finished",
@@ -291,27 +289,20 @@ class _Worker:
         }
         if self.rank == 0:
             metrics["data_corrupt_skipped"] = _corrupt_count(self.plan.corrupt_counter)
-        if ((epoch + 1) in self.knn_epochs or epoch + 1 == self.end_epoch) and self.plan.knn:
-            t_knn = time.perf_counter()
-            metrics.update(
-                online_knn(
-                    self.method,
-                    self.cfg,
-                    self.plan.num_classes,
-                    self.device,
-                    self.eval_cache,
-                    with_pixels=self.pixels_knn is None,
-                )
-            )
-            self.pixels_knn = metrics.get("knn_pixels_top1", self.pixels_knn)
-            metrics["knn_time_s"] = time.perf_counter() - t_knn
+        if stats.log_sums:  # the method's own epoch means (BAM's entropies), over the workers
+            means = stats.log_means()
+            metrics.update(zip(means, ranks.all_reduce(list(means.values()), self.device)))
+        if (epoch + 1) in self.knn_epochs or epoch + 1 == self.end_epoch:
+            metrics.update(self.evaluation.run(self.method, self.cfg, self.plan.num_classes, self.device))
+        if "knn_top1" in metrics:
             self.best_knn = max(self.best_knn, metrics["knn_top1"])
         metrics[ckpt.SCORE_KEY] = metrics.get("knn_top1", -1.0)
         if self.log is not None:
             # per-step "loss" / "epoch" already sit at this step: the epoch means get their own names
+            per_step = {"loss", *stats.log_sums}
             self.log.log(
                 {
-                    ("epoch_loss" if k == "loss" else k): v
+                    (f"epoch_{k}" if k in per_step else k): v
                     for k, v in metrics.items()
                     if k not in ("step", "epoch", ckpt.SCORE_KEY)
                 },
@@ -359,6 +350,7 @@ class _Worker:
                     "loss_sum": progress.loss_sum,
                     "seconds": progress.seconds,
                     "first_batch_s": progress.first_batch_s,
+                    "log_sums": dict(progress.log_sums),
                 },
             }
             ckpt.save_training_state(
@@ -380,7 +372,7 @@ class _Worker:
             {
                 "final_step": self.engine.step,
                 "best_knn_top1": self.best_knn,
-                "knn_pixels_top1": self.pixels_knn,
+                "knn_pixels_top1": self.evaluation.pixels_knn,
                 "epochs": self.cfg.optim.epochs,
                 "train_time_s": self.train_s,
             }

@@ -11,7 +11,20 @@ from trainers.options import opt
 class EvalConfig:
     """Online k-NN (every ``knn_freq`` epochs and at the end) and the linear probe."""
 
-    knn_freq: int = opt(1, ge=0, help="k-NN every N epochs (0 = only at the end)")
+    knn_freq: int = opt(1, ge=0, help="k-NN (and label-free signals) every N epochs (0 = only at the end)")
+    dataset: str = opt(
+        "",
+        help="labelled data set (under data.data_root) the k-NN uses; empty = the training set, "
+        "when it has labels (an unlabelled one then gets the label-free signals only)",
+    )
+    path: str = opt("", help="explicit shard directory or URI of that labelled set (overrides eval.dataset)")
+    signal_samples: int = opt(
+        512,
+        ge=0,
+        le=65536,
+        help="images of the fixed held-out sample the label-free signals (RankMe, std, alignment, "
+        "uniformity) are computed on (0 = off)",
+    )
     knn_k: int = opt(20, ge=1, help="neighbours (DINO protocol: 20; InstDisc: 200)")
     knn_temperature: float = opt(0.07, gt=0.0, help="weights exp(sim / T) (DINO: 0.07; InstDisc: 0.1)")
     knn_train_fraction: float = opt(1.0, gt=0.0, le=1.0, help="class-balanced fraction of train as the bank")

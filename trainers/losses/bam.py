@@ -16,6 +16,8 @@ Semantics follow the official code (``bam/bam_loss.py``), see ``shared/BAM_NOTES
 - source: ``log_softmax(S / temperature)`` with positives masked.
 - loss: mean over global targets ``g`` of the mean over views ``v != g`` of
   ``mean_i(-sum_j P_g[i, j] log Q_v[i, j])``.
+- diagnostics (``return_stats=True``, see :func:`attention_entropies`): mean row entropies of ``P`` and
+  of ``Q``, read off the same tensors the loss uses.
 
 Differences from the official code, all deliberate:
 
@@ -84,6 +86,38 @@ def keep_top_k(p: torch.Tensor, num_views: int, k: int) -> torch.Tensor:
     return p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
 
 
+@torch.no_grad()
+def attention_entropies(
+    p: torch.Tensor, log_q: torch.Tensor, num_global: int, num_crops: int
+) -> dict[str, torch.Tensor]:
+    """Mean row entropies (nats) of the loss's own target ``p`` and source ``log_q``, as 0-d tensors.
+
+    Why: the loss value alone cannot tell a sharpening target (``reg`` too small, near one-hot rows)
+    from a source that stopped attending (near-uniform rows); their entropies can, at the cost of two
+    element-wise passes over matrices the loss already holds.
+
+    - ``bam_target_entropy``: ``-sum_j P[i, j] log P[i, j]`` over the ``B * num_global`` rows of ``P``
+      the loss uses (global-crop rows, after top-k), with ``0 log 0 = 0``: positives (``P`` is exactly 0
+      there) and columns dropped by top-k contribute nothing, so a uniform row over ``K`` unmasked kept
+      columns reads ``log K``.
+    - ``bam_attn_entropy_global`` / ``bam_attn_entropy_local``: ``-sum_j Q[i, j] log Q[i, j]`` of the
+      source attention ``Q = softmax(S / temperature)`` over the unmasked columns, for the global-crop
+      rows and for the local-crop rows (absent without local crops). ``log_q`` holds 0 at positives
+      (the loss's masking), so they contribute ``exp(0) * 0 = 0``.
+
+    Rows are this worker's (``B`` = local batch); columns span the gathered targets.
+    """
+    b = log_q.shape[0] // num_crops
+    h_source = -(log_q.exp() * log_q).sum(dim=-1)
+    stats = {
+        "bam_target_entropy": torch.special.entr(p).sum(dim=-1).mean(),
+        "bam_attn_entropy_global": h_source[: b * num_global].mean(),
+    }
+    if num_crops > num_global:
+        stats["bam_attn_entropy_local"] = h_source[b * num_global :].mean()
+    return stats
+
+
 class BAMLoss(nn.Module):
     """Balanced Self-Attention Matching loss. ``forward(z)`` returns the scalar loss.
 
@@ -145,11 +179,16 @@ class BAMLoss(nn.Module):
         return torch.cat([per_rank[r][c] for c in range(self.num_target_crops) for r in range(len(parts))])
 
     def forward(
-        self, z: torch.Tensor, z_teacher: torch.Tensor | None = None, reg: float | None = None
-    ) -> torch.Tensor:
+        self,
+        z: torch.Tensor,
+        z_teacher: torch.Tensor | None = None,
+        reg: float | None = None,
+        return_stats: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``z``: student projections ``(num_crops*B, D)``; ``z_teacher``: optional teacher
         projections of the same crops (targets and the Sinkhorn input then come from the teacher);
-        ``reg``: overrides the regularisation (for a warm-up schedule)."""
+        ``reg``: overrides the regularisation (for a warm-up schedule); ``return_stats``: return
+        ``(loss, stats)`` with the detached 0-d entropies of :func:`attention_entropies`."""
         reg = self.reg if reg is None else reg
         n = z.shape[0]
         if n % self.num_crops:
@@ -165,9 +204,13 @@ class BAMLoss(nn.Module):
             )
         # Similarities in fp32 even under bf16 autocast: bf16 matmuls shift the Sinkhorn target by ~2 %.
         with torch.autocast(z.device.type, enabled=False):
-            return self._loss(z, z_teacher, reg, b, num_t, num_g, gather, world, rank)
+            loss, p, log_q = self._loss(z, z_teacher, reg, b, num_t, num_g, gather, world, rank)
+            if not return_stats:
+                return loss
+            return loss, attention_entropies(p, log_q.detach(), num_g, self.num_crops)
 
-    def _loss(self, z, z_teacher, reg, b, num_t, num_g, gather, world, rank) -> torch.Tensor:
+    def _loss(self, z, z_teacher, reg, b, num_t, num_g, gather, world, rank):
+        """The loss and the target ``P`` / source ``log Q`` it was computed from."""
         z = F.normalize(z.float(), dim=-1)
 
         if z_teacher is None:
@@ -193,9 +236,8 @@ class BAMLoss(nn.Module):
         log_q = F.log_softmax((sim / self.temperature).masked_fill(mask, float("-inf")), dim=-1)
         log_q = log_q.masked_fill(mask, 0.0)  # P is 0 there; avoids 0 * -inf
 
-        if self.vectorized:
-            return cross_view_loss(p, log_q, num_g, self.num_crops)
-        return cross_view_loss_loop(p, log_q, num_g, self.num_crops)
+        reduce = cross_view_loss if self.vectorized else cross_view_loss_loop
+        return reduce(p, log_q, num_g, self.num_crops), p, log_q
 
 
 def cross_view_loss_loop(

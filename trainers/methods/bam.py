@@ -3,6 +3,12 @@
 Every published BAM script uses the teacher variant: the Sinkhorn input is teacher-vs-teacher
 similarities and the source is student-vs-teacher; the teacher (backbone + projector) processes all
 crops and follows a cosine momentum schedule from ``momentum`` to 1.
+
+Per-step logs: ``reg`` (the scheduled Sinkhorn regularisation of this step) and the entropies of
+:func:`trainers.losses.bam.attention_entropies` (``bam_target_entropy``, ``bam_attn_entropy_global``,
+``bam_attn_entropy_local`` with local crops), read off the loss's own tensors. The target entropy
+falls as ``reg`` falls; one near 0 while the source entropy stays high says the target is sharper
+than the student can follow.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ class BAMOptions:
 class BAM(Method):
     name = "bam"
     Options = BAMOptions
+    #: epoch means reported beside the epoch loss (MLflow, Ray Tune), so a sweep can watch the targets
+    epoch_logs = ("bam_target_entropy", "bam_attn_entropy_global", "bam_attn_entropy_local")
 
     def __init__(self, options: BAMOptions, ctx: MethodContext):
         super().__init__(options, ctx)
@@ -82,8 +90,10 @@ class BAM(Method):
             with torch.no_grad():
                 z_teacher = self.teacher_projector(forward_by_resolution(self.teacher_backbone, crops))
         reg = reg_schedule(o.reg, o.reg_final, o.reg_warmup_epochs, step / max(self.ctx.steps_per_epoch, 1))
-        loss = self.criterion(z, z_teacher, reg=reg)
-        return loss, {"reg": reg}
+        loss, stats = self.criterion(z, z_teacher, reg=reg, return_stats=True)
+        # One device sync for all entropies; the engine syncs on the loss at this point anyway.
+        logs = {"reg": reg, **dict(zip(stats, torch.stack(list(stats.values())).tolist()))}
+        return loss, logs
 
     def momentum_pairs(self):
         if not self.options.teacher:

@@ -58,6 +58,18 @@ class Method(nn.Module):
     #: crops the method consumes; "multi" = global + local, "global" = the global crops only,
     #: "single" = just the first global crop (MAE).
     crop_usage: ClassVar[str] = "multi"
+    #: per-step ``logs`` keys whose epoch means are reported with the epoch (MLflow, Ray Tune), so a sweep
+    #: may optimise or watch them (``bamray sweep --metric``)
+    epoch_logs: ClassVar[tuple[str, ...]] = ()
+    #: the method has a projection head (:meth:`signal_head`), whose outputs get their own signals
+    has_projection_head: ClassVar[bool] = True
+    #: the heads :meth:`signal_head` looks for, the evaluated twin first (teacher / target before online)
+    SIGNAL_HEADS: ClassVar[tuple[str, ...]] = (
+        "teacher_projector",
+        "projector",
+        "teacher_head",
+        "head",
+    )
 
     def __init__(self, options: Any, ctx: MethodContext):
         super().__init__()
@@ -95,6 +107,15 @@ class Method(nn.Module):
     def eval_backbone(self) -> nn.Module:
         """The network whose features are evaluated (teacher backbone when the method has one)."""
         return self.backbone  # type: ignore[attr-defined]
+
+    def signal_head(self) -> nn.Module | None:
+        """The projection head the label-free signals read besides the backbone (``*_proj``): the twin of
+        :meth:`eval_backbone` (teacher / target when there is one); None for a method without one (MAE)."""
+        for name in self.SIGNAL_HEADS:
+            head = getattr(self, name, None)
+            if isinstance(head, nn.Module):
+                return head
+        return None
 
     @classmethod
     def check(cls, options: Any, ctx: dict[str, Any]) -> None:

@@ -57,6 +57,9 @@ class BYOL(Method):
     def eval_backbone(self) -> nn.Module:
         return self.backbone
 
+    def signal_head(self) -> nn.Module:
+        return self.projector  # the online twin, as eval_backbone
+
     @classmethod
     def check(cls, options: BYOLOptions, ctx: dict[str, int]) -> None:
         if ctx["num_global_crops"] != 2:

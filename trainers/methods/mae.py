@@ -41,6 +41,7 @@ class MAE(Method):
     name = "mae"
     Options = MAEOptions
     crop_usage = "single"
+    has_projection_head = False  # the decoder reconstructs pixels: no embedding head to measure
 
     def __init__(self, options: MAEOptions, ctx: MethodContext):
         super().__init__(options, ctx)

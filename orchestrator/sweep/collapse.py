@@ -1,0 +1,95 @@
+"""Stopping collapsed trials, and which metrics a sweep may optimise.
+
+A collapsed encoder maps every image to (nearly) the same vector: the per-dimension std of its
+L2-normalised embeddings, scaled by sqrt(d) (``std_norm``: ~1 for isotropic features, 0 for a single
+point), falls towards 0, and no later epoch brings it back. The trial's driver watches its own reports
+(:class:`CollapseWatch`); when the watched signal stays below the threshold for ``patience`` evaluations
+in a row it tags the trial's MLflow run ``stopped: collapse`` with the figures, then marks the report, and
+:func:`collapse_stopper` (a Tune ``Stopper``) stops the trial on it. The tag is written before Tune acts,
+so the reason survives the trial's teardown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from trainers.options import ConfigError
+
+#: the report flag the trial driver sets and the stopper reads
+STOP_FLAG = "collapse_stop"
+#: the reason tag on the trial's MLflow run
+TAG_STOPPED, TAG_STOP_REASON = "stopped", "bamray.stop_reason"
+#: label-free signals of the eval backbone (``*_proj``: of its projection head) logged every evaluation
+SIGNALS = ("rankme", "std", "std_norm", "align", "uniform")
+PAIR_SIGNALS = ("align", "uniform")  # need two views per image (data.global_crops >= 2)
+
+
+@dataclasses.dataclass
+class CollapseWatch:
+    """Counts evaluations in a row whose ``metric`` is below ``threshold``; epochs without the metric
+    (no evaluation) neither extend nor break the streak."""
+
+    metric: str = "std_norm"
+    threshold: float = 0.05
+    patience: int = 2
+    streak: int = 0
+
+    def see(self, metrics: dict[str, Any]) -> str | None:
+        """The stop reason once the streak reaches ``patience``, else None."""
+        value = metrics.get(self.metric)
+        if value is None or self.threshold <= 0:
+            return None
+        self.streak = self.streak + 1 if float(value) < self.threshold else 0
+        if self.streak < self.patience:
+            return None
+        return (
+            f"collapse: {self.metric} {float(value):.4g} < {self.threshold:g} for {self.streak} "
+            f"evaluations in a row (epoch {metrics.get('epoch')})"
+        )
+
+
+def collapse_stopper() -> Any:
+    """A Tune ``Stopper`` that stops the trials whose driver flagged a collapse (class built here: Ray import)."""
+    from ray.tune import Stopper
+
+    class CollapseStopper(Stopper):
+        def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+            return bool(result.get(STOP_FLAG))
+
+        def stop_all(self) -> bool:
+            return False
+
+    return CollapseStopper()
+
+
+def logged_metrics(cfg: Any, labelled: bool) -> list[str]:
+    """Every per-epoch metric a run of ``cfg`` reports to Tune: the loss, the k-NN when a labelled set is
+    there, the label-free signals (``*_proj`` when the method has a projection head), the method's own
+    epoch means."""
+    from trainers.methods import get_method
+
+    method = get_method(cfg.method_name)
+    names = ["loss"]
+    if labelled:
+        names += ["knn_top1", "knn_top5"]
+    if cfg.eval.signal_samples > 0:
+        kinds = [""] + (["_proj"] if method.has_projection_head else [])
+        pair = cfg.data.global_crops >= 2
+        names += [f"{s}{k}" for k in kinds for s in SIGNALS if pair or s not in PAIR_SIGNALS]
+    return names + list(method.epoch_logs)
+
+
+def check_metric(metric: str, mode: str, cfg: Any, labelled: bool, field: str = "--metric") -> None:
+    """Refuse, before launch, a metric the trials would never report (a Tune sweep would otherwise run
+    every trial to its end and find no result)."""
+    if mode not in ("max", "min"):
+        raise ConfigError("--mode", f"got {mode!r}; allowed: ['max', 'min']")
+    known = logged_metrics(cfg, labelled)
+    if metric not in known:
+        why = (
+            ""
+            if labelled or not metric.startswith("knn")
+            else " (the data set has no labels: set eval.dataset)"
+        )
+        raise ConfigError(field, f"got {metric!r}{why}; runs of this config log: {known}")

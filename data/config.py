@@ -89,10 +89,12 @@ def with_dataset_stats(cfg: DataConfig, meta: dict[str, Any], path: str | None =
     if not mean or not std:
         measured = meta.get("mean"), meta.get("std")
         if measured[0] is None or measured[1] is None or len(measured[0]) != channels:
-            from data.shards import image_stats
+            from data.shards import image_stats, update_meta
 
-            m, sd, _ = image_stats(where, channels)
+            m, sd, n = image_stats(where, channels)
             measured = (m, sd)
+            # shards prepared before the stats existed: measured once, then kept (local directories)
+            update_meta(where, mean=list(m), std=list(sd), stats_images=n)
         mean = mean or tuple(float(v) for v in measured[0])
         std = std or tuple(float(v) for v in measured[1])
     for name, values in (("mean", mean), ("std", std)):
@@ -102,3 +104,12 @@ def with_dataset_stats(cfg: DataConfig, meta: dict[str, Any], path: str | None =
                 f"got {len(values)} value(s); the shards in {where} have {channels} channel(s)",
             )
     return dataclasses.replace(cfg, channels=channels, mean=mean, std=std)
+
+
+def for_reading(cfg: DataConfig, meta: dict[str, Any], path: str) -> DataConfig:
+    """The config a reader of the shards at ``path`` decodes and normalises with: as it is when channels,
+    mean and std are all set (the labelled evaluation set of a run is viewed as that run's training data:
+    a grayscale set decodes to RGB for an RGB model), else completed by :func:`with_dataset_stats`."""
+    if cfg.channels and cfg.mean and cfg.std:
+        return cfg
+    return with_dataset_stats(cfg, meta, path)

@@ -46,7 +46,7 @@ from ray.data import ActorPoolStrategy, DataContext, Dataset, FileShuffleConfig,
 from ray.data.expressions import col
 
 from data.batch_maps import CleanBatch, MultiCropBatch, run_in_task
-from data.config import DataConfig, with_dataset_stats
+from data.config import DataConfig, for_reading
 from data.run_actors import (
     DEFAULT_CORRUPT_COUNTER,
     DEFAULT_EVAL_CORRUPT_COUNTER,
@@ -109,7 +109,7 @@ def build_train_dataset(
     dropped and counted under ``corrupt_counter`` (see :func:`data.run_actors.corrupt_count`).
     """
     path = resolve_shards(cfg)
-    cfg = with_dataset_stats(cfg, read_meta(path), path)  # fails fast with the "bamray data prepare" hint
+    cfg = for_reading(cfg, read_meta(path), path)  # fails fast with the "bamray data prepare" hint
     counter = get_corrupt_counter(corrupt_counter)
     clock = get_epoch_clock(epoch_clock) if epoch_clock else None
     ds = read_shards(
@@ -186,7 +186,7 @@ def build_eval_datasets(
     deterministic given ``seed`` (see :func:`data.torch_dataset.select_eval_indices`).
     """
     path = resolve_shards(cfg)
-    cfg = with_dataset_stats(cfg, read_meta(path), path)
+    cfg = for_reading(cfg, read_meta(path), path)
     counter = get_corrupt_counter(corrupt_counter)
     bank = select_eval_indices(path, "train", train_fraction, seed, cfg.train_limit)
     val = select_eval_indices(path, "test", eval_fraction, seed, cfg.val_limit)

@@ -121,6 +121,21 @@ def read_split_table(
     return table
 
 
+def update_meta(path: str, **fields: Any) -> bool:
+    """Add ``fields`` to the ``meta.json`` of a local shard directory (atomically); False, and nothing
+    written, for a URI (object stores are written by `data prepare` only) or an unwritable directory."""
+    if is_uri(path):
+        return False
+    meta_path = Path(path) / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        text = json.dumps({**meta, **fields}, indent=2) + "\n"
+        atomic_write(meta_path, lambda tmp: Path(tmp).write_text(text))
+    except OSError:
+        return False
+    return True
+
+
 def filesystem_and_path(path: str) -> tuple[pafs.FileSystem, str]:
     """pyarrow filesystem + path inside it; plain paths are local (made absolute)."""
     if is_uri(path):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from data.augment import MultiCropAugment
-from data.config import DataConfig, with_dataset_stats
+from data.config import DataConfig, for_reading
 from data.images import clean_transform, decode_image
 from data.shards import read_meta, read_split_table, resolve_shards
 from trainers.evaluation.knn import class_balanced_indices
@@ -50,8 +50,10 @@ class _ShardRows(torch.utils.data.Dataset):
     def __init__(self, cfg: DataConfig, split: str, indices: np.ndarray | None = None, limit: int = 0):
         path = resolve_shards(cfg)
         # fails fast with the "run: bamray data prepare ..." hint; channels 0 / no mean: the data set's
-        self.cfg = cfg = with_dataset_stats(cfg, read_meta(path), path)
-        table = read_split_table(path, split, columns=["image", "label", "index"])
+        self.cfg = cfg = for_reading(cfg, read_meta(path), path)
+        # only the chosen rows are read when there is a choice: a sample of a large split stays small
+        filters = [("index", "in", [int(i) for i in indices])] if indices is not None else None
+        table = read_split_table(path, split, columns=["image", "label", "index"], filters=filters)
         index = table.column("index").to_numpy()
         keep = np.ones(len(index), dtype=bool)
         if limit > 0:
@@ -81,8 +83,12 @@ class MultiCropTorchDataset(_ShardRows):
     their copy, so re-create the iterator (the default) for the new epoch to reach them.
     """
 
-    def __init__(self, cfg: DataConfig, split: str = "train", seed: int = 0):
-        super().__init__(cfg, split, limit=cfg.train_limit if split == "train" else cfg.val_limit)
+    def __init__(
+        self, cfg: DataConfig, split: str = "train", seed: int = 0, indices: np.ndarray | None = None
+    ):
+        """``indices``: only the rows with these ``index`` values (e.g. a fixed evaluation sample)."""
+        limit = cfg.train_limit if split == "train" else cfg.val_limit
+        super().__init__(cfg, split, indices=indices, limit=limit)
         self.augment = MultiCropAugment(self.cfg)
         self.seed = int(seed)
         self.epoch = 0

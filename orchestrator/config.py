@@ -267,6 +267,10 @@ def validate_cross_fields(cfg: ExperimentConfig) -> None:
     """Rules that involve several fields."""
     d, m = cfg.data, cfg.model
     check_backbone_name(m.backbone)
+    if cfg.eval.signal_samples == 1:
+        raise ConfigError(
+            "eval.signal_samples", "got 1; must be 0 (off) or >= 2 (RankMe and std need 2 images)"
+        )
     notice_problem = check_notice_source(cfg.train.preemption_notice)
     if notice_problem:
         raise ConfigError("train.preemption_notice", notice_problem)

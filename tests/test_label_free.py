@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_unlabelled_tree
+from conftest import FMNIST_DIR, write_unlabelled_tree
 
 from data.config import DataConfig, with_dataset_stats
 from orchestrator.config import load_config
@@ -110,6 +110,10 @@ def test_eval_dataset_must_be_a_prepared_labelled_set(unlabelled, tiny_shards):
     # the labelled bank, viewed and normalised as the training data
     assert data.path == str(Path(tiny_shards).resolve()) and eval_meta["num_classes"] == 10
     assert (data.mean, data.channels, data.train_limit) == (cfg.data.mean, 3, 0)
+    from data.torch_dataset import CleanTorchDataset
+
+    view = CleanTorchDataset(data, "test")[0]["image"]  # grayscale shards decoded for the RGB model
+    assert view.shape[0] == 3 and bool((view[0] == view[2]).all())
 
 
 # --------------------------------------------------------------------- every method on unlabelled data
@@ -214,3 +218,67 @@ def test_label_free_summary_compares_the_rankme_pick_with_the_knn_pick():
     assert out["rankme_picks_best_knn"] == 0.0 and out["knn_top1_of_rankme_pick"] == 60.0
     assert out["knn_top1_of_knn_pick"] == 70.0
     assert report.label_free_summary([row("a", 70.0, None)]) == {}
+
+
+def test_metrics_measured_on_evaluation_epochs_need_one_every_epoch():
+    cfg = load_config("bam_fmnist", ["eval.knn_freq=2"])
+    with pytest.raises(ConfigError) as err:
+        check_metric("rankme", "max", cfg, labelled=True)
+    assert err.value.field == "eval.knn_freq" and "every epoch's report" in str(err.value)
+    check_metric("loss", "min", cfg, labelled=True)  # reported every epoch
+    check_metric("std_norm", "min", cfg, labelled=True, field="--collapse-metric")  # a watch just waits
+    no_locals = load_config("bam_fmnist", ["data.local_crops=0"])
+    assert "bam_attn_entropy_local" not in logged_metrics(no_locals, True)
+    assert "bam_attn_entropy_global" in logged_metrics(no_locals, True)
+    with pytest.raises(ConfigError) as err:
+        load_config("bam_fmnist", ["eval.signal_samples=1"])
+    assert err.value.field == "eval.signal_samples"
+
+
+def test_a_sweep_recorded_before_the_collapse_stop_resumes_without_one():
+    """Its Tuner was built without the stopper: a resumed trial must not be tagged as collapsed."""
+    import json
+
+    from orchestrator.sweep.record import SweepRecord
+    from orchestrator.sweep.settings import SweepSettings, sweep_space
+
+    cfg = load_config("bam_fmnist")
+    space = sweep_space({"name": "s", "params": {"method.reg": {"type": "grid", "values": [0.05]}}}, cfg)
+    record = SweepRecord(
+        settings=SweepSettings(name="n", trials=1),
+        base=cfg,
+        space=space,
+        parent_run_id="p",
+        experiment_id="e",
+    )
+    doc = json.loads(record.to_json())
+    for key in ("metric", "mode", "collapse_metric", "collapse_threshold", "collapse_patience"):
+        doc["settings"].pop(key)
+    old = SweepRecord.from_json(json.dumps(doc))
+    assert old.settings.collapse_threshold == 0.0 and old.settings.metric == "knn_top1"
+    assert SweepRecord.from_json(record.to_json()).settings.collapse_threshold == 0.05  # new ones keep theirs
+
+
+def test_the_signal_sample_is_spread_over_the_ranks_and_may_be_empty(unlabelled, tmp_path):
+    """Evenly spaced rows, each rank its own share (none shared, none lost); a rank with no rows still
+    yields a tensor of the right shape; a set without test images samples its train split."""
+    from data.sources import prepare_image_folder
+    from orchestrator.training.online_eval import SignalSample, label_free_signals
+    from trainers.build import build_method
+
+    cfg, meta = prepare_data(_cfg("simclr", unlabelled, "eval.signal_samples=5"))
+    shares = [SignalSample(cfg, rank=r, world=3).load() for r in range(3)]
+    assert [len(v) for v in shares] == [2, 2, 1] and shares[0].shape[1:] == (2, 3, 16, 16)
+    whole = SignalSample(cfg, rank=0, world=1).load()
+    assert torch.equal(
+        torch.cat([shares[0][0:1], shares[1][0:1], shares[2][0:1], shares[0][1:], shares[1][1:]]), whole
+    )
+    lonely = SignalSample(cfg, rank=7, world=8)
+    assert lonely.load().shape == (0, 2, 3, 16, 16)
+    model = build_method(cfg, device="cpu", steps_per_epoch=1, batch_size=8)
+    assert label_free_signals(model, cfg, lonely, torch.device("cpu")) == {}  # < 2 rows in one process
+
+    write_unlabelled_tree(tmp_path / "few", FMNIST_DIR, 12)
+    prepare_image_folder(tmp_path / "few", tmp_path / "few_shards", labelled=False, val_fraction=0.0)
+    few, few_meta = prepare_data(_cfg("simclr", tmp_path / "few_shards"))
+    assert few_meta["counts"]["test"] == 0 and len(SignalSample(few, 0, 1).load()) == 12

@@ -30,15 +30,17 @@ class EpochStats:
     seconds: float = 0.0
     first_batch_s: float = 0.0
     nan_error: NonFiniteLossError | None = None
-    #: summed per-step values of the method's ``epoch_logs`` keys (their epoch means are reported)
+    #: summed per-step values of the method's ``epoch_logs`` keys, and how many steps each sum holds
+    #: (their epoch means are reported; a resumed epoch may hold fewer than ``steps``)
     log_sums: dict[str, float] = dataclasses.field(default_factory=dict)
+    log_counts: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def mean_loss(self) -> float:
         return self.loss_sum / max(self.steps, 1)
 
     def log_means(self) -> dict[str, float]:
-        return {k: v / max(self.steps, 1) for k, v in self.log_sums.items()}
+        return {k: v / max(self.log_counts.get(k, 0), 1) for k, v in self.log_sums.items()}
 
 
 def train_one_epoch(
@@ -100,6 +102,7 @@ def train_one_epoch(
         for key in getattr(method, "epoch_logs", ()):
             if key in logs:
                 stats.log_sums[key] = stats.log_sums.get(key, 0.0) + float(logs[key])
+                stats.log_counts[key] = stats.log_counts.get(key, 0) + 1
         stats.steps += 1
         stats.seconds = seconds_before + now - t_epoch
         if on_step is not None:

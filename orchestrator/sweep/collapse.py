@@ -67,29 +67,42 @@ def logged_metrics(cfg: Any, labelled: bool) -> list[str]:
     """Every per-epoch metric a run of ``cfg`` reports to Tune: the loss, the k-NN when a labelled set is
     there, the label-free signals (``*_proj`` when the method has a projection head), the method's own
     epoch means."""
+    return ["loss", *evaluation_metrics(cfg, labelled), *_method_epoch_logs(cfg)]
+
+
+def evaluation_metrics(cfg: Any, labelled: bool) -> list[str]:
+    """The metrics of evaluation epochs only (every ``eval.knn_freq`` epochs and the last one)."""
     from trainers.methods import get_method
 
-    method = get_method(cfg.method_name)
-    names = ["loss"]
-    if labelled:
-        names += ["knn_top1", "knn_top5"]
+    names = ["knn_top1", "knn_top5"] if labelled else []
     if cfg.eval.signal_samples > 0:
-        kinds = [""] + (["_proj"] if method.has_projection_head else [])
+        kinds = [""] + (["_proj"] if get_method(cfg.method_name).has_projection_head else [])
         pair = cfg.data.global_crops >= 2
         names += [f"{s}{k}" for k in kinds for s in SIGNALS if pair or s not in PAIR_SIGNALS]
-    return names + list(method.epoch_logs)
+    return names
+
+
+def _method_epoch_logs(cfg: Any) -> list[str]:
+    from trainers.methods import get_method
+
+    logs = get_method(cfg.method_name).epoch_logs
+    return [k for k in logs if cfg.data.local_crops > 0 or not k.endswith("_local")]
 
 
 def check_metric(metric: str, mode: str, cfg: Any, labelled: bool, field: str = "--metric") -> None:
-    """Refuse, before launch, a metric the trials would never report (a Tune sweep would otherwise run
-    every trial to its end and find no result)."""
+    """Refuse, before launch, a metric the trials would never report (a Tune sweep would otherwise fail
+    every trial at its first report, or run it to its end and find no result)."""
     if mode not in ("max", "min"):
         raise ConfigError("--mode", f"got {mode!r}; allowed: ['max', 'min']")
     known = logged_metrics(cfg, labelled)
     if metric not in known:
-        why = (
-            ""
-            if labelled or not metric.startswith("knn")
-            else " (the data set has no labels: set eval.dataset)"
-        )
+        no_labels = not labelled and metric.startswith("knn")
+        why = " (the data set has no labels: set eval.dataset)" if no_labels else ""
         raise ConfigError(field, f"got {metric!r}{why}; runs of this config log: {known}")
+    if field == "--metric" and cfg.eval.knn_freq != 1 and metric in evaluation_metrics(cfg, labelled):
+        # Tune needs the metric in every report; a stop watch (--collapse-metric) just waits for it
+        raise ConfigError(
+            "eval.knn_freq",
+            f"got {cfg.eval.knn_freq}; --metric {metric} is measured on evaluation epochs only, and Ray "
+            "Tune needs it in every epoch's report: set eval.knn_freq=1",
+        )

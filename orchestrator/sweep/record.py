@@ -79,7 +79,7 @@ class SweepRecord:
     def from_json(cls, text: str) -> SweepRecord:
         doc: dict[str, Any] = json.loads(text)
         return cls(
-            settings=SweepSettings(**doc["settings"]),
+            settings=SweepSettings(**{"collapse_threshold": 0.0, **doc["settings"]}),  # older: no stop
             base=config_from_dict(doc["base"]),
             space=space_from_dict(doc["space"]),
             parent_run_id=doc["parent_run_id"],

@@ -302,7 +302,7 @@ def finish_parent(
 
 def print_summary(out: dict[str, Any], space: SearchSpace) -> None:
     metric = out.get("metric", METRIC)
-    print("\n" + results_markdown(out["trials"], list(space.params), metric))
+    print("\n" + results_markdown(out["trials"], list(space.params), metric, out.get("mode", MODE)))
     if out["interrupted"]:
         print(f"sweep {out['name']} interrupted; continue it with `bamray sweep --resume {out['name']}`")
     elif out["best_config"] is not None:

@@ -119,19 +119,7 @@ def run_sweep(
         perturbation_interval=perturbation_interval,
         quantile_fraction=quantile_fraction,
     )
-    from orchestrator.training.data_prep import knn_source, prepare_data, steps_per_epoch
-
-    cfg, meta = prepare_data(cfg)  # once, here, not racing in every trial
-    steps_per_epoch(cfg, meta)
-    check_watch(
-        cfg,
-        knn_source(cfg, meta) is not None,
-        metric,
-        mode,
-        collapse_metric,
-        collapse_threshold,
-        collapse_patience,
-    )
+    cfg = _prepared(cfg, metric, mode, (collapse_metric, collapse_threshold, collapse_patience))
     name = _new_sweep_name(name or f"{cfg.name}-{space.name}", storage)
     uri = tracking.resolve_tracking_uri(tracking_uri or cfg.tracking.tracking_uri)
     # Before Ray starts and before the parent run exists: store, storage, address, one trial's resources.
@@ -161,6 +149,19 @@ def run_sweep(
         collapse_patience=collapse_patience,
     )
     return _start(cfg, space, settings, address)
+
+
+def _prepared(
+    cfg: ExperimentConfig, metric: str, mode: str, collapse: tuple[str, float, int]
+) -> ExperimentConfig:
+    """The trials' data resolved once, here (not racing in every trial), and what the sweep optimises and
+    watches checked against what its runs will log."""
+    from orchestrator.training.data_prep import knn_source, prepare_data, steps_per_epoch
+
+    cfg, meta = prepare_data(cfg)
+    steps_per_epoch(cfg, meta)
+    check_watch(cfg, knn_source(cfg, meta) is not None, metric, mode, *collapse)
+    return cfg
 
 
 def _new_sweep_name(name: str, storage: str) -> str:
@@ -319,6 +320,7 @@ def _summarise(record: rec.SweepRecord, exp_path: str, wall: float) -> dict[str,
         "tracking_uri": uri,
         "best_config": dict(best["params"]) if best else None,
         "metric": settings.metric,
+        "mode": settings.mode,
         "best_metric": best["metric"] if best else None,
         "best_trial_id": best["trial_id"] if best else None,
         "trials": rows,

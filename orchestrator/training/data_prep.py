@@ -100,7 +100,9 @@ def _resolve_eval_path(cfg: ExperimentConfig, root: Path) -> Any:
     if not ev.path and not ev.dataset:
         return ev
     field = "eval.path" if ev.path else "eval.dataset"
-    path = tracking.absolute_path(ev.path, root) if ev.path else str(Path(cfg.data.data_root) / ev.dataset)
+    path = (
+        tracking.absolute_path(ev.path, root) if ev.path else f"{cfg.data.data_root.rstrip('/')}/{ev.dataset}"
+    )  # a URI root too
     if not is_uri(path):
         path = str(Path(path).resolve())
     try:

@@ -328,6 +328,14 @@ def _shutdown_ray() -> None:
     ray.shutdown()
 
 
+def _has_labels(cfg: ExperimentConfig) -> bool:
+    """A labelled set to evaluate on: ``eval.path`` (resolved, labelled) or labelled training data."""
+    from data.sources import read_meta
+    from orchestrator.training.data_prep import is_labelled
+
+    return bool(cfg.eval.path) or is_labelled(read_meta(cfg.data.path))
+
+
 def _finish(cfg: ExperimentConfig, uri: str, run_id: str, result: Any, out: dict[str, Any]) -> None:
     """Record a fitted run: FAILED on a NaN loss; else the final and best-k-NN backbones, the summary
     metrics, the linear probe when asked for, and FINISHED."""
@@ -352,7 +360,11 @@ def _finish(cfg: ExperimentConfig, uri: str, run_id: str, result: Any, out: dict
         tracking.log_checkpoint_artifacts(uri, run_id, best, "best_knn")
         tracking.log_metrics(uri, run_id, {"best_knn_top1": best_score}, step=step)
     tracking.log_metrics(uri, run_id, {"train_wall_time_s": out["wall_time_s"]}, step=step)
-    if cfg.eval.linear_at_end:
+    if cfg.eval.linear_at_end and not _has_labels(cfg):
+        print(
+            "linear probe skipped: the data set has no labels (set eval.dataset=<labelled set>)", flush=True
+        )
+    elif cfg.eval.linear_at_end:
         from orchestrator.training.evaluate import run_linear_eval
 
         out["linear_top1"] = run_linear_eval(run_id, uri)

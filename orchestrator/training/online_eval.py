@@ -124,42 +124,49 @@ def online_knn(
 
 
 class SignalSample:
-    """This worker's share of the fixed held-out sample the label-free signals read: two views per image
-    made by the run's own training augmentation at a fixed seed and epoch, so every evaluation sees the
-    very same pairs and a change in a signal is the model's, not the sample's.
+    """This worker's share of the fixed sample the label-free signals read: two views per image (one when
+    the run has a single global crop) made by the run's own training augmentation at a fixed seed and
+    epoch, so every evaluation sees the very same pairs and a change in a signal is the model's, not the
+    sample's.
 
-    The sample: ``eval.signal_samples`` evenly spaced images of the training set's ``test`` split (its
-    ``train`` split when it has no test images), no labels read; loaded once, lazily, with the torch twin
-    of the stream (a few hundred images: no Ray Data pipeline to start)."""
+    The sample: ``eval.signal_samples`` evenly spaced images of the training set's ``test`` split (held out
+    from training; its ``train`` split when it has no test images), no labels read. Each worker reads only
+    its own rows, once, lazily, with the torch twin of the stream (no Ray Data pipeline to start)."""
 
     SEED_OFFSET = 7_654_321  # not the training stream's seed: the sample's views are their own draw
 
     def __init__(self, cfg: ExperimentConfig, rank: int, world: int) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.views: torch.Tensor | None = None  # uint8 (n, V, C, S, S)
+        self.n_views = min(2, cfg.data.global_crops)
+        self.views: torch.Tensor | None = None  # uint8 (n, n_views, C, S, S)
 
     def load(self) -> torch.Tensor:
         if self.views is None:
-            import numpy as np
-
-            from data.torch_dataset import MultiCropTorchDataset
-
-            split = "test"
-            ds = MultiCropTorchDataset(self.cfg.data, split=split, seed=self.cfg.seed + self.SEED_OFFSET)
-            if len(ds) == 0:
-                ds = MultiCropTorchDataset(
-                    self.cfg.data, split="train", seed=self.cfg.seed + self.SEED_OFFSET
-                )
-            n = min(self.cfg.eval.signal_samples, len(ds))
-            positions = np.unique(np.linspace(0, len(ds) - 1, n).round().astype(int))[self.rank :: self.world]
-            items = [it for it in ds.__getitems__([int(p) for p in positions]) if it is not None]
-            c, s = self.cfg.data.channels, self.cfg.data.global_crop_size
-            self.views = (
-                torch.stack([it["global"][:2] for it in items])
-                if items
-                else torch.zeros((0, 1, c, s, s), dtype=torch.uint8)
-            )
+            self.views = self._read()
         return self.views
+
+    def _read(self) -> torch.Tensor:
+        import numpy as np
+
+        from data.shards import read_meta, resolve_shards
+        from data.torch_dataset import MultiCropTorchDataset
+
+        data = self.cfg.data
+        counts = read_meta(resolve_shards(data))["counts"]
+        split = "test" if counts.get("test") else "train"
+        count = int(counts[split])
+        limit = data.val_limit if split == "test" else data.train_limit
+        count = min(count, limit) if limit > 0 else count
+        n = min(self.cfg.eval.signal_samples, count)
+        chosen = np.unique(np.linspace(0, count - 1, n).round().astype(np.int64))[self.rank :: self.world]
+        empty = torch.zeros((0, self.n_views, data.channels, data.global_crop_size, data.global_crop_size))
+        if len(chosen) == 0:
+            return empty.to(torch.uint8)
+        ds = MultiCropTorchDataset(data, split=split, seed=self.cfg.seed + self.SEED_OFFSET, indices=chosen)
+        items = [it for it in ds.__getitems__(list(range(len(ds)))) if it is not None]  # corrupt: left out
+        if not items:
+            return empty.to(torch.uint8)
+        return torch.stack([it["global"][: self.n_views] for it in items])
 
 
 @torch.no_grad()
@@ -167,50 +174,53 @@ def label_free_signals(
     method: Any, cfg: ExperimentConfig, sample: SignalSample, device: torch.device
 ) -> dict[str, float]:
     """RankMe, the per-dimension std of normalised embeddings, alignment and uniformity
-    (:mod:`trainers.evaluation.signals`) of the eval backbone's features (``*_backbone``) and of its
-    projection head's outputs (``*_proj``), on the whole fixed sample (every rank embeds its share, the
-    embeddings are all-gathered, every rank gets the same figures)."""
+    (:mod:`trainers.evaluation.signals`) of the eval backbone's features (plain names: ``rankme``,
+    ``std_norm`` ...) and of its projection head's outputs (``*_proj``), on the whole fixed sample: every
+    rank embeds its share and the embeddings are all-gathered, so every rank gets the same figures. A rank
+    whose share is empty still takes part in every gather (with no rows of the right width)."""
     from trainers.distributed import gather_rows
     from trainers.engine import normalise_uint8
     from trainers.evaluation.signals import signals
 
     views = sample.load()
+    rows = len(views)
+    if rows == 0:  # one blank image, its features dropped below: only their width is needed
+        views = torch.zeros((1, *views.shape[1:]), dtype=torch.uint8)
     backbone, head = method.eval_backbone(), method.signal_head()
     modules = [m for m in (backbone, head) if m is not None]
     was_training = [m.training for m in modules]
     for m in modules:
         m.eval()
-    feats: dict[str, list[list[torch.Tensor]]] = {"backbone": [[], []], "proj": [[], []]}
+    feats: dict[str, list[list[torch.Tensor]]] = {
+        "backbone": [[] for _ in range(sample.n_views)],
+        "proj": [[] for _ in range(sample.n_views)],
+    }
     try:
         for start in range(0, len(views), KNN_BATCH):
             chunk = views[start : start + KNN_BATCH]
-            for v in range(chunk.shape[1]):
+            for v in range(sample.n_views):
                 x = normalise_uint8(
                     chunk[:, v], cfg.data.mean, cfg.data.std, device, channels_last=cfg.train.channels_last
                 )
                 f = backbone(x)
-                feats["backbone"][v].append(f.float())
+                feats["backbone"][v].append(f.float()[:rows])
                 if head is not None:
-                    feats["proj"][v].append(head(f).float())
+                    feats["proj"][v].append(head(f).float()[:rows])
     finally:
         for m, flag in zip(modules, was_training):
             m.train(flag)
     out: dict[str, float] = {}
-    for kind, (first, second) in feats.items():
+    for kind, per_view in feats.items():
         if kind == "proj" and head is None:
             continue
-        z1 = gather_rows(_cat(first, device)).cpu()
-        z2 = gather_rows(_cat(second, device)).cpu() if views.shape[1] > 1 else None
+        zs = [gather_rows(torch.cat(parts)).cpu() for parts in per_view]
         if (
-            len(z1) >= 2
+            len(zs[0]) >= 2
         ):  # the backbone's figures carry the plain names (rankme, std_norm ...), the head's *_proj
             suffix = "" if kind == "backbone" else f"_{kind}"
-            out.update({k.replace("_z", "") + suffix: v for k, v in signals("z", z1, z2).items()})
+            pair = zs[1] if len(zs) > 1 else None
+            out.update({k.replace("_z", "") + suffix: v for k, v in signals("z", zs[0], pair).items()})
     return out
-
-
-def _cat(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    return torch.cat(parts) if parts else torch.zeros((0, 0), device=device)
 
 
 class Evaluation:

@@ -351,6 +351,7 @@ class _Worker:
                     "seconds": progress.seconds,
                     "first_batch_s": progress.first_batch_s,
                     "log_sums": dict(progress.log_sums),
+                    "log_counts": dict(progress.log_counts),
                 },
             }
             ckpt.save_training_state(

@@ -1,6 +1,7 @@
 """Cluster submission through the real Ray job server: `ray start --head` with the dashboard on 127.0.0.1,
-then a 1-trial sweep submitted with JobSubmissionClient (project uploaded as runtime_env working_dir),
-which must end SUCCEEDED with its MLflow lineage in place, and a `bamray submit` CLI round trip.
+then a label-free 2-trial sweep on unlabelled images submitted with JobSubmissionClient (project uploaded
+as runtime_env working_dir), which must stop its collapsed trial and end SUCCEEDED with its MLflow lineage
+in place, and a `bamray submit` CLI round trip.
 
 The job server is part of the Ray dashboard, which needs `ray[default]` (aiohttp_cors, grpcio, opencensus,
 prometheus_client, ...). Without those packages `ray start --include-dashboard=true` fails with "Cannot
@@ -13,15 +14,17 @@ other test sessions'): the head runs with `--block` in its own session and is te
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port, ray_head
+from conftest import free_port, ray_head, write_unlabelled_tree
 
 from orchestrator import submit
+from orchestrator.sweep.collapse import TAG_STOP_REASON, TAG_STOPPED
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -69,51 +72,55 @@ def job_server():
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> str:
-    from data.sources import prepare_fashion_mnist
+def own_images(tmp_path_factory, fmnist_src) -> str:
+    """A user's own unlabelled photos: 120 Fashion-MNIST images in a nested PNG/JPEG tree with notes."""
+    from data.sources import prepare_image_folder
 
-    out = tmp_path_factory.mktemp("fmnist") / "shards"
-    prepare_fashion_mnist(out, limit=200)
-    return str(out)
+    tmp = tmp_path_factory.mktemp("own")
+    write_unlabelled_tree(tmp / "photos", fmnist_src, 120)
+    prepare_image_folder(tmp / "photos", tmp / "shards", name="photos", labelled=False, val_fraction=0.2)
+    return str(tmp / "shards")
 
 
-def test_submitted_sweep_succeeds_with_lineage(job_server, tiny_data, tmp_path):
-    space = tmp_path / "seeds.yaml"
-    space.write_text(yaml.safe_dump({"name": "seeds", "params": {"seed": {"type": "grid", "values": [0]}}}))
+LF_EPOCHS, HEALTHY_WD, COLLAPSING_WD = 3, 0.04, 4000.0
+
+
+def test_submitted_label_free_sweep_stops_the_collapsed_trial(job_server, own_images, tmp_path):
+    """A label-free sweep submitted as a Ray job, on unlabelled images: Tune optimises RankMe; the trial
+    whose encoder collapses is stopped after two low evaluations, tagged ``stopped: collapse`` and counted
+    on the parent run, while the healthy trial runs its whole budget; the job ends SUCCEEDED with its MLflow
+    lineage in place.
+
+    The collapsing configuration: a weight decay so large that AdamW's decoupled decay (lr x wd = 1 per step
+    at lr 2e-3 x 32 / 256 and wd 4000) sets every decayed weight to 0 in one step, so every image maps to
+    the same vector (measured: std_norm 0.64 -> 0.0, RankMe 21 -> 1.0). It stands for any run whose
+    features die: the check reads the features, not the cause. No teacher, so the evaluated network is the
+    student."""
+    space = tmp_path / "wd.yaml"
+    wd = {"type": "grid", "values": [HEALTHY_WD, COLLAPSING_WD]}
+    space.write_text(yaml.safe_dump({"name": "wd", "params": {"optim.weight_decay": wd}}))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = [
-        "sweep",
-        "--config",
-        "bam_fmnist",
-        "--space",
-        str(space),
-        "--trials",
-        "1",
-        "--scheduler",
-        "fifo",
-        "--max-concurrent",
-        "1",
-        "--storage-path",
-        str(tmp_path / "ray"),
-        "--name",
-        "job-sweep",
-        "--tracking-uri",
-        uri,
-    ]
+    args = ["sweep", "--config", "bam_fmnist", "--space", str(space), "--trials", "2", "--scheduler", "fifo"]
+    args += ["--search", "grid", "--max-concurrent", "2", "--metric", "rankme", "--mode", "max"]
+    args += ["--storage-path", str(tmp_path / "ray"), "--name", "job-sweep", "--tracking-uri", uri]
     for kv in (
         "optim.batch_size=32",
+        f"optim.epochs={LF_EPOCHS}",
+        "optim.warmup_epochs=0",
+        f"optim.weight_decay_end={HEALTHY_WD}",
         "train.workers=1",
         "train.cpus_per_worker=0.5",
         "data.map_cpus=0.5",
+        "data.global_crop_size=16",
+        "data.local_crop_size=8",
         "method.top_k_sink=0",
-        "optim.epochs=1",
-        "method.proj_hidden_dim=128",
-        "method.proj_out_dim=64",
-        "data.local_crops=2",
+        "method.teacher=false",
+        "method.proj_hidden_dim=64",
+        "method.proj_out_dim=32",
         "model.backbone=vit_tiny_patch16_224",
         "model.patch_size=4",
         "model.backbone_kwargs={depth: 2}",
-        f"data.path={tiny_data}",
+        f"data.path={own_images}",
         "tracking.experiment=submit-test",
     ):
         args += ["--set", kv]
@@ -121,7 +128,7 @@ def test_submitted_sweep_succeeds_with_lineage(job_server, tiny_data, tmp_path):
     status = submit.wait_for_job(job_server, job_id, timeout_s=900)
     logs = submit.job_client(job_server).get_job_logs(job_id)
     assert status == "SUCCEEDED", logs[-4000:]
-    assert "best knn_top1" in logs
+    assert "best rankme" in logs and "1 trial(s) stopped as collapsed" in logs and "k-NN skipped" in logs
 
     from mlflow import MlflowClient
 
@@ -130,12 +137,31 @@ def test_submitted_sweep_succeeds_with_lineage(job_server, tiny_data, tmp_path):
         [client.get_experiment_by_name("submit-test").experiment_id],
         filter_string="tags.`bamray.role` = 'sweep'",
     )
-    assert parent.info.status == "FINISHED" and parent.data.params["trials"] == "1"
+    assert parent.info.status == "FINISHED" and parent.data.params["metric"] == "rankme"
+    assert parent.data.metrics["trials_stopped_collapse"] == 1
+    assert "spearman_rankme_knn" not in parent.data.metrics  # nothing to correlate without labels
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     )
-    assert len(children) == 1 and all(c.info.status == "FINISHED" for c in children)
-    assert all("knn_top1" in c.data.metrics for c in children)
+    by_wd = {float(c.data.params["optim.weight_decay"]): c for c in children}
+    good, bad = by_wd[HEALTHY_WD], by_wd[COLLAPSING_WD]
+    assert bad.data.tags[TAG_STOPPED] == "collapse" and TAG_STOPPED not in good.data.tags
+    reason = re.fullmatch(
+        r"collapse: std_norm (\S+) < 0.05 for 2 evaluations in a row \(epoch 2\)",
+        bad.data.tags[TAG_STOP_REASON],
+    )
+    assert reason is not None and float(reason.group(1)) < 1e-4, bad.data.tags[TAG_STOP_REASON]
+    assert bad.data.tags["bamray.trial_status"] == "stopped_early" and good.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(bad.info.run_id, "rankme")][-1] < max(
+        m.step for m in client.get_metric_history(good.info.run_id, "rankme")
+    )
+    assert len(client.get_metric_history(good.info.run_id, "rankme")) == LF_EPOCHS
+    assert bad.data.metrics["rankme"] == pytest.approx(1.0, abs=0.05) and good.data.metrics["rankme"] > 3.0
+    assert parent.data.metrics["best_rankme"] == pytest.approx(good.data.metrics["rankme"])
+    assert "knn_top1" not in good.data.metrics  # no labels, no k-NN
+    assert {"std_norm", "align", "uniform", "rankme_proj", "epoch_bam_target_entropy"} <= set(
+        good.data.metrics
+    )
 
 
 def test_bamray_submit_cli_round_trip(job_server, capsys):

@@ -95,9 +95,11 @@ _PIXELS: dict[tuple, dict[str, float]] = {}  # raw pixels do not depend on the m
 
 def baselines(cfg, device: torch.device) -> dict[str, Any]:
     """Raw pixels and the random-init network, through the same k-NN and linear probe, on the same bank."""
+    from orchestrator.training.data_prep import resolved_data
     from orchestrator.training.evaluate import clean_features, raw_pixel_features
     from trainers.build import build_method
 
+    cfg, _ = resolved_data(cfg)  # the data set's channels / mean / std, as the trained run used them
     out = {}
     key = (cfg.data.path, cfg.data.train_limit, cfg.data.val_limit, cfg.seed)
     if key not in _PIXELS:

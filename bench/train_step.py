@@ -18,6 +18,7 @@ iterator / step time) is the loop's own ``data_wait_s`` on both.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -103,6 +104,7 @@ def build_bare(cfg, device: str) -> dict[str, Any]:
     dev = torch.device(device)
     batch = cfg.optim.batch_size * cfg.world_size
     dataset = MultiCropTorchDataset(cfg.data, split="train", seed=cfg.seed)
+    cfg = dataclasses.replace(cfg, data=dataset.cfg)  # channels / mean / std: the data set's own when unset
     steps = max(len(dataset) // batch, 1)
     method = build_method(cfg, device=dev, steps_per_epoch=steps, batch_size=batch)
     engine = build_engine(cfg, method, device=dev, steps_per_epoch=steps, global_batch=batch)
@@ -125,6 +127,7 @@ def build_bare(cfg, device: str) -> dict[str, Any]:
         "batch": batch,
         "steps_per_epoch": steps,
         "device": dev,
+        "data": dataset.cfg,
     }
 
 
@@ -150,7 +153,7 @@ def bare_loop(
     stats = train_one_epoch(
         bare["engine"],
         itertools.islice(bare["loader"], max_steps),
-        cfg.data,
+        bare["data"],
         epoch=0,
         steps_per_epoch=bare["steps_per_epoch"],
         global_batch=batch,

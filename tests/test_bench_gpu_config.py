@@ -19,7 +19,8 @@ from trainers.build import crop_sizes  # noqa: E402
 
 def test_cuda_overrides_give_a_vit_small_that_builds(tmp_path: Path) -> None:
     ctx = BenchContext(device="cuda", quick=False, workdir=tmp_path, cpus=16, log=print)
-    cfg = load_config("bam_fmnist", train_overrides(ctx, tmp_path / "data"))
+    fmnist = {"data.channels": 1, "data.mean": [0.2860], "data.std": [0.3530]}  # as a run resolves them
+    cfg = load_config("bam_fmnist", {**train_overrides(ctx, tmp_path / "data"), **fmnist})
     assert cfg.model.backbone == "vit_small_patch16_224"
     assert cfg.train.precision == "bf16" and cfg.optim.batch_size == 256
     assert (cfg.data.global_crop_size, cfg.data.local_crop_size, cfg.data.local_crops) == (224, 96, 6)

@@ -153,8 +153,7 @@ def resolved_data(cfg: ExperimentConfig) -> tuple[ExperimentConfig, dict[str, An
     from data.sources import read_meta
 
     meta = read_meta(cfg.data.path)
-    if not (cfg.data.channels and cfg.data.mean and cfg.data.std):
-        cfg = dataclasses.replace(cfg, data=_with_data_stats(cfg.data, meta))
+    cfg = dataclasses.replace(cfg, data=_with_data_stats(cfg.data, meta))  # as it is when all are set
     if cfg.eval.dataset and not cfg.eval.path:
         cfg = dataclasses.replace(cfg, eval=_resolve_eval_path(cfg, tracking.project_root()))
     return cfg, meta

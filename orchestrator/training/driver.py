@@ -329,11 +329,10 @@ def _shutdown_ray() -> None:
 
 
 def _has_labels(cfg: ExperimentConfig) -> bool:
-    """A labelled set to evaluate on: ``eval.path`` (resolved, labelled) or labelled training data."""
+    """A labelled set to evaluate on, as the online k-NN finds it (:func:`knn_source`)."""
     from data.sources import read_meta
-    from orchestrator.training.data_prep import is_labelled
 
-    return bool(cfg.eval.path) or is_labelled(read_meta(cfg.data.path))
+    return knn_source(cfg, read_meta(cfg.data.path)) is not None
 
 
 def _finish(cfg: ExperimentConfig, uri: str, run_id: str, result: Any, out: dict[str, Any]) -> None:

@@ -159,13 +159,14 @@ class SignalSample:
         count = min(count, limit) if limit > 0 else count
         n = min(self.cfg.eval.signal_samples, count)
         chosen = np.unique(np.linspace(0, count - 1, n).round().astype(np.int64))[self.rank :: self.world]
-        empty = torch.zeros((0, self.n_views, data.channels, data.global_crop_size, data.global_crop_size))
+        size = data.global_crop_size
+        empty = torch.zeros((0, self.n_views, data.channels, size, size), dtype=torch.uint8)
         if len(chosen) == 0:
-            return empty.to(torch.uint8)
+            return empty
         ds = MultiCropTorchDataset(data, split=split, seed=self.cfg.seed + self.SEED_OFFSET, indices=chosen)
         items = [it for it in ds.__getitems__(list(range(len(ds)))) if it is not None]  # corrupt: left out
         if not items:
-            return empty.to(torch.uint8)
+            return empty
         return torch.stack([it["global"][: self.n_views] for it in items])
 
 
@@ -214,9 +215,8 @@ def label_free_signals(
         if kind == "proj" and head is None:
             continue
         zs = [gather_rows(torch.cat(parts)).cpu() for parts in per_view]
-        if (
-            len(zs[0]) >= 2
-        ):  # the backbone's figures carry the plain names (rankme, std_norm ...), the head's *_proj
+        # the backbone's figures carry the plain names (rankme, std_norm ...), the head's *_proj
+        if len(zs[0]) >= 2:
             suffix = "" if kind == "backbone" else f"_{kind}"
             pair = zs[1] if len(zs) > 1 else None
             out.update({k.replace("_z", "") + suffix: v for k, v in signals("z", zs[0], pair).items()})

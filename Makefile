@@ -19,7 +19,7 @@ setup: $(STAMP) $(FMNIST)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,sweep]'
+	$(BIN)/python -m pip install -q -e '.[test,sweep,export]'
 	@touch $(STAMP)
 
 # Fashion-MNIST ships as a Debian package (original IDX files, MIT licence).

@@ -143,3 +143,25 @@ def pin_ray_data_singletons() -> None:
         return
     for handle in (get_or_create_stats_actor(), get_or_create_autoscaling_coordinator()):
         ray.get(handle.__ray_ready__.remote())
+
+
+@ray.remote(num_cpus=0)
+class EmbedStats:
+    """What the actors of a ``bamray embed`` job did: rows written, corrupt rows skipped (by split and
+    index, counted once), and each actor's rows and peak resident memory, so a user sees that a data set
+    larger than the actors' memory streamed through them."""
+
+    def __init__(self) -> None:
+        self._rows = 0
+        self._corrupt: set[tuple[str, int]] = set()
+        self._actors: dict[str, dict[str, float]] = {}
+
+    def add(self, actor: str, rows: int, corrupt: list[tuple[str, int]], peak_rss_mb: float) -> None:
+        self._rows += int(rows)
+        self._corrupt.update((str(s), int(i)) for s, i in corrupt)
+        a = self._actors.setdefault(actor, {"rows": 0, "peak_rss_mb": 0.0})
+        a["rows"] += int(rows)
+        a["peak_rss_mb"] = max(a["peak_rss_mb"], float(peak_rss_mb))
+
+    def summary(self) -> dict[str, Any]:
+        return {"rows": self._rows, "corrupt": len(self._corrupt), "actors": dict(self._actors)}

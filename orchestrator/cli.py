@@ -14,6 +14,7 @@ is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -38,6 +39,11 @@ def _config_overrides(args: argparse.Namespace) -> list[str]:
         overrides.append(f"train.address={args.address}")
     if getattr(args, "tracking_uri", None):
         overrides.append(f"tracking.tracking_uri={args.tracking_uri}")
+    if getattr(args, "init_from", None):
+        # a directory made absolute here (a sweep trial runs in its own directory); quoted, so a run id
+        # such as 1234e5... stays a string when the value is read as YAML
+        src = os.path.abspath(args.init_from) if os.path.isdir(args.init_from) else args.init_from
+        overrides.append(f"model.init_from={json.dumps(src)}")
     return overrides
 
 
@@ -191,6 +197,7 @@ def cmd_config_list(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """Every sub-command, registered explicitly: an import error in a command's module is an error here,
     never a silently missing command."""
+    from orchestrator.downstream.cli import add_embed_parser, add_export_parser
     from orchestrator.submit import add_submit_parser
     from orchestrator.sweep import add_sweep_parser
 
@@ -211,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_parser,
         add_sweep_parser,
         add_submit_parser,
+        add_export_parser,
+        add_embed_parser,
     ):
         add(sub)
     return p
@@ -230,7 +239,14 @@ def _add_train_parser(sub: Any) -> None:
     t.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else .bamray/mlflow.db)"
     )
-    t.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
+    start = t.add_mutually_exclusive_group()
+    start.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
+    start.add_argument(
+        "--init-from",
+        metavar="RUN_ID|DIR",
+        help="a new run whose backbone starts from these weights (a run's 'final' export or an exported "
+        "directory): weights only, a new schedule and optimiser (model.init_from)",
+    )
     t.set_defaults(func=cmd_train)
 
 
@@ -274,6 +290,8 @@ def _add_data_parser(sub: Any) -> None:
 
 
 def _add_eval_parser(sub: Any) -> None:
+    from orchestrator.downstream.cli import add_eval_protocols
+
     e = sub.add_parser("eval", help="evaluate a trained backbone")
     esub = e.add_subparsers(dest="eval_command", required=True, metavar="PROTOCOL")
     lin = esub.add_parser("linear", help="linear probe on the frozen backbone of an MLflow run")
@@ -282,6 +300,7 @@ def _add_eval_parser(sub: Any) -> None:
     lin.add_argument("--epochs", type=int, help="default: eval.linear_epochs of the run's config")
     lin.add_argument("--tracking-uri")
     lin.set_defaults(func=cmd_eval_linear)
+    add_eval_protocols(esub)
 
 
 def _add_ui_parser(sub: Any) -> None:

@@ -203,6 +203,10 @@ def check_job(cfg: Any, tracking_uri: str, storage: str) -> None:
     address and, for a local Ray (started here or already initialised in this process), the resources."""
     check_tracking_uri(tracking_uri)
     check_storage_path(storage)
+    if cfg.model.init_from:  # the weights must exist and fit the network before anything starts
+        from orchestrator.downstream.init_from import init_weights
+
+        init_weights(cfg)
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         check_cluster_resources(cfg)
         return

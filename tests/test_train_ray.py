@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import TINY_BATCH, TINY_N_TEST, TINY_N_TRAIN, tiny_train_settings
+from safetensors.torch import save_model
 
 from orchestrator import checkpointing as ckpt
 from orchestrator import tracking
@@ -454,3 +455,43 @@ def test_resume_of_a_finished_run_does_nothing(finished_run):
     assert "already FINISHED" in proc.stdout and "Started a local Ray" not in proc.stderr
     assert {k: _history(c, out["run_id"], k) for k in before} == before
     assert c.get_run(out["run_id"]).info.status == "FINISHED"
+
+
+def test_init_from_starts_a_new_run_from_exported_weights(ray_local, finished_run, shards, tmp_path):
+    """`--init-from`: a new run (new MLflow run, new schedule) whose backbone starts from exported weights
+    (here the finished run's, moved well off the init). At an lr of 1e-9 its own export equals them; the
+    run's own seed would have given other weights."""
+    import mlflow.artifacts
+
+    from orchestrator.training.data_prep import prepare_data
+    from trainers.build import build_method
+
+    _, out = finished_run
+    uri = out["tracking_uri"]
+    settings = {"optim.lr": 1e-9, "optim.min_lr": 0.0, "optim.epochs": 1, "eval.knn_freq": 0}
+    overrides = _overrides(shards, tmp_path / "ray", uri, workers=1, **settings)
+    cfg, _ = prepare_data(load_config("bam_fmnist", overrides))
+    fresh = build_method(cfg, device="cpu", steps_per_epoch=1, batch_size=BATCH).eval_backbone()
+    local = mlflow.artifacts.download_artifacts(
+        run_id=out["run_id"], artifact_path="final", dst_path=str(tmp_path / "src"), tracking_uri=uri
+    )
+    source, _ = ckpt.load_backbone(local)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_model(source, str(Path(local) / ckpt.BACKBONE_FILE))
+
+    new = run_training(load_config("bam_fmnist", [*overrides, f"model.init_from={local}"]))
+    assert new["status"] == "FINISHED" and new["run_id"] != out["run_id"]
+    assert tracking.client(uri).get_run(new["run_id"]).data.params["model.init_from"] == local
+    started, _ = ckpt.load_backbone(
+        mlflow.artifacts.download_artifacts(
+            run_id=new["run_id"], artifact_path="final", dst_path=str(tmp_path / "new"), tracking_uri=uri
+        )
+    )
+    far = 0.0
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(started.state_dict()[key], value, rtol=0, atol=1e-5)
+        far = max(far, float((fresh.state_dict()[key] - value).abs().max()))
+    assert far > 0.1  # without --init-from the run would have started there

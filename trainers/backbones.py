@@ -48,6 +48,11 @@ class ModelConfig:
     )
     patch_size: int | None = opt(None, gt=0, help="ViT patch size (default: chosen by model.stem)")
     drop_path_rate: float = opt(0.0, ge=0.0, lt=1.0)
+    init_from: str = opt(
+        "",
+        help="start from these backbone weights (weights only, a new schedule): an MLflow run id (its "
+        "'final' export) or an exported directory; `bamray train --init-from`. Not --resume",
+    )
     backbone_kwargs: dict = opt(
         {},
         help="extra keyword arguments passed to timm.create_model "

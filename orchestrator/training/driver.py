@@ -20,6 +20,7 @@ from data.sources import is_uri
 from orchestrator import checkpointing as ckpt
 from orchestrator import fault_injection, preflight, tracking
 from orchestrator.config import ExperimentConfig
+from orchestrator.downstream.init_from import init_weights
 from orchestrator.local_ray import connect_or_start
 from orchestrator.training import loopback_ddp, mlflow_run
 from orchestrator.training.data_prep import knn_source, prepare_data, resolved_data, steps_per_epoch
@@ -135,6 +136,7 @@ def build_trainer(
         knn="knn_train" in datasets,
         knn_prefetch=knn is not None and knn_cache_bytes(cfg, *knn) <= KNN_CACHE_BYTES,
         init_checkpoint=init_checkpoint,
+        init_weights=init_weights(cfg),
         stop_after_epoch=stop_after_epoch,
         pg_watch=pg_watch if workers > 0 else None,
         # Train local mode (0 workers) forwards no report to callbacks, so nothing would ever open the gate

@@ -39,6 +39,8 @@ class WorkerPlan:
     knn_prefetch: bool
     #: a ``ray.train.Checkpoint`` to start from when the run has none of its own (PBT's donor)
     init_checkpoint: Any = None
+    #: backbone weights to start from (``model.init_from``): weights only, before any checkpoint
+    init_weights: dict[str, Any] | None = None
     #: end after this epoch, schedules unchanged (one PBT segment)
     stop_after_epoch: int | None = None
     #: ``(reaper, trial actor)``: rank 0 hands its placement group over, see orchestrator/reaper.py

@@ -131,6 +131,8 @@ class _Worker:
             batch_size=cfg.optim.batch_size,
             world_size=self.world,
         )
+        if self.plan.init_weights is not None:  # --init-from; a checkpoint of this run still wins (_restore)
+            self.method.init_backbone(self.plan.init_weights)
         module = ray.train.torch.prepare_model(self.method)
         self.engine = build_engine(
             cfg,

@@ -104,6 +104,15 @@ class Method(nn.Module):
             ema_update(online, target, m)
         return m
 
+    def init_backbone(self, state: dict[str, torch.Tensor]) -> None:
+        """Start from pretrained backbone weights (``--init-from``): the online backbone and its EMA twin
+        (the teacher's starts equal to the student's, as at a fresh start), strictly: every key, every
+        shape."""
+        self.backbone.load_state_dict(state, strict=True)  # type: ignore[attr-defined]
+        for online, target in self.momentum_pairs():
+            if online is self.backbone:  # type: ignore[attr-defined]
+                target.load_state_dict(state, strict=True)
+
     def eval_backbone(self) -> nn.Module:
         """The network whose features are evaluated (teacher backbone when the method has one)."""
         return self.backbone  # type: ignore[attr-defined]

@@ -37,6 +37,7 @@ MODULES = {
     "step": "bench.train_step",
     "startup": "bench.startup",
     "sweep": "bench.sweep",
+    "embed": "bench.embed",
 }
 
 #: Seconds a section may take before it is stopped and recorded as an error (full, quick): a hung
@@ -47,6 +48,7 @@ TIME_LIMITS = {
     "step": (600, 180),
     "startup": (300, 150),
     "sweep": (600, 300),
+    "embed": (900, 300),
 }
 
 

@@ -124,6 +124,25 @@ def tiny_train_settings(**extra: object) -> dict[str, object]:
     }
 
 
+def append_corrupt_row(shards: Path, split: str, index: int, label: int) -> None:
+    """One undecodable PNG row (a valid signature, garbage after it) as an extra part of ``split``: the
+    row every path must skip and count, never crash on."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data.sources import SCHEMA
+
+    bad = pa.table(
+        {
+            "image": pa.array([b"\x89PNG\r\n\x1a\n-truncated-garbage"], pa.binary()),
+            "label": pa.array([label], pa.int64()),
+            "index": pa.array([index], pa.int64()),
+        },
+        schema=SCHEMA,
+    )
+    pq.write_table(bad, shards / split / "part-09999.parquet")
+
+
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory, fmnist_src) -> Path:
     """The tiny run's data: the first 256 train and 128 test images, prepared as `bamray data prepare` does."""

@@ -327,3 +327,72 @@ def test_embed_data_with_other_channels_is_refused(tmp_path, tiny_shards):
         resolve_data(str(tiny_shards), backbone, str(tmp_path))
     with pytest.raises(ConfigError, match="--data.*no prepared data set"):
         resolve_data(str(tmp_path / "nowhere"), backbone, str(tmp_path))
+
+
+def test_the_readme_loader_runs_as_written_on_an_export(tmp_path, tiny_shards):
+    """The README's safetensors snippet, cut from the README and run with timm alone."""
+    import re
+    import textwrap
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"```python\n(\s*import json, timm.*?)```", readme, re.S)
+    assert block, "the loader snippet is not in the README"
+    src = _export(tmp_path / "run", RESNET)
+    backbone = resolve_backbone(str(src), tmp_path)
+    ex.export(backbone, "safetensors", tmp_path / "DIR")
+    code = textwrap.dedent(block.group(1)).replace('"DIR/', f'"{tmp_path}/DIR/')
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - our own README
+    x = _fmnist_batch(tiny_shards, n=4)
+    with torch.no_grad():
+        torch.testing.assert_close(scope["m"](x), backbone.load()(x), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ fine-tuning
+def test_label_subsets_are_class_balanced_and_seeded():
+    from trainers.evaluation.finetune import label_subset
+
+    y = np.repeat(np.arange(10), [600] * 9 + [200])
+    one = label_subset(y, "1%", seed=0)
+    assert np.bincount(y[one], minlength=10).tolist() == [6] * 9 + [2]
+    assert np.array_equal(one, label_subset(y, "1%", seed=0)) and not np.array_equal(
+        one, label_subset(y, "1%", seed=1)
+    )
+
+
+def test_a_label_fraction_that_leaves_a_class_empty_is_refused_naming_it():
+    from trainers.evaluation.finetune import label_subset, parse_labels
+
+    y = np.repeat(np.arange(10), [600] * 9 + [40])
+    with pytest.raises(ConfigError, match=r"--labels.*1% leaves class 9 \(40 train images\)"):
+        label_subset(y, "1%")
+    ten = label_subset(y, "10%")
+    assert np.bincount(y[ten]).tolist() == [60] * 9 + [4]
+    n = label_subset(y, "25")
+    assert np.bincount(y[n]).tolist() == [3] * 5 + [2] * 5
+    with pytest.raises(ConfigError, match="one per class"):
+        label_subset(y, "7")
+    for bad in ("0%", "150%", "abc", "-3", "0"):
+        with pytest.raises(ConfigError, match="--labels"):
+            parse_labels(bad)
+    assert parse_labels("10%") == ("fraction", pytest.approx(0.1)) and parse_labels("500") == ("count", 500.0)
+
+
+def test_topk_counts_the_augmentation_and_the_schedule_by_hand():
+    from trainers.evaluation.finetune import Classifier, augment, cosine_lr, topk_correct
+
+    logits = torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.2, 0.7], [0.5, 0.4, 0.1]])
+    assert topk_correct(logits, torch.tensor([0, 0, 1]), ks=(1, 2)) == [1, 2]
+    assert topk_correct(logits, torch.tensor([0, 0, 1]), ks=(1, 5)) == [1, 3]  # k capped at 3 classes
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8, generator=g)
+    a = augment(x, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and a.dtype == torch.uint8 and not torch.equal(a, x)
+    assert torch.equal(a, augment(x, torch.Generator().manual_seed(1)))
+    assert cosine_lr(1.0, 0, 100, warmup=10) == pytest.approx(0.1) and cosine_lr(1.0, 10, 100, 10) == 1.0
+    assert cosine_lr(1.0, 100, 100, 10) == pytest.approx(0.0, abs=1e-12)
+    probe = Classifier(
+        nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.BatchNorm1d(3)), 3, 2, frozen=True
+    ).train()
+    assert not probe.backbone.training and probe.head.training
+    assert not any(p.requires_grad for p in probe.backbone.parameters())

@@ -10,11 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import FMNIST_DATA, TINY_N_TEST, TINY_N_TRAIN
+from conftest import FMNIST_DATA, TINY_N_TEST, TINY_N_TRAIN, append_corrupt_row
 
 from orchestrator import checkpointing as ckpt
 from orchestrator import tracking
@@ -38,17 +37,7 @@ CORRUPT_INDEX = TINY_N_TEST  # one undecodable PNG appended to the test split
 
 @pytest.fixture(scope="module")
 def shards(tiny_shards) -> Path:
-    from data.sources import SCHEMA
-
-    bad = pa.table(
-        {
-            "image": pa.array([b"\x89PNG\r\n\x1a\nnot-an-image"], pa.binary()),
-            "label": pa.array([2], pa.int64()),
-            "index": pa.array([CORRUPT_INDEX], pa.int64()),
-        },
-        schema=SCHEMA,
-    )
-    pq.write_table(bad, tiny_shards / "test" / "part-09999.parquet")
+    append_corrupt_row(tiny_shards, "test", CORRUPT_INDEX, label=2)
     return tiny_shards
 
 
@@ -150,3 +139,27 @@ def test_copy_detection_finds_originals_above_chance_and_logs(ray_local, run):
     metrics = tracking.client(backbone.tracking_uri).get_run(backbone.run_id).data.metrics
     assert metrics["copydetect_map"] == pytest.approx(res["backbone"]["map"])
     assert metrics["copydetect_map_raw_pixels"] == pytest.approx(res["pixels"]["map"])
+
+
+def test_finetune_runs_each_mode_on_two_train_workers_and_logs(ray_local, run):
+    from orchestrator.downstream.finetune import finetune_command
+    from trainers.evaluation.finetune import label_subset
+    from trainers.options import ConfigError
+
+    backbone, cfg = run
+    with pytest.raises(ConfigError, match="--labels.*leaves class"):  # refused before any worker starts
+        finetune_command(backbone, labels="0.1%")
+    res = finetune_command(backbone, labels="10%", epochs=4, batch_size=16, lr=3e-3, workers=2)
+    assert set(res) == {"finetune", "probe", "scratch"}
+
+    labels = pq.read_table(Path(cfg.data.path) / "train", columns=["label"]).column("label").to_numpy()
+    n = len(label_subset(labels, "10%"))
+    for mode, r in res.items():
+        assert r["labelled_images"] == n and r["test_images"] == TINY_N_TEST, mode  # corrupt row skipped
+        assert r["steps"] == 4 * -(-n // (2 * 16)), mode  # every rank ran the same steps
+        assert 0.0 <= r["top1"] <= r["top5"] <= 100.0, mode
+        assert np.isfinite(r["train_loss"]), mode
+    print({m: (round(r["top1"], 2), round(r["top5"], 2)) for m, r in res.items()})
+    metrics = tracking.client(backbone.tracking_uri).get_run(backbone.run_id).data.metrics
+    for mode in res:
+        assert metrics[f"finetune_10pct_{mode}_top1"] == pytest.approx(res[mode]["top1"])

@@ -16,11 +16,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import TINY_BATCH, TINY_N_TEST, TINY_N_TRAIN, tiny_train_settings
+from conftest import TINY_BATCH, TINY_N_TEST, TINY_N_TRAIN, append_corrupt_row, tiny_train_settings
 from safetensors.torch import save_model
 
 from orchestrator import checkpointing as ckpt
@@ -53,17 +51,7 @@ def _overrides(shards: Path, storage: Path, uri: str, workers: int = 2, **extra)
 @pytest.fixture(scope="module")
 def shards(tiny_shards) -> Path:
     """The tiny run's shards plus one undecodable PNG row (index N_TRAIN) in an extra train part."""
-    from data.sources import SCHEMA
-
-    bad = pa.table(
-        {
-            "image": pa.array([b"\x89PNG\r\n\x1a\n-truncated-garbage"], pa.binary()),
-            "label": pa.array([3], pa.int64()),
-            "index": pa.array([N_TRAIN], pa.int64()),
-        },
-        schema=SCHEMA,
-    )
-    pq.write_table(bad, tiny_shards / "train" / "part-09999.parquet")
+    append_corrupt_row(tiny_shards, "train", N_TRAIN, label=3)
     return tiny_shards
 
 

@@ -131,6 +131,35 @@ def cmd_copydetect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from orchestrator.downstream.finetune import finetune_command
+
+    modes = ("finetune", "probe", "scratch") if args.mode == "all" else (args.mode,)
+    with tempfile.TemporaryDirectory() as tmp:
+        backbone = _resolve(args, tmp)
+        res = finetune_command(
+            backbone,
+            labels=args.labels,
+            modes=modes,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            workers=args.workers,
+            cpus_per_worker=args.cpus_per_worker,
+            address=args.address,
+        )
+    first = next(iter(res.values()))
+    print(
+        f"fine-tuning ({backbone.label}) with {args.labels} of the labels ({int(first['labelled_images'])} "
+        f"images), {args.epochs} epochs; {int(first['test_images'])} test images"
+    )
+    names = {"finetune": "fine-tuned", "probe": "frozen probe", "scratch": "from scratch"}
+    print(f"{'':14s}{'top-1':>10s}{'top-5':>10s}")
+    for mode, r in res.items():
+        print(f"{names[mode]:14s}{r['top1']:9.2f}%{r['top5']:9.2f}%")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ parsers
 def add_export_parser(sub: Any) -> None:
     from orchestrator.downstream import EXPORT_FORMATS as FORMATS
@@ -180,3 +209,17 @@ def add_eval_protocols(esub: Any) -> None:
     c.add_argument("--seed", type=int, default=0, help="the benchmark's seed (originals, distortions)")
     _add_job(c)
     c.set_defaults(func=cmd_copydetect)
+    f = esub.add_parser(
+        "finetune",
+        help="semi-supervised: fine-tune / probe / from scratch on 1 %%, 10 %% or N labels (Ray Train)",
+    )
+    _add_source(f)
+    f.add_argument("--labels", required=True, help="1%%, 10%% (of each class) or a count N (class-balanced)")
+    f.add_argument("--mode", default="all", choices=("all", "finetune", "probe", "scratch"))
+    f.add_argument("--epochs", type=int, default=30)
+    f.add_argument("--batch-size", type=int, default=64, help="per worker")
+    f.add_argument("--lr", type=float, default=1e-2, help="head lr (a trained backbone gets a tenth)")
+    f.add_argument("--workers", type=int, default=1, help="Ray Train workers")
+    f.add_argument("--cpus-per-worker", type=float, default=1.0)
+    f.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    f.set_defaults(func=cmd_finetune)

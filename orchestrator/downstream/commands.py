@@ -212,14 +212,14 @@ def retrieval_command(
     """``bamray eval retrieval``: the labelled set's test split (the online k-NN's validation rows, at most
     ``queries`` of them when > 0) as queries against its train split (the k-NN's bank), per network."""
     from data.torch_dataset import select_eval_indices
-    from orchestrator.training.data_prep import knn_source, prepare_data
     from trainers.evaluation.retrieval import retrieval_metrics
 
     cfg = backbone.cfg
-    labelled = _labelled_source(backbone, prepare_data, knn_source)
+    labelled = labelled_view(backbone, "retrieval")
     path = labelled.path
-    bank = select_eval_indices(path, "train", cfg.eval.knn_train_fraction, cfg.seed)
-    val = select_eval_indices(path, "test", cfg.eval.knn_eval_fraction, cfg.seed)
+    # the online k-NN's rows: its bank within data.train_limit, its queries within data.val_limit
+    bank = select_eval_indices(path, "train", cfg.eval.knn_train_fraction, cfg.seed, labelled.train_limit)
+    val = select_eval_indices(path, "test", cfg.eval.knn_eval_fraction, cfg.seed, labelled.val_limit)
     if queries > 0:
         val = _at_most(val, path, "test", queries)
     parts = [Rows("train", path=path, indices=bank), Rows("test", path=path, indices=val)]
@@ -238,22 +238,18 @@ def retrieval_command(
     return results
 
 
-def _labelled_source(backbone: Backbone, prepare_data: Any, knn_source: Any) -> Any:
+def labelled_view(backbone: Backbone, needs: str) -> Any:
     """The labelled set the run's k-NN used (``eval.path`` or its own training set), found on this
-    machine, with the run's view."""
+    machine, with the run's view; refused naming ``eval.dataset`` when the run has none (``needs``: the
+    evaluation that asked)."""
+    from orchestrator.training.data_prep import prepare_data, require_labels
+
     cfg = backbone.cfg
     local = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=_local_path(cfg.data)))
     if cfg.eval.path and not os.path.exists(cfg.eval.path):
         local = dataclasses.replace(local, eval=dataclasses.replace(cfg.eval, path=""))
     local, meta = prepare_data(local)
-    source = knn_source(local, meta)
-    if source is None:
-        raise ConfigError(
-            "eval.dataset",
-            f"{backbone.label} trained on an unlabelled set and named no labelled one; retrieval needs "
-            "labels (train with --set eval.dataset=<labelled set>)",
-        )
-    data, meta = source
+    data, meta = require_labels(local, meta, backbone.label, needs)
     if int(meta["channels"]) != int(cfg.data.channels):
         raise ConfigError(
             "eval.dataset", f"{data.path} has {meta['channels']} channel(s), the backbone {cfg.data.channels}"

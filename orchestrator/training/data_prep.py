@@ -131,6 +131,21 @@ def knn_source(cfg: ExperimentConfig, meta: dict[str, Any]) -> tuple[Any, dict[s
     return (cfg.data, meta) if is_labelled(meta) else None
 
 
+def require_labels(
+    cfg: ExperimentConfig, meta: dict[str, Any], who: str, needs: str
+) -> tuple[Any, dict[str, Any]]:
+    """:func:`knn_source`, refused naming ``eval.dataset`` when there is none: for the offline evaluations
+    (linear probe, retrieval, fine-tuning) of ``who`` (e.g. "run <id>"), which ``needs`` labels."""
+    source = knn_source(cfg, meta)
+    if source is None:
+        raise ConfigError(
+            "eval.dataset",
+            f"{who} trained on an unlabelled set and named no labelled one; {needs} needs labels (train "
+            "with --set eval.dataset=<labelled set>)",
+        )
+    return source
+
+
 def _prepare_fashion_mnist_once(path: str, src: Path) -> dict[str, Any]:
     """Write the Fashion-MNIST shards into ``path`` unless another run did while we waited for the lock:
     two first runs must not write the same shards."""

@@ -85,7 +85,7 @@ def run_linear_eval(
     import mlflow.artifacts
     from mlflow.entities import Metric
 
-    from orchestrator.training.data_prep import knn_source, prepare_data
+    from orchestrator.training.data_prep import prepare_data, require_labels
     from trainers.evaluation.linear import linear_probe
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
@@ -106,14 +106,8 @@ def run_linear_eval(
             ) from err
         model, cfg = ckpt.load_backbone(local, device=dev)
     cfg, meta = prepare_data(cfg)
-    labelled = knn_source(cfg, meta)
-    if labelled is None:
-        raise ConfigError(
-            "eval.dataset",
-            f"run {run_id} trained on an unlabelled set and named no labelled one; the linear probe needs "
-            "labels (train with --set eval.dataset=<labelled set>)",
-        )
-    data, meta = labelled  # the labelled set, viewed and normalised as the run's training data
+    # the labelled set, viewed and normalised as the run's training data
+    data, meta = require_labels(cfg, meta, f"run {run_id}", "the linear probe")
     train_f, train_y = clean_features(model, data, "train", dev, seed=cfg.seed)
     val_f, val_y = clean_features(model, data, "test", dev, seed=cfg.seed)
     res = linear_probe(

@@ -125,7 +125,7 @@ def test_distortions_are_seeded_strong_and_keep_shape(channels):
 def test_copy_benchmark_is_reproducible_and_points_queries_at_their_originals(tiny_shards):
     from data.images import decode_image
     from data.sources import read_meta
-    from orchestrator.downstream.commands import build_copy_benchmark
+    from orchestrator.downstream.copydetect import build_copy_benchmark
 
     meta = read_meta(str(tiny_shards))
     o1, d1, t1 = build_copy_benchmark(str(tiny_shards), meta, 20, 50, seed=3)
@@ -379,7 +379,10 @@ def test_a_label_fraction_that_leaves_a_class_empty_is_refused_naming_it():
 
 
 def test_topk_counts_the_augmentation_and_the_schedule_by_hand():
-    from trainers.evaluation.finetune import Classifier, augment, cosine_lr, topk_correct
+    from orchestrator.downstream import FINETUNE_MODES
+    from trainers.evaluation.finetune import MODES, Classifier, augment, cosine_lr, topk_correct
+
+    assert FINETUNE_MODES == MODES  # the parser's torch-free copy
 
     logits = torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.2, 0.7], [0.5, 0.4, 0.1]])
     assert topk_correct(logits, torch.tensor([0, 0, 1]), ks=(1, 2)) == [1, 2]

@@ -20,10 +20,10 @@ from orchestrator import tracking
 from orchestrator.config import load_config
 from orchestrator.downstream.commands import (
     JobOptions,
-    copydetect_command,
     embed_command,
     retrieval_command,
 )
+from orchestrator.downstream.copydetect import copydetect_command
 from orchestrator.downstream.embed import read_embeddings
 from orchestrator.downstream.source import resolve_backbone
 from orchestrator.training.evaluate import clean_features, raw_pixel_features

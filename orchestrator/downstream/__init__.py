@@ -12,5 +12,7 @@ or an exported directory.
 EXPORT_FORMATS = ("safetensors", "torchscript", "onnx")
 #: what ``bamray embed --network`` embeds with: the run's backbone, its random init, raw pixels
 NETWORKS = ("backbone", "random", "pixels")
+#: ``bamray eval finetune --mode`` (the same as ``trainers.evaluation.finetune.MODES``, which imports torch)
+FINETUNE_MODES = ("finetune", "probe", "scratch")
 #: the exports a run logs (``--checkpoint``)
 CHECKPOINTS = ("final", "best_knn")

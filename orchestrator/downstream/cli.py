@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from orchestrator.downstream import CHECKPOINTS
+from orchestrator.downstream import CHECKPOINTS, FINETUNE_MODES
 
 CHECKPOINT_HELP = "which export of the run: final (default) or best_knn (the best k-NN epoch)"
 
@@ -109,7 +109,8 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
 
 
 def cmd_copydetect(args: argparse.Namespace) -> int:
-    from orchestrator.downstream.commands import copydetect_command, figures_table
+    from orchestrator.downstream.commands import figures_table
+    from orchestrator.downstream.copydetect import copydetect_command
 
     with tempfile.TemporaryDirectory() as tmp:
         backbone = _resolve(args, tmp)
@@ -134,7 +135,7 @@ def cmd_copydetect(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from orchestrator.downstream.finetune import finetune_command
 
-    modes = ("finetune", "probe", "scratch") if args.mode == "all" else (args.mode,)
+    modes = FINETUNE_MODES if args.mode == "all" else (args.mode,)
     with tempfile.TemporaryDirectory() as tmp:
         backbone = _resolve(args, tmp)
         res = finetune_command(
@@ -215,7 +216,7 @@ def add_eval_protocols(esub: Any) -> None:
     )
     _add_source(f)
     f.add_argument("--labels", required=True, help="1%%, 10%% (of each class) or a count N (class-balanced)")
-    f.add_argument("--mode", default="all", choices=("all", "finetune", "probe", "scratch"))
+    f.add_argument("--mode", default="all", choices=("all", *FINETUNE_MODES))
     f.add_argument("--epochs", type=int, default=30)
     f.add_argument("--batch-size", type=int, default=64, help="per worker")
     f.add_argument("--lr", type=float, default=1e-2, help="head lr (a trained backbone gets a tenth)")

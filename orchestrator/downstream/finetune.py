@@ -83,6 +83,28 @@ def _rows(view: Any, split: str, indices: np.ndarray | None) -> tuple[Any, Any]:
     return x, torch.tensor(labels, dtype=torch.long)
 
 
+def _test_counts(model: Any, plan: FinetunePlan, rank: int, world: int, device: Any) -> Any:
+    """``(top-1 correct, top-5 correct, images)`` of the test split, summed over every worker's share."""
+    import torch
+
+    from trainers.distributed import all_reduce_sum
+    from trainers.engine import normalise_uint8
+    from trainers.evaluation.finetune import topk_correct
+
+    mean, std = plan.view.mean, plan.view.std
+    model.eval()
+    tx, ty = _rows(plan.view, "test", None if plan.test_indices is None else plan.test_indices[rank::world])
+    if plan.test_indices is None:  # every rank reads the split; each scores its share
+        tx, ty = tx[rank::world], ty[rank::world]
+    counts = torch.zeros(3, dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, len(tx), 256):
+            logits = model(normalise_uint8(tx[start : start + 256], mean, std, device)).cpu()
+            top1, top5 = topk_correct(logits, ty[start : start + 256])
+            counts += torch.tensor([top1, top5, len(logits)], dtype=torch.float64)
+    return all_reduce_sum(counts.to(device)).cpu()
+
+
 def finetune_worker(config: dict[str, Any]) -> None:
     """One worker: train on its share for ``epochs``, then report the summed test top-1 / top-5 counts."""
     import ray.train
@@ -90,9 +112,8 @@ def finetune_worker(config: dict[str, Any]) -> None:
     import torch
 
     from orchestrator.downstream.embed import build_network
-    from trainers.distributed import all_reduce_sum
     from trainers.engine import normalise_uint8
-    from trainers.evaluation.finetune import Classifier, augment, cosine_lr, topk_correct
+    from trainers.evaluation.finetune import Classifier, augment, cosine_lr
 
     plan: FinetunePlan = config["plan"]
     ctx = ray.train.get_context()
@@ -128,17 +149,7 @@ def finetune_worker(config: dict[str, Any]) -> None:
             opt.step()
             loss_sum += float(loss.detach())
             step += 1
-    model.eval()
-    tx, ty = _rows(plan.view, "test", None if plan.test_indices is None else plan.test_indices[rank::world])
-    if plan.test_indices is None:  # every rank reads the split; each scores its share
-        tx, ty = tx[rank::world], ty[rank::world]
-    counts = torch.zeros(3, dtype=torch.float64)
-    with torch.no_grad():
-        for start in range(0, len(tx), 256):
-            logits = model(normalise_uint8(tx[start : start + 256], mean, std, device)).cpu()
-            top1, top5 = topk_correct(logits, ty[start : start + 256])
-            counts += torch.tensor([top1, top5, len(logits)], dtype=torch.float64)
-    counts = all_reduce_sum(counts.to(device)).cpu()
+    counts = _test_counts(model, plan, rank, world, device)
     n = max(float(counts[2]), 1.0)
     figures = {
         "top1": 100.0 * float(counts[0]) / n,

@@ -207,7 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(BAM, BYOL, DINO, SimCLR, MAE) tracked in MLflow.",
     )
     p.add_argument(
-        "--verbose", action="store_true", help="print the traceback of a refused command (exit 2) too"
+        "--verbose",
+        action="store_true",
+        help="show Ray's whole output (by default it goes to .bamray/logs/ and the run's logs/console.log) "
+        "and the traceback of a refused command (exit 2)",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (
@@ -222,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_embed_parser,
     ):
         add(sub)
+    for (
+        command
+    ) in sub.choices.values():  # `bamray train --verbose ...` as well as `bamray --verbose train ...`
+        command.add_argument(
+            "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
     return p
 
 
@@ -325,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     parser = build_parser()
     args = parser.parse_args(argv)
+    from orchestrator import console
+
+    console.configure(verbose=args.verbose)
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:

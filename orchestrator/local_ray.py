@@ -183,10 +183,14 @@ def connect_or_start(address: str | None, num_cpus: int, num_gpus: int | None = 
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS")
+    from orchestrator.console import quiet_driver_loggers, route_ray_output
+
+    quiet_driver_loggers()
     if address:
         ray.init(address=address)
-        return True
-    start_local_ray(num_cpus, **({"num_gpus": num_gpus} if num_gpus is not None else {}))
+    else:
+        start_local_ray(num_cpus, **({"num_gpus": num_gpus} if num_gpus is not None else {}))
+    route_ray_output()
     return True
 
 

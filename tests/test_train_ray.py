@@ -412,6 +412,26 @@ def test_resume_after_killed_driver_continues_the_same_run(ray_local, shards, st
         env=_driver_env(ray_local),
     )
     assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
+    # the console: our lines once each, none of Ray's chatter, which is in the run's log artifact instead
+    shown = second.stdout + second.stderr
+    for chatter in (
+        "TrainingReport",
+        "Execution plan",
+        "Setting up process group",
+        "PYTHON worker processes",
+    ):
+        assert chatter not in shown, chatter
+    assert shown.count("epoch 2/2: ") == 1 and "[bamray]" not in shown
+    assert "k-NN top-1   raw pixels" in shown and f"Run {run_id}: FINISHED" in shown
+    assert len(shown.splitlines()) <= 25, shown
+    import mlflow.artifacts
+
+    log = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="logs/console.log", dst_path=str(tmp_path / "log"), tracking_uri=uri
+        )
+    )
+    assert "Execution plan" in log.read_text() and "epoch 2/2: " in log.read_text()
     runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
     assert [r.info.run_id for r in runs] == [run_id]  # one MLflow run, continued
     run = c.get_run(run_id)

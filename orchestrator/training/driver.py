@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
+import tempfile
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +20,7 @@ import torch
 
 from data.sources import is_uri
 from orchestrator import checkpointing as ckpt
-from orchestrator import fault_injection, preflight, tracking
+from orchestrator import console, fault_injection, preflight, tracking
 from orchestrator.config import ExperimentConfig
 from orchestrator.downstream.init_from import init_weights
 from orchestrator.local_ray import connect_or_start
@@ -86,6 +88,7 @@ def build_trainer(
     stop_after_epoch: int | None = None,
     pg_watch: tuple[Any, Any] | None = None,
     epoch_gate: GatedEpochs | tuple[Any, list[int]] | None = None,
+    progress_interval_s: float = 0.0,
 ):
     """A ``ray.train.torch.TorchTrainer`` for ``cfg`` (Ray must be initialised).
 
@@ -98,6 +101,7 @@ def build_trainer(
     run's worker placement group is removed if a Tune scheduler kills the trial mid-run.
     ``epoch_gate``: a :class:`~orchestrator.epoch_gate.GatedEpochs` (or its ``(EpochGate handle, epochs)``
     pair): after reporting one of those epochs the workers wait until the gate is open through it.
+    ``progress_interval_s``: rank 0 prints a progress update that often (0: never).
     ``callbacks`` go to ``RunConfig`` (a Tune trial passes a relay to Tune). Every ``ray.train.report``
     carries ``epoch``, ``step``, ``loss`` (epoch mean), ``knn_top1`` / ``knn_top5`` on k-NN epochs and
     ``nan_detected`` when the loss blew up.
@@ -115,10 +119,9 @@ def build_trainer(
     cfg, meta = resolved_data(cfg)
     knn = knn_source(cfg, meta)
     if knn is None:
-        print(
+        console.say(
             f"k-NN skipped: the data set {meta.get('name', cfg.data.dataset)!r} has no labels (give a labelled "
-            "one with --set eval.dataset=<name>); the label-free signals are logged instead",
-            flush=True,
+            "one with --set eval.dataset=<name>); the label-free signals are logged instead"
         )
     clock, counter = _actor_name("epoch", run_name), _actor_name("corrupt", run_name)
     datasets = _datasets(cfg, knn[0] if knn else None, run_name, clock, counter)
@@ -142,6 +145,7 @@ def build_trainer(
         # Train local mode (0 workers) forwards no report to callbacks, so nothing would ever open the gate
         epoch_gate=GatedEpochs.of(epoch_gate) if workers > 0 else None,
         faults=fault_injection.WorkerFaults.of(cfg.debug),
+        progress_interval_s=progress_interval_s,
     )
     resources: dict[str, float] = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.gpus_per_worker > 0:
@@ -213,14 +217,14 @@ def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[st
             and previous.info.status == "FINISHED"
             and not mlflow_run.extends(cfg, previous)
         ):
-            print(
+            console.say(
                 f"MLflow run {resume} already FINISHED its {previous.data.params.get('optim.epochs', '?')} "
-                "epochs: nothing to do (ask for more with --set optim.epochs=N)",
-                flush=True,
+                "epochs: nothing to do (ask for more with --set optim.epochs=N)"
             )
             return {"run_id": resume, "tracking_uri": uri, "status": "FINISHED", "reason": "already finished"}
         cfg, meta = prepare_data(cfg)
         steps_per_epoch(cfg, meta)  # refuse an impossible batch before anything starts
+        log_path = console.get().log_path or console.get().open_log(console.default_log_path("train", uri))
         storage = mlflow_run.storage(cfg, previous)
         preflight.check_job(cfg, uri, storage)
         from ray.train import TrainingFailedError  # noqa: F401 - seconds to import: before Ray starts
@@ -249,7 +253,8 @@ def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[st
         finally:
             if started:
                 _shutdown_ray()
-    _print_where(out)
+    out["log_path"] = str(log_path)
+    _print_summary(cfg, out)
     return out
 
 
@@ -264,7 +269,7 @@ def _fit(
     out: dict[str, Any] = {"run_id": run_id, "tracking_uri": uri, "ray_run_dir": ray_run_dir, "metrics": {}}
     controller: list[Any] = []
     try:
-        print(f"MLflow run {run_id} ({uri}); Ray Train run {ray_run_dir}", flush=True)
+        console.say(f"MLflow run {run_id} ({uri}); Ray Train run {ray_run_dir}")
         trainer = build_trainer(
             cfg,
             run_name=ray_run_name,
@@ -272,6 +277,7 @@ def _fit(
             mlflow_run_id=run_id,
             tracking_uri=uri,
             callbacks=fault_injection.driver_exit_callbacks(),
+            progress_interval_s=console.get().progress_interval_s(),
         )
         # Ray Train's own SIGINT handler would abort and sys.exit(0); keep ours, and the controller to abort
         trainer._register_sigint_handler = controller.append
@@ -283,6 +289,7 @@ def _fit(
         _finish(cfg, uri, run_id, result, out)
     except TrainingFailedError as err:
         reason = f"{type(err).__name__}: {err}"
+        _log_console(uri, run_id)
         tracking.finish_run(uri, run_id, "FAILED", reason)
         out.update(status="FAILED", reason=reason)
     except (KeyboardInterrupt, SystemExit) as err:  # a signal: the caller marks the run KILLED
@@ -362,31 +369,61 @@ def _finish(cfg: ExperimentConfig, uri: str, run_id: str, result: Any, out: dict
         tracking.log_metrics(uri, run_id, {"best_knn_top1": best_score}, step=step)
     tracking.log_metrics(uri, run_id, {"train_wall_time_s": out["wall_time_s"]}, step=step)
     if cfg.eval.linear_at_end and not _has_labels(cfg):
-        print(
-            "linear probe skipped: the data set has no labels (set eval.dataset=<labelled set>)", flush=True
-        )
+        console.say("linear probe skipped: the data set has no labels (set eval.dataset=<labelled set>)")
     elif cfg.eval.linear_at_end:
         from orchestrator.training.evaluate import run_linear_eval
 
+        t0 = time.perf_counter()
         out["linear_top1"] = run_linear_eval(run_id, uri)
+        out["linear_time_s"] = time.perf_counter() - t0
+    _log_console(uri, run_id)
     tracking.finish_run(uri, run_id, "FINISHED")
     out.update(status="FINISHED", reason=None)
 
 
-def _print_where(out: dict[str, Any]) -> None:
-    """Where to look at the run, and how to continue it if it failed."""
-    uri = out["tracking_uri"]
+def _log_console(uri: str, run_id: str) -> None:
+    """The command's log so far (Ray's whole output included) as the run's ``logs/console.log``."""
+    path = console.get().log_path
+    if path is None or not path.exists():
+        return
+    with tempfile.TemporaryDirectory(prefix="bamray-log-") as tmp:
+        shutil.copy(path, os.path.join(tmp, "console.log"))
+        tracking.log_artifacts(uri, run_id, tmp, "logs")
+
+
+def _print_summary(cfg: ExperimentConfig, out: dict[str, Any]) -> None:
+    """The end-of-run summary (:mod:`orchestrator.training.summary`)."""
+    from orchestrator.training.summary import epoch_history, summary_lines, wall_split
+
+    uri, run_id = out["tracking_uri"], out["run_id"]
     ui = "bamray ui" if uri == tracking.default_tracking_uri() else f"bamray ui --tracking-uri {uri}"
-    print(
-        f"\nRun {out['run_id']}: {out.get('status')}" + (f" ({out['reason']})" if out.get("reason") else "")
+    worker = out.get("worker_result") or {}
+    try:
+        history = epoch_history(uri, run_id)
+        experiment = tracking.client(uri).get_run(run_id).info.experiment_id
+    except Exception:  # the store went away: the summary still says where the run is
+        history, experiment = {}, "0"
+    started = console.get().started
+    split = (
+        wall_split(time.time() - started, worker, started, out.get("linear_time_s", 0.0)) if worker else None
     )
-    knn, pixels = out["metrics"].get("knn_top1"), (out.get("worker_result") or {}).get("knn_pixels_top1")
-    if knn is not None and pixels is not None:
-        ret = out["worker_result"]
-        print(
-            f"  k-NN top-1 {knn:.2f} % after {ret.get('epochs')} epochs ({ret.get('train_time_s', 0) / 60:.1f} min of "
-            f"training); raw pixels on the same bank: {pixels:.2f} % ({knn - pixels:+.2f} points)"
-        )
-    print(f"  see it with `{ui}` then open http://127.0.0.1:5000 ; checkpoints in {out['ray_run_dir']}")
-    if out.get("status") == "FAILED":
-        print(f"  continue from the last checkpoint with `bamray train --resume {out['run_id']}`")
+    data = cfg.data.dataset or os.path.basename(cfg.data.path.rstrip("/"))
+    what = (
+        f"{cfg.method_name} on {data}, {cfg.model.backbone}, {worker.get('epochs', cfg.optim.epochs)} epochs, "
+        f"{cfg.train.workers} workers x batch {cfg.optim.batch_size}"
+    )
+    for line in summary_lines(
+        run_id=run_id,
+        status=str(out.get("status")),
+        reason=out.get("reason"),
+        what=what,
+        history=history,
+        pixels_top1=worker.get("knn_pixels_top1"),
+        linear_top1=out.get("linear_top1"),
+        split=split,
+        ui=ui,
+        run_url=f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}",
+        checkpoints=out.get("ray_run_dir"),
+        log_path=out.get("log_path"),
+    ):
+        console.say(line)

@@ -47,6 +47,8 @@ class WorkerPlan:
     pg_watch: tuple[Any, Any] | None = None
     epoch_gate: GatedEpochs | None = None
     faults: WorkerFaults = dataclasses.field(default_factory=WorkerFaults)
+    #: seconds between rank 0's progress updates to the driver's console (0: none, as in a sweep's trials)
+    progress_interval_s: float = 0.0
 
 
 def knn_epochs(cfg: ExperimentConfig) -> set[int]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import random
 import tempfile
+import time
 from typing import Any
 
 import numpy as np
@@ -110,6 +111,13 @@ class _Worker:
         self.end_epoch = min(self.cfg.optim.epochs, int(plan.stop_after_epoch or self.cfg.optim.epochs))
         self.budgeted = self.cfg.train.time_budget_min > 0
         self.checkpoints_reported = 0
+        self.eval_s, self.first_step_unix, self.first_step_s = 0.0, None, 0.0
+        self.progress = console.ProgressEmitter(
+            plan.progress_interval_s if self.rank == 0 else 0.0,
+            self.cfg.optim.epochs,
+            plan.steps_per_epoch,
+            self.global_batch,
+        )
         self.status: dict[str, Any] = {
             "status": "finished",
             "start_epoch": self.start_epoch,
@@ -187,6 +195,7 @@ class _Worker:
         import ray
 
         cfg = self.cfg
+        self.progress.end_epoch()
         stats, self.epoch_samples, skip = EpochStats(), [], None
         if self.resumed is not None:
             stats, self.epoch_samples, skip = self.resumed
@@ -206,6 +215,9 @@ class _Worker:
         def on_step(logs: dict[str, float]) -> None:
             if self.log is not None:
                 self.log.log(logs, step=self.engine.step)
+            if self.first_step_unix is None:  # launch -> here is start-up; the epoch's seconds so far are not
+                self.first_step_unix, self.first_step_s = time.time(), stats.seconds
+            self.progress.step(epoch, stats.steps, logs)
             self._checkpoint_inside(epoch, stats)
 
         return train_one_epoch(
@@ -239,7 +251,7 @@ class _Worker:
         self.policy.checkpointed()
         if self.rank == 0:
             console.say(
-                f"[bamray] checkpoint at step {step} (epoch {epoch + 1}, step {stats.steps}/{spe}): {reason}"
+                f"{console.LINE_MARK}checkpoint at step {step} (epoch {epoch + 1}, step {stats.steps}/{spe}): {reason}"
             )
         self.checkpoints_reported += 1
         self.plan.faults.after_checkpoint(self.checkpoints_reported)
@@ -280,6 +292,7 @@ class _Worker:
             epochs = plan_epochs(self.cfg.train.time_budget_min * 60, mean_elapsed, self.cfg.optim.epochs)
             self.cfg = with_epochs(self.cfg, epochs, self.engine)
             self.end_epoch, self.knn_epochs = min(self.end_epoch, self.cfg.optim.epochs), knn_epochs(self.cfg)
+            self.progress.epochs = self.cfg.optim.epochs
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": self.engine.step,
@@ -296,6 +309,7 @@ class _Worker:
             metrics.update(zip(means, ranks.all_reduce(list(means.values()), self.device)))
         if (epoch + 1) in self.knn_epochs or epoch + 1 == self.end_epoch:
             metrics.update(self.evaluation.run(self.method, self.cfg, self.plan.num_classes, self.device))
+            self.eval_s += metrics["eval_time_s"]
         if "knn_top1" in metrics:
             self.best_knn = max(self.best_knn, metrics["knn_top1"])
         metrics[ckpt.SCORE_KEY] = metrics.get("knn_top1", -1.0)
@@ -378,6 +392,9 @@ class _Worker:
                 "knn_pixels_top1": self.evaluation.pixels_knn,
                 "epochs": self.cfg.optim.epochs,
                 "train_time_s": self.train_s,
+                "eval_time_s": self.eval_s,  # this process's: a resumed run's earlier evaluations are not in it
+                "first_step_unix": self.first_step_unix,
+                "first_step_s": self.first_step_s,  # in train_time_s, and in start-up: counted once
             }
         )
         return self.status

@@ -90,6 +90,13 @@ class TrackingConfig:
     tracking_uri: str = opt("", help="MLflow tracking URI (empty: MLFLOW_TRACKING_URI or the local store)")
     experiment: str = opt("bamray", help="MLflow experiment name")
     run_name: str = opt("", help="MLflow run name (default: the config name)")
+    system_metrics_s: float = opt(
+        10.0,
+        ge=0,
+        le=3600,
+        help="seconds between MLflow system-metric samples (system/...: CPU, memory, disk, network, GPU) "
+        "of each node; 0 = off",
+    )
 
 
 @dataclasses.dataclass

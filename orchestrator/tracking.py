@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BAMRAY_DIR = ".bamray"
+#: The experiment tag the MLflow UI reads to pick its view, and the value of the model-training view.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 DB_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 MAX_PARAM_LENGTH = 6000  # MLflow 3 param value limit
@@ -185,10 +187,33 @@ def ensure_experiment(uri: str, name: str) -> str:
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
                 with_retry(c.restore_experiment, exp.experiment_id)
+            if EXPERIMENT_KIND_TAG not in exp.tags:  # made before bamray set it
+                with_retry(c.set_experiment_tag, exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return exp.experiment_id
         root = artifact_root(uri)
         location = f"{root}/{_safe_name(name)}" if root else None
-        return with_retry(c.create_experiment, name, artifact_location=location)
+        # the UI opens an experiment of this kind in its model-training view (runs, charts), not GenAI's
+        tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        return with_retry(c.create_experiment, name, artifact_location=location, tags=tags)
+
+
+def start_system_metrics(
+    uri: str, run_id: str, *, interval_s: float, node_id: str | None = None, resume: bool = False
+) -> Any:
+    """Start MLflow's system-metrics sampler for this machine (``system/cpu_utilization_percentage``,
+    memory, disk, network, and the GPUs when ``nvidia-ml-py`` finds them; ``system/<node_id>/...`` on a
+    multi-node run) in a background thread logging to ``run_id``; returns it (``.finish()`` stops it), or
+    None when ``psutil`` is missing. ``resume``: continue the run's earlier system-metric steps."""
+    try:
+        import psutil  # noqa: F401 - the sampler's one requirement
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError:
+        return None
+    monitor = SystemMetricsMonitor(
+        run_id, sampling_interval=interval_s, resume_logging=resume, node_id=node_id, tracking_uri=uri
+    )
+    monitor.start()
+    return monitor
 
 
 def _safe_name(name: str) -> str:

@@ -24,7 +24,7 @@ from orchestrator import console, fault_injection, preflight, tracking
 from orchestrator.config import ExperimentConfig
 from orchestrator.downstream.init_from import init_weights
 from orchestrator.local_ray import connect_or_start
-from orchestrator.training import loopback_ddp, mlflow_run
+from orchestrator.training import loopback_ddp, mlflow_run, summary
 from orchestrator.training.data_prep import knn_source, prepare_data, resolved_data, steps_per_epoch
 from orchestrator.training.interrupt import SignalGuard, stop_on_signals
 from orchestrator.training.online_eval import KNN_CACHE_BYTES, knn_cache_bytes
@@ -239,6 +239,7 @@ def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[st
                 preflight.check_cluster_resources(cfg)
             with guard.deferred("the MLflow run is created"):  # a run whose id we never got stays RUNNING
                 run_id, ray_run_name = mlflow_run.open_run(cfg, uri, previous)
+            tracking.log_tags(uri, run_id, {summary.DESCRIPTION_TAG: summary.what_line(cfg)})
             out = _fit(cfg, uri, run_id, ray_run_name, storage, guard)
         except KeyboardInterrupt as err:
             guard.stopping()
@@ -376,6 +377,12 @@ def _finish(cfg: ExperimentConfig, uri: str, run_id: str, result: Any, out: dict
         t0 = time.perf_counter()
         out["linear_top1"] = run_linear_eval(run_id, uri)
         out["linear_time_s"] = time.perf_counter() - t0
+    knn = out["metrics"].get("knn_top1")
+    if knn is not None:
+        line = summary.run_description(
+            summary.what_line(cfg, ret.get("epochs")), knn, ret.get("knn_pixels_top1"), ret.get("epochs")
+        )
+        tracking.log_tags(uri, run_id, {summary.DESCRIPTION_TAG: line})
     _log_console(uri, run_id)
     tracking.finish_run(uri, run_id, "FINISHED")
     out.update(status="FINISHED", reason=None)
@@ -393,7 +400,7 @@ def _log_console(uri: str, run_id: str) -> None:
 
 def _print_summary(cfg: ExperimentConfig, out: dict[str, Any]) -> None:
     """The end-of-run summary (:mod:`orchestrator.training.summary`)."""
-    from orchestrator.training.summary import epoch_history, summary_lines, wall_split
+    from orchestrator.training.summary import epoch_history, summary_lines, wall_split, what_line
 
     uri, run_id = out["tracking_uri"], out["run_id"]
     ui = "bamray ui" if uri == tracking.default_tracking_uri() else f"bamray ui --tracking-uri {uri}"
@@ -407,11 +414,7 @@ def _print_summary(cfg: ExperimentConfig, out: dict[str, Any]) -> None:
     split = (
         wall_split(time.time() - started, worker, started, out.get("linear_time_s", 0.0)) if worker else None
     )
-    data = cfg.data.dataset or os.path.basename(cfg.data.path.rstrip("/"))
-    what = (
-        f"{cfg.method_name} on {data}, {cfg.model.backbone}, {worker.get('epochs', cfg.optim.epochs)} epochs, "
-        f"{cfg.train.workers} workers x batch {cfg.optim.batch_size}"
-    )
+    what = what_line(cfg, worker.get("epochs"))
     for line in summary_lines(
         run_id=run_id,
         status=str(out.get("status")),

@@ -34,6 +34,33 @@ def wall_split(
     }
 
 
+#: The run tag the MLflow UI shows as the run's description.
+DESCRIPTION_TAG = "mlflow.note.content"
+
+
+def run_description(
+    what: str, knn_top1: float | None = None, pixels_top1: float | None = None, epochs: int | None = None
+) -> str:
+    """One line for the run page: what was trained on what, and (once known) the k-NN against raw pixels."""
+    line = what
+    if knn_top1 is not None:
+        line += f". k-NN top-1 {knn_top1:.2f} %" + (f" after {epochs} epochs" if epochs else "")
+        if pixels_top1 is not None:
+            line += f", raw pixels {pixels_top1:.2f} % on the same bank ({knn_top1 - pixels_top1:+.2f})"
+    return line
+
+
+def what_line(cfg: Any, epochs: int | None = None) -> str:
+    """``bam on fashion-mnist, resnet18, 2 epochs, 2 workers x batch 64``."""
+    import os
+
+    data = cfg.data.dataset or os.path.basename(cfg.data.path.rstrip("/"))
+    return (
+        f"{cfg.method_name} on {data}, {cfg.model.backbone}, {epochs or cfg.optim.epochs} epochs, "
+        f"{cfg.train.workers} workers x batch {cfg.optim.batch_size}"
+    )
+
+
 def summary_lines(
     *,
     run_id: str,

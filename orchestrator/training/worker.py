@@ -39,15 +39,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train's per-worker function; ``config = {"plan": WorkerPlan}``. Rank 0's return value reaches
     the driver as ``Result.return_value``: ``{"status": "finished" | "nan", ...}``."""
     run = _Worker(config["plan"])
-    for epoch in itertools.count(run.start_epoch):
-        if epoch >= run.end_epoch:  # the only bound: a time budget lowers end_epoch once epoch 1 is timed
-            break
-        stats = run.train_epoch(epoch)
-        if stats.nan_error is not None:
-            run.report_nan(epoch, stats.nan_error)
-            break
-        run.report_epoch(epoch, run.epoch_metrics(epoch, stats))
-    return run.finish()
+    try:
+        for epoch in itertools.count(run.start_epoch):
+            if epoch >= run.end_epoch:  # the only bound: a time budget lowers end_epoch once epoch 1 is timed
+                break
+            stats = run.train_epoch(epoch)
+            if stats.nan_error is not None:
+                run.report_nan(epoch, stats.nan_error)
+                break
+            run.report_epoch(epoch, run.epoch_metrics(epoch, stats))
+        return run.finish()
+    finally:
+        if run.system is not None:
+            run.system.finish()
 
 
 def _corrupt_count(name: str) -> int:
@@ -97,6 +101,17 @@ class _Worker:
         if self.rank == 0 and self.run_id and uri:
             self.log = tracking.MetricLogger(
                 uri, self.run_id, skip_upto=tracking.logged_high_water_marks(uri, self.run_id)
+            )
+        self.system = None  # MLflow's system metrics of this node, sampled by its first worker
+        ctx = ray.train.get_context()
+        if ctx.get_local_rank() == 0 and self.run_id and uri and self.cfg.tracking.system_metrics_s > 0:
+            single_node = ctx.get_local_world_size() == ctx.get_world_size()
+            self.system = tracking.start_system_metrics(
+                uri,
+                self.run_id,
+                interval_s=self.cfg.tracking.system_metrics_s,
+                node_id=None if single_node else f"node_{ctx.get_node_rank()}",
+                resume=ray.train.get_checkpoint() is not None,
             )
         self.clock = None
         if plan.epoch_clock:

@@ -400,3 +400,7 @@ class MetricLogger:
 
     def log_image(self, image: Any, artifact_file: str) -> None:
         with_retry(self._client.log_image, self.run_id, image, artifact_file=artifact_file)
+
+    def log_image_step(self, image: Any, key: str, step: int) -> None:
+        """An image of a series (``key``) at ``step``: the UI's image view steps through them."""
+        with_retry(self._client.log_image, self.run_id, image, key=key, step=step)

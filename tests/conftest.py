@@ -120,6 +120,7 @@ def tiny_train_settings(**extra: object) -> dict[str, object]:
         "data.map_batch_size": 64,
         "data.local_shuffle_buffer": 0,
         "eval.knn_train_fraction": 1.0,
+        "eval.embedding_map": "pca",  # UMAP's first fit compiles for ~20 s a process: one test covers it
         **extra,
     }
 

@@ -45,6 +45,7 @@ def tiny_cfg(data_path: str = "", epochs: int = EPOCHS, *extra: str):
         "train.max_failures=2",
         "tracking.experiment=sweep-test",
         "eval.knn_k=10",
+        "eval.embedding_map=pca",
         "method.teacher=false",
         "model.backbone=vit_tiny_patch16_224",
         "model.patch_size=4",
@@ -555,6 +556,7 @@ def test_asha_sweep_stops_bad_trials_and_records_lineage(ray_local, tiny_data, t
     assert parent.data.metrics["total_trial_epochs"] == 3 * EPOCHS - stopped
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.csv", "results.md", "knn_vs_params.png", "space.yaml", "base_config.yaml"} <= artifacts
+    assert "parallel_coordinates.png" in artifacts
     local = Path(client.download_artifacts(parent.info.run_id, "results.csv", str(tmp_path / "dl")))
     table = list(csv.DictReader(local.open()))
     assert sorted(r["trial_id"] for r in table) == sorted(rows)
@@ -576,6 +578,11 @@ def test_asha_sweep_stops_bad_trials_and_records_lineage(ray_local, tiny_data, t
             assert len(knn) == EPOCHS  # one point per epoch, curves written by the rank-0 worker
             assert knn[-1].value == pytest.approx(row["knn_top1"])
             assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"final", "config.yaml"}
+            # each trial's pictures, one per evaluation epoch (the rank-0 worker logs them by step)
+            images = [
+                a.path for a in client.list_artifacts(run.info.run_id, "images") if a.path.endswith(".png")
+            ]
+            assert sum("/embedding_map+step+" in p for p in images) == EPOCHS, images
         else:
             assert run.info.status == "KILLED" and run.data.tags["bamray.trial_status"] == "stopped_early"
             # the workers waited at the rung for Tune's decision: nothing past epoch 1 was trained or logged

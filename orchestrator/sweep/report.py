@@ -250,6 +250,27 @@ def _plot_param(ax: Any, rows: list[dict], key: str, p: Any) -> None:
     ax.grid(alpha=0.3)
 
 
+def parallel_coordinates_image(rows: list[dict], space: SearchSpace, metric: str = METRIC) -> Any:
+    """Every trial that reported ``metric`` as one line across the numeric searched parameters and the
+    metric (:func:`orchestrator.pictures.parallel_coordinates`); None when no parameter is numeric or no
+    trial reported."""
+    from orchestrator.pictures import parallel_coordinates
+
+    keys = [
+        k
+        for k in space.params
+        if all(isinstance(r["params"].get(k), (int, float)) for r in rows if r["metric"] is not None)
+    ]
+    done = [
+        {**{k: r["params"][k] for k in keys}, metric: r["metric"]} for r in rows if r["metric"] is not None
+    ]
+    if not keys or not done:
+        return None
+    return parallel_coordinates(
+        done, keys, metric, f"sweep over {space.name}: {len(done)} trials, colour = {metric}"
+    )
+
+
 def finish_parent(
     uri: str,
     parent: str,
@@ -271,6 +292,9 @@ def finish_parent(
         if any(r["metric"] is not None for r in rows):
             name = "knn_vs_params.png" if metric == "knn_top1" else f"{metric}_vs_params.png"
             plot_metric_vs_params(rows, space, os.path.join(tmp, name), metric)
+            coords = parallel_coordinates_image(rows, space, metric)
+            if coords is not None:
+                coords.save(os.path.join(tmp, "parallel_coordinates.png"))
         tracking.log_artifacts(uri, parent, tmp)
     summary: dict[str, float] = {f"trials_{o}": sum(r["status"] == o for r in rows) for o in OUTCOMES}
     summary["trials_stopped_collapse"] = sum(r["stop_reason"] == "collapse" for r in rows)

@@ -85,11 +85,14 @@ def online_knn(
     device: torch.device,
     cache: EvalCache,
     with_pixels: bool = False,
+    keep: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Weighted k-NN top-1 / top-5 of the eval backbone's features on the clean views.
 
     ``with_pixels``: also ``knn_pixels_top1``, the same k-NN on the raw pixels of the very same bank and
-    queries (pixels / 255, flattened): the floor a learned feature must beat to mean anything."""
+    queries (pixels / 255, flattened): the floor a learned feature must beat to mean anything.
+    ``keep``: gets this worker's validation features and labels (``val``) and its first validation batch
+    of images (``images``, uint8), for the run's pictures."""
     import ray.train
 
     from trainers.evaluation.knn import knn_evaluate
@@ -98,6 +101,8 @@ def online_knn(
         feats = {}
         for name in SHARDS:
             batches = cache.batches(name, ray.train.get_dataset_shard(name))
+            if keep is not None and not pixels and name == "knn_val":
+                batches = _keep_first(batches, keep)
             feats[name] = embed(
                 model,
                 batches,
@@ -106,6 +111,8 @@ def online_knn(
                 channels_last=cfg.train.channels_last,
             )
         (train_f, train_y), (val_f, val_y) = feats["knn_train"], feats["knn_val"]
+        if keep is not None and not pixels:
+            keep["val"] = (val_f, val_y)
         return knn_evaluate(
             train_f,
             train_y,
@@ -121,6 +128,13 @@ def online_knn(
     if with_pixels:
         out["knn_pixels_top1"] = knn(torch.nn.Flatten(), pixels=True)["top1"]
     return out
+
+
+def _keep_first(batches: Batches, keep: dict[str, Any]) -> Batches:
+    for i, (x, y) in enumerate(batches):
+        if i == 0:
+            keep["images"] = torch.as_tensor(x)[:16].clone()
+        yield x, y
 
 
 class SignalSample:
@@ -236,6 +250,8 @@ class Evaluation:
             self.cache.prefetch({n: ray.train.get_dataset_shard(n) for n in SHARDS})
         self.sample = SignalSample(cfg, rank, world) if cfg.eval.signal_samples > 0 else None
         self.pixels_knn: float | None = None  # the raw-pixel k-NN of this run's bank, at its first evaluation
+        #: rank 0's validation features / labels and first images of the last k-NN, for the pictures
+        self.kept: dict[str, Any] | None = {} if rank == 0 and cfg.eval.pictures else None
 
     def run(
         self, method: Any, cfg: ExperimentConfig, num_classes: int, device: torch.device
@@ -245,7 +261,15 @@ class Evaluation:
         out: dict[str, float] = {}
         if self.knn:
             out.update(
-                online_knn(method, cfg, num_classes, device, self.cache, with_pixels=self.pixels_knn is None)
+                online_knn(
+                    method,
+                    cfg,
+                    num_classes,
+                    device,
+                    self.cache,
+                    with_pixels=self.pixels_knn is None,
+                    keep=self.kept,
+                )
             )
             self.pixels_knn = out.get("knn_pixels_top1", self.pixels_knn)
             out["knn_time_s"] = time.perf_counter() - t0

@@ -127,6 +127,7 @@ class _Worker:
         self.budgeted = self.cfg.train.time_budget_min > 0
         self.checkpoints_reported = 0
         self.eval_s, self.first_step_unix, self.first_step_s = 0.0, None, 0.0
+        self.fixed_batch: dict[str, torch.Tensor] | None = None
         self.progress = console.ProgressEmitter(
             plan.progress_interval_s if self.rank == 0 else 0.0,
             self.cfg.optim.epochs,
@@ -279,6 +280,10 @@ class _Worker:
 
     def _before_step(self, batch: dict[str, torch.Tensor]) -> None:
         self.epoch_samples.append(batch["index"].cpu().numpy())
+        if (
+            self.fixed_batch is None and self.log is not None and self.cfg.eval.pictures
+        ):  # BAM's picture batch
+            self.fixed_batch = {k: batch[k][:32].cpu().clone() for k in ("global", "local") if k in batch}
         if self.log is not None and self.engine.step == 0:
             self.log.log_image(
                 crop_grid({k: v.cpu().numpy() for k, v in batch.items()}), "crops/first_batch.png"
@@ -325,6 +330,8 @@ class _Worker:
         if (epoch + 1) in self.knn_epochs or epoch + 1 == self.end_epoch:
             metrics.update(self.evaluation.run(self.method, self.cfg, self.plan.num_classes, self.device))
             self.eval_s += metrics["eval_time_s"]
+            if self.log is not None and self.cfg.eval.pictures:
+                self._log_pictures(epoch, metrics.get("knn_top1"))
         if "knn_top1" in metrics:
             self.best_knn = max(self.best_knn, metrics["knn_top1"])
         metrics[ckpt.SCORE_KEY] = metrics.get("knn_top1", -1.0)
@@ -343,6 +350,25 @@ class _Worker:
         if self.rank == 0:
             console.say(console.epoch_line(epoch, self.cfg.optim.epochs, stats, mean_loss, metrics))
         return metrics
+
+    def _log_pictures(self, epoch: int, knn_top1: float | None) -> None:
+        """The evaluation epoch's pictures (rank 0; orchestrator/training/run_pictures.py), timed into the
+        evaluation's seconds."""
+        from orchestrator.training.run_pictures import log_eval_pictures
+
+        t0 = time.perf_counter()
+        log_eval_pictures(
+            self.log,
+            self.method,
+            self.cfg,
+            kept=self.evaluation.kept,
+            fixed_batch=self.fixed_batch,
+            device=self.device,
+            step=self.engine.step,
+            epoch=epoch + 1,
+            knn_top1=knn_top1,
+        )
+        self.eval_s += time.perf_counter() - t0
 
     def report_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
         """``ray.train.report`` the epoch, with a checkpoint every ``checkpoint_freq`` epochs and at the end;

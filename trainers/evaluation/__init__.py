@@ -33,3 +33,17 @@ class EvalConfig:
     linear_lr: float = opt(0.1, gt=0.0, help="SGD lr of the probe (cosine)")
     linear_batch_size: int = opt(256, ge=1)
     linear_at_end: bool = opt(False, help="run the linear probe when training ends")
+    pictures: bool = opt(
+        True,
+        help="at every k-NN epoch, log PNGs by step: attention maps (ViT; a feature-norm map for a CNN), "
+        "an embedding map of the validation sample, and for BAM its target / attention matrices",
+    )
+    embedding_map: str = opt(
+        "umap",
+        choices=("umap", "pca"),
+        help="2-D projection of the embedding map: UMAP (umap-learn; its first fit in a process compiles "
+        "for about 20 s) or PCA",
+    )
+    map_samples: int = opt(
+        1000, ge=10, le=20000, help="validation images of the embedding map (rank 0's share)"
+    )

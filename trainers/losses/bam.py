@@ -209,6 +209,28 @@ class BAMLoss(nn.Module):
                 return loss
             return loss, attention_entropies(p, log_q.detach(), num_g, self.num_crops)
 
+    @torch.no_grad()
+    def matrices(
+        self, z: torch.Tensor, z_teacher: torch.Tensor | None = None, reg: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """For a picture of one batch on this process alone (no gathering): the balanced target ``P`` and
+        the source attention ``Q`` of the global crops' rows, ``(num_global*B, num_target*B)`` each, and the
+        entropies of :func:`attention_entropies`."""
+        b = z.shape[0] // self.num_crops
+        num_t, num_g = self.num_target_crops, self.num_global_crops
+        reg = self.reg if reg is None else reg
+        gather, self.gather_distributed = self.gather_distributed, False  # this process's batch alone
+        try:
+            with torch.autocast(z.device.type, enabled=False):
+                _, p, log_q = self._loss(z, z_teacher, reg, b, num_t, num_g, False, 1, 0)
+        finally:
+            self.gather_distributed = gather
+        stats = attention_entropies(p, log_q, num_g, self.num_crops)
+        q = log_q.exp()
+        if self.positive_masking:  # log_q holds 0 there (the loss's masking): Q is 0 at positives
+            q = q.masked_fill(positive_mask(self.num_crops, b, num_t, 1, 0, device=z.device), 0.0)
+        return p, q[: b * num_g], stats
+
     def _loss(self, z, z_teacher, reg, b, num_t, num_g, gather, world, rank):
         """The loss and the target ``P`` / source ``log Q`` it was computed from."""
         z = F.normalize(z.float(), dim=-1)

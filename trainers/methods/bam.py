@@ -95,6 +95,32 @@ class BAM(Method):
         logs = {"reg": reg, **dict(zip(stats, torch.stack(list(stats.values())).tolist()))}
         return loss, logs
 
+    @torch.no_grad()
+    def target_matrices(
+        self, crops: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """BAM's target ``P`` and source attention ``Q`` (global rows) for a fixed batch of crops, as the
+        current networks (in eval mode) give them, with their entropies: the run's picture of its targets."""
+        o = self.options
+        modules = [self.backbone, self.projector]
+        if o.teacher:
+            modules += [self.teacher_backbone, self.teacher_projector]
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        try:
+            z = self.projector(forward_by_resolution(self.backbone, crops))
+            z_teacher = (
+                self.teacher_projector(forward_by_resolution(self.teacher_backbone, crops))
+                if o.teacher
+                else None
+            )
+            p, q, stats = self.criterion.matrices(z, z_teacher)
+        finally:
+            for m, mode in zip(modules, modes):
+                m.train(mode)
+        return p, q, {k: float(v) for k, v in stats.items()}
+
     def momentum_pairs(self):
         if not self.options.teacher:
             return []

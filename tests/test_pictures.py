@@ -1,0 +1,120 @@
+"""The pictures of an evaluation epoch: the maps they draw are the network's own quantities (checked against
+an independent computation), BAM's matrices are the loss's, and each picture is a real image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from orchestrator import pictures
+from trainers.evaluation.maps import ATTENTION, FEATURE_NORM, spatial_maps, vit_cls_attention
+from trainers.losses.bam import BAMLoss, attention_entropies, positive_mask
+
+
+def _vit():
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=16,
+        patch_size=4,
+        depth=2,
+        in_chans=1,
+    )
+
+
+def test_vit_attention_is_the_last_blocks_own_softmax():
+    """timm's unfused attention path applies ``attn_drop`` to the softmax weights: captured there, its
+    [CLS] row over the patches must equal ours."""
+    model = _vit().eval()
+    x = torch.randn(3, 1, 16, 16)
+    captured = {}
+    last = model.blocks[-1].attn
+    last.fused_attn = False
+    last.attn_drop.register_forward_hook(lambda m, inp, out: captured.update(w=inp[0].detach()))
+    with torch.no_grad():
+        model(x)
+    ours = vit_cls_attention(model, x)
+    assert ours.shape == (3, last.num_heads, 4, 4)
+    expected = captured["w"][:, :, 0, model.num_prefix_tokens :].reshape(3, last.num_heads, 4, 4)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    # a softmax row: the patches take all of it but the [CLS] token's own share
+    self_share = captured["w"][:, :, 0, 0]
+    torch.testing.assert_close(ours.sum(dim=(-2, -1)) + self_share, torch.ones_like(self_share))
+
+
+def test_cnn_gets_its_feature_norm_map_and_the_mode_is_restored():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0, in_chans=1).train()
+    x = torch.randn(2, 1, 64, 64)
+    kind, maps = spatial_maps(model, x)
+    assert kind == FEATURE_NORM and model.training
+    model.eval()
+    with torch.no_grad():
+        expected = model.forward_features(x).norm(dim=1, keepdim=True)
+    torch.testing.assert_close(maps, expected)
+    assert spatial_maps(_vit(), torch.randn(1, 1, 16, 16))[0] == ATTENTION
+
+
+def test_bam_matrices_are_the_losses_own():
+    torch.manual_seed(0)
+    b, crops, num_g = 6, 4, 2
+    loss = BAMLoss(num_crops=crops, num_global_crops=num_g, num_target_crops=2, reg=0.05, temperature=0.1,
+                   num_sink_iter=3, top_k_sink=0, positive_masking=True)  # fmt: skip
+    z = torch.randn(crops * b, 8)
+    p, q, stats = loss.matrices(z)
+    _, p_loss, log_q = loss._loss(z, None, 0.05, b, 2, num_g, False, 1, 0)
+    torch.testing.assert_close(p, p_loss)
+    mask = positive_mask(crops, b, 2, 1, 0, device=z.device)[: b * num_g]
+    assert torch.all(q[mask] == 0) and torch.all(p[mask] == 0)
+    torch.testing.assert_close(q.sum(dim=1), torch.ones(b * num_g))  # rows over the unmasked columns
+    torch.testing.assert_close(p.sum(dim=1), torch.ones(b * num_g))
+    expected = attention_entropies(p_loss, log_q, num_g, crops)
+    assert stats.keys() == expected.keys()
+    for k in stats:
+        torch.testing.assert_close(stats[k], expected[k])
+
+
+def test_pca_projection_keeps_the_two_main_directions():
+    rng = np.random.default_rng(0)
+    signal = rng.normal(size=(200, 2)) * [10.0, 5.0]
+    basis = np.linalg.qr(rng.normal(size=(32, 32)))[0][:2]
+    x = signal @ basis + rng.normal(scale=0.01, size=(200, 32))
+    points, how = pictures.project_2d(x, "pca")
+    assert how == "PCA" and points.shape == (200, 2)
+    # the projection recovers the planted plane: the signal is a linear map of it
+    coef, *_ = np.linalg.lstsq(points, signal - signal.mean(0), rcond=None)
+    assert np.abs(points @ coef - (signal - signal.mean(0))).max() < 0.1
+
+
+def test_umap_projection_separates_two_far_clusters():
+    pytest.importorskip("umap")
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(60, 16)) + np.eye(16)[0] * 20
+    b = rng.normal(size=(60, 16)) - np.eye(16)[0] * 20
+    points, how = pictures.project_2d(np.vstack([a, b]), "umap")
+    assert how == "UMAP" and np.isfinite(points).all()
+    ca, cb = points[:60].mean(0), points[60:].mean(0)
+    spread = max(points[:60].std(0).max(), points[60:].std(0).max())
+    assert np.linalg.norm(ca - cb) > 3 * spread
+
+
+def test_each_picture_is_a_real_image():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(4, 1, 16, 16), dtype=np.uint8)
+    over = pictures.map_overlays(images, rng.random((4, 3, 4, 4)), ATTENTION, "t")
+    assert over.size[0] > 200 and over.size[1] > 200
+    emb = pictures.embedding_map(rng.normal(size=(50, 2)), rng.integers(0, 10, 50), "t")
+    assert emb.size[0] > 200
+    p = rng.random((8, 8))
+    bam = pictures.bam_matrices(
+        p / p.sum(1, keepdims=True), p / p.sum(1, keepdims=True), {"bam_target_entropy": 1.0}, "t"
+    )
+    assert bam.size[0] > 400
+    rows = [{"optim.lr": 10**-i, "method.reg": 0.01 * i, "knn_top1": 50.0 + i} for i in range(1, 5)]
+    coords = pictures.parallel_coordinates(rows, ["optim.lr", "method.reg"], "knn_top1", "t")
+    arr = np.asarray(coords)
+    assert coords.size[0] > 300 and arr.std() > 10  # something drawn, not a blank canvas

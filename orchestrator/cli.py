@@ -197,7 +197,7 @@ def cmd_config_list(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """Every sub-command, registered explicitly: an import error in a command's module is an error here,
     never a silently missing command."""
-    from orchestrator.downstream.cli import add_embed_parser, add_export_parser
+    from orchestrator.downstream.cli import add_embed_parser, add_export_parser, add_viz_parser
     from orchestrator.submit import add_submit_parser
     from orchestrator.sweep import add_sweep_parser
 
@@ -223,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_submit_parser,
         add_export_parser,
         add_embed_parser,
+        add_viz_parser,
     ):
         add(sub)
     for (
@@ -337,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator import console
 
     console.configure(verbose=args.verbose)
+    if not args.verbose:  # MLflow's per-download progress bars: noise in a command's output
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:

@@ -118,3 +118,55 @@ def test_each_picture_is_a_real_image():
     coords = pictures.parallel_coordinates(rows, ["optim.lr", "method.reg"], "knn_top1", "t")
     arr = np.asarray(coords)
     assert coords.size[0] > 300 and arr.std() > 10  # something drawn, not a blank canvas
+
+
+def test_viz_attention_cli_draws_a_users_images_and_logs_them_to_the_run(tmp_path, tiny_shards, capsys):
+    """`bamray viz attention` on a ViT run (the user's PNG files) and on a CNN export (the data set's first
+    test images: feature-norm maps); unreadable files are refused by name."""
+    from PIL import Image
+
+    from orchestrator import checkpointing as ckpt
+    from orchestrator import tracking
+    from orchestrator.cli import main
+    from orchestrator.config import load_config
+    from trainers.build import build_method
+
+    def export(model: list[str], where: str):
+        cfg = load_config(
+            "bam_fmnist",
+            [*model, "method.top_k_sink=0", "optim.batch_size=4", "train.workers=1", f"data.path={tiny_shards}",
+             "data.channels=1", "data.mean=[0.2860]", "data.std=[0.3530]", "data.global_crop_size=16"],
+        )  # fmt: skip
+        method = build_method(cfg, device="cpu", steps_per_epoch=1, batch_size=4)
+        return ckpt.export_backbone(method, cfg, tmp_path / where)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = tracking.client(uri)
+    run = c.create_run(tracking.ensure_experiment(uri, "viz")).info.run_id
+    vit = ["model.backbone=vit_tiny_patch16_224", "model.patch_size=4", "model.backbone_kwargs={depth: 1}"]
+    tracking.log_artifacts(uri, run, str(export(vit, "vit")), "final")
+    files = []
+    for i, size in enumerate(((40, 30), (16, 16))):  # any size and mode: resized and centre-cropped
+        Image.new("RGB", size, (40 * i, 200, 90)).save(tmp_path / f"mine{i}.png")
+        files.append(str(tmp_path / f"mine{i}.png"))
+    out = tmp_path / "att.png"
+    assert (
+        main(["viz", "attention", "--run", run, "--tracking-uri", uri, "--images", *files, "--out", str(out)])
+        == 0
+    )
+    assert "attention maps of 2 image(s)" in capsys.readouterr().out
+    assert Image.open(out).size[0] > 200
+    assert [a.path for a in c.list_artifacts(run, "viz")] == ["viz/att.png"]
+
+    cnn = export(
+        [
+            "model.backbone=resnet18",
+            "model.backbone_kwargs={layers: [1, 1, 1, 1], channels: [8, 16, 32, 64]}",
+        ],
+        "cnn",
+    )
+    assert main(["viz", "attention", "--run", str(cnn), "--out", str(tmp_path / "cnn.png")]) == 0
+    assert "feature-norm maps (a CNN has no attention) of 6 image(s)" in capsys.readouterr().out
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    assert main(["viz", "attention", "--run", str(cnn), "--images", str(tmp_path / "bad.png")]) == 2
+    assert "--images: cannot read" in capsys.readouterr().err

@@ -172,6 +172,34 @@ def add_export_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def add_viz_parser(sub: Any) -> None:
+    v = sub.add_parser("viz", help="pictures of a trained backbone")
+    vsub = v.add_subparsers(dest="what", required=True, metavar="WHAT")
+    a = vsub.add_parser(
+        "attention",
+        help="per-head [CLS] attention of a ViT (the feature-map norm of a CNN) on your images",
+    )
+    _add_source(a)
+    a.add_argument(
+        "--images", nargs="+", metavar="FILE", help="image files (default: the run's first test images)"
+    )
+    a.add_argument("--out", default="attention.png", help="PNG to write (default: attention.png)")
+    a.set_defaults(func=cmd_viz_attention)
+
+
+def cmd_viz_attention(args: argparse.Namespace) -> int:
+    from orchestrator.downstream.viz import attention_command
+
+    with tempfile.TemporaryDirectory() as tmp:
+        backbone = _resolve(args, tmp)
+        out = attention_command(backbone, args.images, args.out)
+    what = "attention maps" if out["kind"] == "attention" else "feature-norm maps (a CNN has no attention)"
+    print(f"{what} of {out['images']} image(s): {out['path']}")
+    if backbone.run_id:
+        print(f"logged under viz/ of MLflow run {backbone.run_id}")
+    return 0
+
+
 def add_embed_parser(sub: Any) -> None:
     from orchestrator.downstream import NETWORKS
 

@@ -8,6 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.bamray-installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+CHROMIUM := /usr/bin/chromium
 export RAY_USAGE_STATS_ENABLED := 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
@@ -32,13 +33,22 @@ $(FMNIST):
 	  echo "  $(BIN)/bamray data prepare fashion-mnist --src <folder>"; exit 1; \
 	fi
 
+# The MLflow UI test opens it in a real headless browser: Debian's chromium, installed like the data set.
+$(CHROMIUM):
+	@if command -v apt-get >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; \
+	else \
+	  echo "chromium: no apt-get here; install a Chromium as $(CHROMIUM) (or on PATH) for the UI test"; \
+	fi
+
 data: setup
 	$(BIN)/bamray data prepare fashion-mnist
 
 run: setup
 	$(BIN)/bamray train --config bam_fmnist
 
-test: setup
+test: setup $(CHROMIUM)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15

@@ -13,6 +13,23 @@ import sys
 
 from orchestrator.tracking import artifact_root, sqlite_path
 
+#: The MLflow UI opens in its GenAI view unless told otherwise (a query parameter, or its own toggle that the
+#: browser remembers); bamray's links ask for the model-training view.
+VIEW = "workflowType=machine_learning"
+
+
+def ui_url(
+    port: int = 5000, experiment_id: str | None = None, run_id: str | None = None, tab: str = ""
+) -> str:
+    """A link into ``bamray ui``: the experiments, an experiment's runs, or a run (``tab``: ``model-metrics``,
+    ``artifacts/<path>``, ...), in the model-training view."""
+    page = "experiments"
+    if experiment_id is not None:
+        page += f"/{experiment_id}"
+        if run_id is not None:
+            page += f"/runs/{run_id}" + (f"/{tab}" if tab else "")
+    return f"http://127.0.0.1:{port}/#/{page}?{VIEW}"
+
 
 def ui_command(uri: str, port: int = 5000, host: str = "127.0.0.1") -> list[str]:
     """``mlflow ui`` on ``uri``, bound to localhost (never 0.0.0.0: the store is not for the network)."""
@@ -40,7 +57,7 @@ def serve_ui(uri: str, port: int = 5000) -> int:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
     cmd = ui_command(uri, port)
-    print(f"MLflow UI for {uri}\n  open http://127.0.0.1:{port}  (Ctrl-C to stop)", flush=True)
+    print(f"MLflow UI for {uri}\n  open {ui_url(port)}  (Ctrl-C to stop)", flush=True)
     proc = subprocess.Popen(cmd)
 
     def stop(signum: int, frame: object) -> None:

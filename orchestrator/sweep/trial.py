@@ -31,6 +31,7 @@ from orchestrator.sweep.lineage import (
 )
 from orchestrator.sweep.plan import TrialPlan, trial_params
 from orchestrator.sweep.relay import fit_reporting_to_tune
+from orchestrator.training.summary import log_description, what_line
 
 
 class NonFiniteTrialError(RuntimeError):
@@ -55,7 +56,7 @@ def trial_driver(config: dict[str, Any], plan: TrialPlan) -> None:
             result = pbt_segments(cfg, trial_id, params, plan, run_id, init)
         else:
             result = fit_reporting_to_tune(cfg, train_name, plan, run_id)
-        _record_completed(plan.tracking_uri, run_id, result)
+        _record_completed(plan.tracking_uri, run_id, result, _what(cfg, plan, trial_id, params))
     except Exception as err:
         # A trial the scheduler stopped (ASHA can stop one on its final report, when a rung falls on the last
         # epoch) surfaces here as the Train controller dying with the trial's placement group, and this
@@ -88,11 +89,18 @@ def _open_child_run(
     tracking.log_params(uri, run_id, cfg.run_params())
     tracking.log_tags(uri, run_id, {"bamray.sampled": json.dumps(params, sort_keys=True)})
     tracking.log_config_artifact(uri, run_id, cfg)
+    log_description(uri, run_id, _what(cfg, plan, trial_id, params))
     return run_id
 
 
-def _record_completed(uri: str, run_id: str, result: Any) -> None:
-    """Final and best backbones, ``best_knn_top1``, status FINISHED; a NaN run raises instead."""
+def _what(cfg: ExperimentConfig, plan: TrialPlan, trial_id: str, params: dict[str, Any]) -> str:
+    sampled = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    return f"trial {trial_id} of sweep {plan.sweep_name} ({sampled}): {what_line(cfg)}"
+
+
+def _record_completed(uri: str, run_id: str, result: Any, what: str) -> None:
+    """Final and best backbones, ``best_knn_top1``, the description with its k-NN, status FINISHED; a NaN
+    run raises instead."""
     ret = result.return_value or {}
     if ret.get("status") == "nan":
         raise NonFiniteTrialError(ret.get("reason", "non-finite loss"))
@@ -101,6 +109,7 @@ def _record_completed(uri: str, run_id: str, result: Any) -> None:
     if best is not None:
         tracking.log_checkpoint_artifacts(uri, run_id, best, "best_knn")
         tracking.log_metrics(uri, run_id, {"best_knn_top1": best_score}, step=int(ret.get("final_step", 0)))
+    log_description(uri, run_id, what, result)
     tracking.log_tags(uri, run_id, {TAG_TRIAL_STATUS: "completed"})
     tracking.finish_run(uri, run_id, "FINISHED")
 

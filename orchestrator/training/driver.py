@@ -239,7 +239,7 @@ def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[st
                 preflight.check_cluster_resources(cfg)
             with guard.deferred("the MLflow run is created"):  # a run whose id we never got stays RUNNING
                 run_id, ray_run_name = mlflow_run.open_run(cfg, uri, previous)
-            tracking.log_tags(uri, run_id, {summary.DESCRIPTION_TAG: summary.what_line(cfg)})
+            summary.log_description(uri, run_id, summary.what_line(cfg))
             out = _fit(cfg, uri, run_id, ray_run_name, storage, guard)
         except KeyboardInterrupt as err:
             guard.stopping()
@@ -377,12 +377,7 @@ def _finish(cfg: ExperimentConfig, uri: str, run_id: str, result: Any, out: dict
         t0 = time.perf_counter()
         out["linear_top1"] = run_linear_eval(run_id, uri)
         out["linear_time_s"] = time.perf_counter() - t0
-    knn = out["metrics"].get("knn_top1")
-    if knn is not None:
-        line = summary.run_description(
-            summary.what_line(cfg, ret.get("epochs")), knn, ret.get("knn_pixels_top1"), ret.get("epochs")
-        )
-        tracking.log_tags(uri, run_id, {summary.DESCRIPTION_TAG: line})
+    summary.log_description(uri, run_id, summary.what_line(cfg, ret.get("epochs")), result)
     _log_console(uri, run_id)
     tracking.finish_run(uri, run_id, "FINISHED")
     out.update(status="FINISHED", reason=None)
@@ -400,6 +395,7 @@ def _log_console(uri: str, run_id: str) -> None:
 
 def _print_summary(cfg: ExperimentConfig, out: dict[str, Any]) -> None:
     """The end-of-run summary (:mod:`orchestrator.training.summary`)."""
+    from orchestrator.mlflow_ui import ui_url
     from orchestrator.training.summary import epoch_history, summary_lines, wall_split, what_line
 
     uri, run_id = out["tracking_uri"], out["run_id"]
@@ -425,7 +421,7 @@ def _print_summary(cfg: ExperimentConfig, out: dict[str, Any]) -> None:
         linear_top1=out.get("linear_top1"),
         split=split,
         ui=ui,
-        run_url=f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}",
+        run_url=ui_url(5000, experiment, run_id),
         checkpoints=out.get("ray_run_dir"),
         log_path=out.get("log_path"),
     ):

@@ -50,6 +50,19 @@ def run_description(
     return line
 
 
+def log_description(uri: str, run_id: str, what: str, result: Any = None) -> None:
+    """Set the run's description: ``what``, and when a fitted Ray Train ``result`` reports a k-NN, the k-NN
+    against raw pixels (from its metrics and the workers' return value)."""
+    from orchestrator import tracking
+
+    line = what
+    if result is not None:
+        ret, metrics = result.return_value or {}, result.metrics or {}
+        if metrics.get("knn_top1") is not None:
+            line = run_description(what, metrics["knn_top1"], ret.get("knn_pixels_top1"), ret.get("epochs"))
+    tracking.log_tags(uri, run_id, {DESCRIPTION_TAG: line})
+
+
 def what_line(cfg: Any, epochs: int | None = None) -> str:
     """``bam on fashion-mnist, resnet18, 2 epochs, 2 workers x batch 64``."""
     import os

@@ -346,3 +346,18 @@ def default_log_path(command: str, tracking_uri: str | None = None) -> Path:
     root = db.parent if db is not None else project_root() / BAMRAY_DIR
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     return root / "logs" / f"{command}-{stamp}-{os.getpid()}.log"
+
+
+def log_to_run(uri: str, run_id: str) -> None:
+    """The command's log so far (Ray's whole output included) as the run's ``logs/console.log``."""
+    import shutil
+    import tempfile
+
+    from orchestrator import tracking
+
+    path = get().log_path
+    if path is None or not path.exists():
+        return
+    with tempfile.TemporaryDirectory(prefix="bamray-log-") as tmp:
+        shutil.copy(path, os.path.join(tmp, "console.log"))
+        tracking.log_artifacts(uri, run_id, tmp, "logs")

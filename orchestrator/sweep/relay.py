@@ -75,6 +75,7 @@ def fit_reporting_to_tune(
         stop_after_epoch=stop_after_epoch,
         pg_watch=watch_current_actor(plan.reaper_name),
         epoch_gate=GatedEpochs(gate, frozenset(plan.gate_epochs)) if gate is not None else None,
+        label=train_name.removeprefix("train-"),
     )
     box: dict[str, Any] = {}
 

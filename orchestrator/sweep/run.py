@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator import preflight, provenance, tracking
+from orchestrator import console, preflight, provenance, tracking
 from orchestrator.config import ExperimentConfig
 from orchestrator.sweep import record as rec
 from orchestrator.sweep import report
@@ -122,6 +122,7 @@ def run_sweep(
     cfg = _prepared(cfg, metric, mode, (collapse_metric, collapse_threshold, collapse_patience))
     name = _new_sweep_name(name or f"{cfg.name}-{space.name}", storage)
     uri = tracking.resolve_tracking_uri(tracking_uri or cfg.tracking.tracking_uri)
+    console.get().log_path or console.get().open_log(console.default_log_path("sweep", uri))
     # Before Ray starts and before the parent run exists: store, storage, address, one trial's resources.
     trial_cfg = (
         dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, address=address)) if address else cfg
@@ -313,6 +314,7 @@ def _summarise(record: rec.SweepRecord, exp_path: str, wall: float) -> dict[str,
     )
     best = report.finish_parent(uri, parent, rows, record.space, interrupted, settings.metric, settings.mode)
     tracking.log_metrics(uri, parent, {"sweep_wall_time_s": wall}, step=0)
+    console.log_to_run(uri, parent)
     out = {
         "name": settings.name,
         "experiment_path": exp_path,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from orchestrator import console
 from orchestrator.config import ExperimentConfig
 from orchestrator.local_ray import connect_or_start
 from orchestrator.sweep.collapse import collapse_stopper
@@ -186,6 +187,10 @@ def new_tuner(plan: TrialPlan, settings: SweepSettings, callbacks: list):
             checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
             callbacks=callbacks,
             stop=collapse_stopper() if plan.collapse else None,
+            # Tune's own console (a config box per trial start, a 30-line result box per trial end, a status
+            # table every 30 s) stays off; each trial prints its epoch lines and one line when it ends, and
+            # the sweep its results table (report.print_summary). `--verbose` gives Tune's back.
+            verbose=2 if console.get().verbose else 0,
         ),
     )
 

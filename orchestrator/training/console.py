@@ -62,7 +62,9 @@ class ProgressEmitter:
         self._first = None
 
 
-def epoch_line(epoch: int, epochs: int, stats: EpochStats, mean_loss: float, metrics: dict[str, Any]) -> str:
+def epoch_line(
+    epoch: int, epochs: int, stats: EpochStats, mean_loss: float, metrics: dict[str, Any], label: str = ""
+) -> str:
     """Rank 0's one summary line of an epoch (steps, time, first-batch wait, loss, k-NN when evaluated)."""
     knn = (
         f", knn top-1 {metrics['knn_top1']:.2f} % ({metrics['knn_time_s']:.1f} s)"
@@ -70,6 +72,6 @@ def epoch_line(epoch: int, epochs: int, stats: EpochStats, mean_loss: float, met
         else ""
     )
     return (
-        f"{LINE_MARK}epoch {epoch + 1}/{epochs}: {stats.steps} steps in {stats.seconds:.1f} s "
+        f"{LINE_MARK}{label + ': ' if label else ''}epoch {epoch + 1}/{epochs}: {stats.steps} steps in {stats.seconds:.1f} s "
         f"(first batch after {stats.first_batch_s:.1f} s), loss {mean_loss:.4f}{knn}"
     )

@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
-import tempfile
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +87,7 @@ def build_trainer(
     pg_watch: tuple[Any, Any] | None = None,
     epoch_gate: GatedEpochs | tuple[Any, list[int]] | None = None,
     progress_interval_s: float = 0.0,
+    label: str = "",
 ):
     """A ``ray.train.torch.TorchTrainer`` for ``cfg`` (Ray must be initialised).
 
@@ -101,7 +100,8 @@ def build_trainer(
     run's worker placement group is removed if a Tune scheduler kills the trial mid-run.
     ``epoch_gate``: a :class:`~orchestrator.epoch_gate.GatedEpochs` (or its ``(EpochGate handle, epochs)``
     pair): after reporting one of those epochs the workers wait until the gate is open through it.
-    ``progress_interval_s``: rank 0 prints a progress update that often (0: never).
+    ``progress_interval_s``: rank 0 prints a progress update that often (0: never). ``label``: a prefix of
+    its console lines (a sweep's trial id, so interleaved trials can be told apart).
     ``callbacks`` go to ``RunConfig`` (a Tune trial passes a relay to Tune). Every ``ray.train.report``
     carries ``epoch``, ``step``, ``loss`` (epoch mean), ``knn_top1`` / ``knn_top5`` on k-NN epochs and
     ``nan_detected`` when the loss blew up.
@@ -146,6 +146,7 @@ def build_trainer(
         epoch_gate=GatedEpochs.of(epoch_gate) if workers > 0 else None,
         faults=fault_injection.WorkerFaults.of(cfg.debug),
         progress_interval_s=progress_interval_s,
+        label=label,
     )
     resources: dict[str, float] = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.gpus_per_worker > 0:
@@ -290,7 +291,7 @@ def _fit(
         _finish(cfg, uri, run_id, result, out)
     except TrainingFailedError as err:
         reason = f"{type(err).__name__}: {err}"
-        _log_console(uri, run_id)
+        console.log_to_run(uri, run_id)
         tracking.finish_run(uri, run_id, "FAILED", reason)
         out.update(status="FAILED", reason=reason)
     except (KeyboardInterrupt, SystemExit) as err:  # a signal: the caller marks the run KILLED
@@ -378,19 +379,9 @@ def _finish(cfg: ExperimentConfig, uri: str, run_id: str, result: Any, out: dict
         out["linear_top1"] = run_linear_eval(run_id, uri)
         out["linear_time_s"] = time.perf_counter() - t0
     summary.log_description(uri, run_id, summary.what_line(cfg, ret.get("epochs")), result)
-    _log_console(uri, run_id)
+    console.log_to_run(uri, run_id)
     tracking.finish_run(uri, run_id, "FINISHED")
     out.update(status="FINISHED", reason=None)
-
-
-def _log_console(uri: str, run_id: str) -> None:
-    """The command's log so far (Ray's whole output included) as the run's ``logs/console.log``."""
-    path = console.get().log_path
-    if path is None or not path.exists():
-        return
-    with tempfile.TemporaryDirectory(prefix="bamray-log-") as tmp:
-        shutil.copy(path, os.path.join(tmp, "console.log"))
-        tracking.log_artifacts(uri, run_id, tmp, "logs")
 
 
 def _print_summary(cfg: ExperimentConfig, out: dict[str, Any]) -> None:

@@ -49,6 +49,8 @@ class WorkerPlan:
     faults: WorkerFaults = dataclasses.field(default_factory=WorkerFaults)
     #: seconds between rank 0's progress updates to the driver's console (0: none, as in a sweep's trials)
     progress_interval_s: float = 0.0
+    #: prefix of the workers' console lines (a sweep's trial id; empty for a single run)
+    label: str = ""
 
 
 def knn_epochs(cfg: ExperimentConfig) -> set[int]:

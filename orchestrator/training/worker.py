@@ -348,7 +348,9 @@ class _Worker:
             )
             self.log.flush()
         if self.rank == 0:
-            console.say(console.epoch_line(epoch, self.cfg.optim.epochs, stats, mean_loss, metrics))
+            console.say(
+                console.epoch_line(epoch, self.cfg.optim.epochs, stats, mean_loss, metrics, self.plan.label)
+            )
         return metrics
 
     def _log_pictures(self, epoch: int, knn_top1: float | None) -> None:

@@ -139,7 +139,7 @@ def pin_ray_data_singletons() -> None:
         )
         from ray.data._internal.stats import get_or_create_stats_actor
     except ImportError as err:  # pragma: no cover - depends on the Ray version
-        print(f"Ray Data's helper actors not pinned to this node ({err})", flush=True)
+        print(f"WARNING: Ray Data's helper actors not pinned to this node ({err})", flush=True)
         return
     for handle in (get_or_create_stats_actor(), get_or_create_autoscaling_coordinator()):
         ray.get(handle.__ray_ready__.remote())

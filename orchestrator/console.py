@@ -156,7 +156,11 @@ class Console:
 
     # ------------------------------------------------------------------------------------------- console
     def say(self, line: str = "") -> None:
-        """A line for the user: console and log file."""
+        """A line for the user: console and log file. In a Ray worker or actor (a sweep's trial driver), the
+        line goes to the driver's console instead, marked as ours (:data:`LINE_MARK`)."""
+        if in_ray_worker():
+            print(LINE_MARK + line, file=sys.__stdout__, flush=True)
+            return
         with self._lock:
             self.to_log(line)
             self._emit(line)
@@ -236,6 +240,19 @@ def _autoscaler_events(lines: list[str]) -> list[str]:
         return list(filter_autoscaler_events(lines))
     except ImportError:
         return list(lines)
+
+
+def in_ray_worker() -> bool:
+    """This process is a Ray worker or actor (not a driver): its output reaches the user only through the
+    driver's console."""
+    if "ray" not in sys.modules:
+        return False
+    try:
+        from ray._private import worker as ray_worker
+
+        return ray_worker.global_worker.mode == ray_worker.WORKER_MODE
+    except Exception:  # noqa: BLE001 - another Ray: treat as a driver
+        return False
 
 
 def is_harmless(line: str) -> bool:

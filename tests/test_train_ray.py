@@ -237,6 +237,34 @@ def test_time_budget_plans_the_epochs_and_fits_the_schedules(ray_local, shards, 
     )
 
 
+def test_every_evaluation_epoch_logs_its_pictures_and_the_run_its_description(finished_run, tmp_path):
+    """A ViT BAM run evaluated at both epochs: attention maps, embedding map and BAM's P / Q at each, by
+    step (MLflow's image series), each a decodable PNG; system metrics and the one-line description."""
+    from PIL import Image
+
+    _, out = finished_run
+    c = tracking.client(out["tracking_uri"])
+    run_id, spe = out["run_id"], N_TRAIN // (BATCH * 2)
+    pngs = [a.path for a in c.list_artifacts(run_id, "images") if a.path.endswith(".png")]
+    for key in ("attention", "embedding_map", "bam_targets"):
+        steps = sorted(
+            int(p.split("+step+")[1].split("+")[0]) for p in pngs if p.startswith(f"images/{key}+")
+        )
+        assert steps == [spe, 2 * spe], (key, pngs)
+    local = c.download_artifacts(run_id, next(p for p in pngs if "/attention+" in p), str(tmp_path))
+    assert Image.open(local).size[0] > 200
+    run = c.get_run(run_id)
+    assert "system/cpu_utilization_percentage" in run.data.metrics
+    description = run.data.tags["mlflow.note.content"]
+    assert (
+        description.startswith("bam on ")
+        and f"k-NN top-1 {run.data.metrics['knn_top1']:.2f} %" in description
+    )
+    assert (
+        c.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    )
+
+
 def test_exported_backbone_rebuilds_and_linear_eval_cli_logs(finished_run, tmp_path):
     import mlflow.artifacts
 

@@ -140,7 +140,7 @@ def test_ctrl_c_during_start_up_exits_130_and_stops_ray(tiny_shards, work):
 
 def test_sigterm_during_training_kills_the_run_keeps_its_checkpoint_and_resumes(tiny_shards, work):
     driver = Driver(tiny_shards, work, epochs=3)
-    driver.wait_for("[bamray] epoch 1/3", timeout=150)
+    driver.wait_for("epoch 1/3: ", timeout=150)  # the epoch line, as the console shows it
     driver.proc.send_signal(signal.SIGTERM)  # a scheduler's or `kill`'s signal, to the driver only
     rc = driver.finish(timeout=60)
     _assert_clean_exit(driver, rc, 143, work)

@@ -84,7 +84,7 @@ def make_loss_step(
     z = torch.randn(n_views * batch, EMBED_DIM, generator=gen).to(device).requires_grad_(True)
     z_teacher = torch.randn(n_views * batch, EMBED_DIM, generator=gen).to(device)
 
-    if kind in ("bam", "bam_loop"):
+    if kind in ("bam", "bam_loop", "bam_blocked"):
         loss_mod = BAMLoss(
             num_crops=n_views,
             num_global_crops=n_global,
@@ -92,7 +92,8 @@ def make_loss_step(
             reg=0.05,
             temperature=0.1,
             num_sink_iter=3,
-            vectorized=kind == "bam",
+            vectorized=kind != "bam_loop",
+            block_images=-1 if kind == "bam_blocked" else 0,
         ).to(device)
 
         def forward() -> torch.Tensor:
@@ -145,20 +146,21 @@ def reduction_steps(batch: int, n_global: int, n_local: int, device: str) -> dic
 
 
 def check_bam_fused_equals_loop(
-    batch: int, n_global: int, n_local: int, device: str, tol: float = 1e-5
+    batch: int, n_global: int, n_local: int, device: str, tol: float = 1e-5, kind: str = "bam_loop"
 ) -> dict:
-    """Loss and gradient of the fused and the loop reduction on the same inputs, in fp32.
+    """Loss and gradient of the fused reduction and ``kind`` (the loop, or the blocked loss) on the same
+    inputs, in fp32.
 
     Raises AssertionError when they differ by more than ``tol`` (absolute on the loss, relative to
     the largest gradient entry on the gradients)."""
     fused = make_loss_step("bam", batch, n_global, n_local, device, autocast=False)
-    loop = make_loss_step("bam_loop", batch, n_global, n_local, device, autocast=False)
-    lf, ll = fused(), loop()
-    gf, gl = fused.z.grad, loop.z.grad  # type: ignore[attr-defined]
+    other = make_loss_step(kind, batch, n_global, n_local, device, autocast=False)
+    lf, ll = fused(), other()
+    gf, gl = fused.z.grad, other.z.grad  # type: ignore[attr-defined]
     loss_diff = float((lf - ll).abs())
     grad_diff = float((gf - gl).abs().max() / gl.abs().max().clamp_min(1e-30))
-    assert loss_diff <= tol * max(1.0, float(ll.abs())), f"BAM fused vs loop loss differ by {loss_diff:.3g}"
-    assert grad_diff <= tol, f"BAM fused vs loop gradients differ by {grad_diff:.3g} (relative)"
+    assert loss_diff <= tol * max(1.0, float(ll.abs())), f"BAM fused vs {kind} loss differ by {loss_diff:.3g}"
+    assert grad_diff <= tol, f"BAM fused vs {kind} gradients differ by {grad_diff:.3g} (relative)"
     return {"loss_abs_diff": loss_diff, "grad_rel_diff": grad_diff, "loss": float(ll)}
 
 
@@ -268,4 +270,48 @@ def _run(ctx: BenchContext) -> SectionResult:
             if m2 > 0:
                 res.derived[f"{kind} memory x (2g+6l / 2g) at B={hi}"] = m8 / m2
     res.notes.append("SimCLR (NT-Xent) consumes exactly two views, so it has no 2g+6l rows.")
+    _at_scale(ctx, res, repeats=2 if ctx.quick else 3)
     return res
+
+
+#: batches of the dense vs blocked BAM comparison (2 global + 6 local crops)
+SCALE_BATCHES = (256, 512, 1024, 2048)
+
+
+def _at_scale(ctx: BenchContext, res: SectionResult, repeats: int) -> None:
+    """BAM at large batches, 2g+6l: the dense loss vs the blocked one (``block_images=-1``: blocks of about
+    4M matrix elements), time and peak memory, each pair checked equal (1e-6 fp32) before it is timed."""
+    device, (g, loc) = ctx.device, CROPS["2g+6l"]
+    for b in (32, 64) if ctx.quick else SCALE_BATCHES:
+        check = check_bam_fused_equals_loop(b, g, loc, device, tol=1e-6, kind="bam_blocked")
+        res.derived[f"bam_blocked vs bam 2g+6l B={b}"] = check
+        for kind in ("bam", "bam_blocked"):
+            step = make_loss_step(kind, b, g, loc, device)
+            params = {"loss": kind, "batch": b, "global_crops": g, "local_crops": loc, "dim": EMBED_DIM}
+            params.update(device=device, threads=torch.get_num_threads())
+            res.add(
+                Figure(
+                    "loss",
+                    f"{kind} fwd+bwd at scale B={b}",
+                    "s",
+                    timed(step, repeats, 1, device),
+                    params=params,
+                )
+            )
+            res.add(
+                Figure(
+                    "loss",
+                    f"{kind} peak mem at scale B={b}",
+                    "MiB",
+                    [peak_memory_mib(step, device)],
+                    params=params,
+                )
+            )
+            del step
+        res.compare(f"bam_blocked fwd+bwd at scale B={b}", f"bam fwd+bwd at scale B={b}")
+        res.compare(f"bam_blocked peak mem at scale B={b}", f"bam peak mem at scale B={b}")
+        ctx.log(f"  loss: dense vs blocked B={b} done")
+    res.notes.append(
+        "At scale (2g+6l, B up to 2048): the blocked BAM loss (block_images=-1) against the dense one, "
+        "checked equal to 1e-6 (loss and gradients) at every batch before timing."
+    )

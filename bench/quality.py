@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from bench.common import RESULTS_DIR, machine_name
+from orchestrator.metric_names import mlflow_key
 
 REPO = Path(__file__).resolve().parent.parent
 METHOD_ORDER = ["bam", "byol", "dino", "simclr", "mae"]
@@ -86,7 +87,8 @@ def knn_curve(uri: str, run_id: str) -> list[dict[str, float]]:
 
     c = MlflowClient(tracking_uri=uri)
     clock = {m.step: m.value for m in c.get_metric_history(run_id, "train_time_s")}
-    knn = sorted(c.get_metric_history(run_id, "knn_top1"), key=lambda m: m.step)  # one per epoch (knn_freq=1)
+    # one per epoch (knn_freq=1)
+    knn = sorted(c.get_metric_history(run_id, mlflow_key("knn_top1")), key=lambda m: m.step)
     return [{"epoch": i + 1, "minutes": clock[m.step] / 60, "knn_top1": m.value} for i, m in enumerate(knn)]
 
 

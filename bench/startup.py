@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bench.common import BenchContext, Figure, SectionResult, launch, output_tail
 from bench.fixtures import shards, tracking_uri, train_overrides
+from orchestrator.metric_names import mlflow_key
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 240
@@ -34,7 +35,7 @@ def _first_step_time(uri: str, run_name: str) -> float:
     runs = c.search_runs([e.experiment_id for e in exps], filter_string=f"attributes.run_name = '{run_name}'")
     if not runs:
         raise RuntimeError(f"no MLflow run named {run_name!r} in {uri}")
-    hist = sorted(c.get_metric_history(runs[0].info.run_id, "loss"), key=lambda m: m.step)
+    hist = sorted(c.get_metric_history(runs[0].info.run_id, mlflow_key("loss")), key=lambda m: m.step)
     if not hist:
         raise RuntimeError(f"MLflow run {runs[0].info.run_id} logged no per-step loss")
     return hist[0].timestamp / 1000.0

@@ -33,6 +33,7 @@ import torch
 
 from bench.common import BenchContext, Figure, SectionResult, launch, output_tail
 from bench.fixtures import init_ray, shards, tracking_uri, train_overrides
+from orchestrator.metric_names import mlflow_key
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -180,7 +181,7 @@ def ray_run(ctx: BenchContext, cfg, uri: str) -> dict[str, list[float]]:
     c = MlflowClient(tracking_uri=uri)
     hist = {}
     for key in ("images_per_sec", "data_wait_s", "first_batch_wait_s"):
-        points = sorted(c.get_metric_history(out["run_id"], key), key=lambda m: m.step)
+        points = sorted(c.get_metric_history(out["run_id"], mlflow_key(key)), key=lambda m: m.step)
         hist[key] = [m.value for m in points]
     hist["wall_time_s"] = [out.get("wall_time_s", float("nan"))]
     return hist

@@ -156,11 +156,7 @@ class Console:
 
     # ------------------------------------------------------------------------------------------- console
     def say(self, line: str = "") -> None:
-        """A line for the user: console and log file. In a Ray worker or actor (a sweep's trial driver), the
-        line goes to the driver's console instead, marked as ours (:data:`LINE_MARK`)."""
-        if in_ray_worker():
-            print(LINE_MARK + line, file=sys.__stdout__, flush=True)
-            return
+        """A line for the user: console and log file."""
         with self._lock:
             self.to_log(line)
             self._emit(line)
@@ -304,8 +300,20 @@ def configure(*, verbose: bool = False, stream: TextIO | None = None, tty: bool 
 
 
 def say(line: str = "") -> None:
-    """A line for the user on the process's console (and in its log file)."""
-    get().say(line)
+    """A line for the user on the process's console (and in its log file). In a Ray worker or actor (a
+    training worker, a sweep's trial driver) it goes to the driver's console instead, marked as ours."""
+    if in_ray_worker():
+        to_driver(LINE_MARK + line)
+    else:
+        get().say(line)
+
+
+def to_driver(text: str) -> None:
+    """Raw text from a Ray worker or actor to the driver's console (:meth:`Console.ray_lines` reads the
+    marks). Ray Train patches ``print`` in its workers to go through its logger and, when a library has
+    wrapped ``sys.stdout`` (one here has), to the stream as well, so the driver showed every line twice;
+    printing to the process's own stdout goes around both."""
+    print(text, file=sys.__stdout__, flush=True)
 
 
 def quiet_driver_loggers() -> None:

@@ -108,6 +108,22 @@ def map_overlays(images: np.ndarray, maps: np.ndarray, kind: str, title: str, ma
     return _figure_to_image(fig)
 
 
+def backbone_maps(model: Any, images: np.ndarray, mean: Any, std: Any, device: Any, note: str) -> tuple:
+    """Where ``model`` looks in ``images`` (uint8 (N, C, H, W)): a ViT's last-block [CLS] attention per head,
+    else a CNN's feature-map norm, labelled as such. The training run's pictures and ``bamray viz`` both
+    draw it. Returns ``(picture, kind, maps shape)``."""
+    import torch
+
+    from trainers.engine import normalise_uint8
+    from trainers.evaluation.maps import spatial_maps
+
+    x = normalise_uint8(torch.as_tensor(images), mean, std, device)
+    kind, maps = spatial_maps(model, x)
+    what = "last block's [CLS] attention per head" if kind == "attention" else "feature-map norm (a CNN)"
+    picture = map_overlays(images, maps.cpu().numpy(), kind, f"{what}; {note}", max_images=len(images))
+    return picture, kind, tuple(maps.shape)
+
+
 def embedding_map(points: np.ndarray, labels: np.ndarray, title: str):
     """A 2-D scatter of ``points`` (N, 2) coloured by class ``labels``."""
     plt = _plt()

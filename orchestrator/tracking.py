@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from orchestrator.metric_names import mlflow_key
 from trainers.fileio import file_lock
 
 logger = logging.getLogger(__name__)
@@ -277,11 +278,11 @@ def finish_run(uri: str, run_id: str, status: str, reason: str | None = None) ->
 
 
 def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-    """Driver-side one-off metrics (final summary, linear probe)."""
+    """Driver-side one-off metrics (final summary, linear probe), named as :func:`mlflow_key` says."""
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
-    items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if _finite(v)]
+    items = [Metric(mlflow_key(k), float(v), ts, int(step)) for k, v in metrics.items() if _finite(v)]
     if items:
         with_retry(client(uri).log_batch, run_id, metrics=items)
 
@@ -383,7 +384,8 @@ class MetricLogger:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        for k, v in metrics.items():
+        for name, v in metrics.items():
+            k = mlflow_key(name)
             if not _finite(v) or step <= self.skip_upto.get(k, -1):
                 continue
             self._buffer.append(Metric(k, float(v), ts, int(step)))

@@ -177,7 +177,7 @@ def test_autoscaler_adds_a_node_for_a_sweep_and_removes_it_when_idle(cluster, ti
         assert row["status"] == "completed" and row["epochs"] == 1, row
         run = c.get_run(row["mlflow_run_id"])
         assert run.info.status == "FINISHED"
-        assert sorted(m.step for m in c.get_metric_history(run.info.run_id, "loss")) == list(
+        assert sorted(m.step for m in c.get_metric_history(run.info.run_id, "train/loss")) == list(
             range(1, SPE + 1)
         )
     monitor = (Path(temp_dir) / "session_latest" / "logs" / "monitor.log").read_text()

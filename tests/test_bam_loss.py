@@ -25,10 +25,18 @@ from trainers.methods.base import MethodContext, forward_by_resolution
 from trainers.schedules import reg_schedule
 
 # The loss may offer several equivalent implementations of the cross-view reduction; test each.
-LOSS_VARIANTS = [pytest.param({}, id="default")] + (
-    [pytest.param({"vectorized": False}, id="loop")]
-    if "vectorized" in inspect.signature(BAMLoss).parameters
-    else []
+LOSS_VARIANTS = (
+    [pytest.param({}, id="default")]
+    + (
+        [pytest.param({"vectorized": False}, id="loop")]
+        if "vectorized" in inspect.signature(BAMLoss).parameters
+        else []
+    )
+    + (  # a block of images at a time: 1 (every image alone), 3 (a short last block), -1 (auto: one block)
+        [pytest.param({"block_images": n}, id=f"blocks{n}") for n in (1, 3, -1)]
+        if "block_images" in inspect.signature(BAMLoss).parameters
+        else []
+    )
 )
 
 
@@ -504,6 +512,8 @@ DIST_SETTINGS = [
     (4, 2, 1, 0, False),
 ]
 DIST_B, DIST_IN, DIST_OUT = 4, 6, 5
+#: the dense loss, and blocks of 3 images (a short last block) on each worker
+DIST_BLOCKS = (0, 3)
 
 
 def _dist_inputs(setting: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -515,7 +525,7 @@ def _dist_inputs(setting: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return images, weight, teacher_weight
 
 
-def _loss_and_grad(images: torch.Tensor, setting: tuple) -> tuple[float, torch.Tensor]:
+def _loss_and_grad(images: torch.Tensor, setting: tuple, block: int = 0) -> tuple[float, torch.Tensor]:
     """Crop-major rows of ``images`` through a shared linear layer, BAM loss, gradient of the weight."""
     num_crops, num_global, num_target, top_k, teacher = setting
     _, weight, teacher_weight = _dist_inputs(setting)
@@ -531,6 +541,7 @@ def _loss_and_grad(images: torch.Tensor, setting: tuple) -> tuple[float, torch.T
         temperature=0.1,
         num_sink_iter=3,
         top_k_sink=top_k,
+        block_images=block,
     )
     loss = loss_fn(z, z_teacher)
     loss.backward()
@@ -545,7 +556,7 @@ def _bam_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         for setting in DIST_SETTINGS:
             images, _, _ = _dist_inputs(setting)
             local = images[rank * DIST_B : (rank + 1) * DIST_B]  # this worker's 4 images
-            results.append(_loss_and_grad(local, setting))
+            results.append([_loss_and_grad(local, setting, block) for block in DIST_BLOCKS])
         torch.save(results, f"{out_dir}/bam_rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -560,13 +571,15 @@ def test_two_workers_of_batch_4_equal_one_worker_of_batch_8(tmp_path):
     per_rank = [torch.load(tmp_path / f"bam_rank{r}.pt", weights_only=True) for r in range(2)]
     for i, setting in enumerate(DIST_SETTINGS):
         images, _, _ = _dist_inputs(setting)
-        loss, grad = _loss_and_grad(images, setting)  # one process, all 8 images
-        dist_loss = (per_rank[0][i][0] + per_rank[1][i][0]) / 2
-        dist_grad = (per_rank[0][i][1] + per_rank[1][i][1]) / 2  # DDP averages gradients
-        assert dist_loss == pytest.approx(loss, rel=1e-5), setting
-        assert torch.allclose(dist_grad, grad, rtol=1e-5, atol=1e-6), setting
-        # each rank's share differs: the equality is not trivially a copy
-        assert per_rank[0][i][0] != pytest.approx(per_rank[1][i][0], rel=1e-3)
+        loss, grad = _loss_and_grad(images, setting)  # one process, all 8 images, the dense loss
+        for j, block in enumerate(DIST_BLOCKS):
+            ranks = [per_rank[r][i][j] for r in range(2)]
+            dist_loss = (ranks[0][0] + ranks[1][0]) / 2
+            dist_grad = (ranks[0][1] + ranks[1][1]) / 2  # DDP averages gradients
+            assert dist_loss == pytest.approx(loss, rel=1e-5), (setting, block)
+            assert torch.allclose(dist_grad, grad, rtol=1e-5, atol=1e-6), (setting, block)
+            # each rank's share differs: the equality is not trivially a copy
+            assert ranks[0][0] != pytest.approx(ranks[1][0], rel=1e-3)
 
 
 def _local_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -593,6 +606,67 @@ def test_gather_distributed_false_is_a_purely_local_loss(tmp_path):
         local = BAMLoss(num_crops=3, num_global_crops=2, num_target_crops=2)(z).item()
         assert dist_loss == pytest.approx(local, rel=1e-5)
         assert dist_loss == pytest.approx(official_bam_loss(z, None, 3, 2, 2, 0.05, 0.1, 3).item(), rel=1e-5)
+
+
+BLOCK_SETTINGS = [
+    # num_crops, num_global, num_target, top_k, masking, teacher
+    (8, 2, 2, 0, True, False),
+    (8, 2, 2, 0, True, True),
+    (6, 2, 2, 7, True, True),
+    (3, 1, 2, 0, False, False),
+    (1, 1, 1, 0, True, False),
+    (4, 2, 1, 3, True, True),
+]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("setting", BLOCK_SETTINGS)
+def test_blocked_loss_equals_the_dense_loss_in_value_gradient_and_entropies(setting, dtype, tol):
+    """A block of images at a time (every image alone, uneven blocks, one block) is the dense loss: value,
+    gradient with respect to the student's rows (none to the teacher's) and the three entropies, to 1e-6
+    in fp32 and 1e-12 in fp64 (relative to each quantity's scale)."""
+    num_crops, num_global, num_target, top_k, masking, teacher = setting
+    b, dim = 10, 16
+    g = torch.Generator().manual_seed(sum(setting))
+    z0 = torch.randn(num_crops * b, dim, generator=g, dtype=dtype)
+    zt = (z0 + 0.3 * torch.randn(z0.shape, generator=g, dtype=dtype)).requires_grad_() if teacher else None
+    out = {}
+    for block in (0, 1, 3, -1):
+        loss_fn = make_bam(
+            {"block_images": block},
+            num_crops=num_crops,
+            num_global_crops=num_global,
+            num_target_crops=num_target,
+            reg=0.05,
+            temperature=0.1,
+            num_sink_iter=3,
+            top_k_sink=top_k,
+            positive_masking=masking,
+        )
+        z = z0.clone().requires_grad_()
+        loss, stats = loss_fn(z, zt, return_stats=True)
+        loss.backward()
+        assert loss.dtype == dtype and (zt is None or zt.grad is None)
+        out[block] = (loss.detach(), z.grad, {k: v.detach() for k, v in stats.items()})
+    loss, grad, stats = out[0]
+    for block in (1, 3, -1):
+        b_loss, b_grad, b_stats = out[block]
+        assert abs(b_loss - loss) <= tol * abs(loss), block
+        assert (b_grad - grad).abs().max() <= tol * grad.abs().max(), block
+        assert b_stats.keys() == stats.keys()
+        for k in stats:
+            assert abs(b_stats[k] - stats[k]) <= tol * max(1.0, abs(stats[k])), (block, k)
+
+
+def test_blocked_loss_block_size_and_arguments():
+    from trainers.losses.bam_blocked import AUTO_BLOCK_ELEMENTS, block_size
+
+    assert block_size(3, 10, 8, 20) == 3 and block_size(50, 10, 8, 20) == 10  # clipped to the batch
+    # auto: as many images as keep one block's (images * crops) x columns matrix under the budget
+    assert block_size(-1, 4096, 8, 8192) == AUTO_BLOCK_ELEMENTS // (8 * 8192) == 64
+    assert block_size(-1, 4096, 12, 1 << 23) == 1  # never less than one image
+    with pytest.raises(ValueError, match="block_images"):
+        BAMLoss(num_crops=2, num_global_crops=2, block_images=-2)
 
 
 @pytest.mark.parametrize(

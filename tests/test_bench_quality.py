@@ -97,8 +97,8 @@ def test_quick_quality_benchmark(tmp_path, fmnist_src):
         QUICK["budget_min"]
     )
     # the run's online raw-pixel k-NN ran on the very same bank and queries
-    (pixels,) = c.get_metric_history(row["run_id"], "knn_pixels_top1")
+    (pixels,) = c.get_metric_history(row["run_id"], "eval/knn_pixels_top1")
     assert pixels.value == pytest.approx(row["raw_pixels_knn_top1"], abs=1e-9)
-    assert [m.value for m in c.get_metric_history(row["run_id"], "linear_top1")] == [row["linear_top1"]]
+    assert [m.value for m in c.get_metric_history(row["run_id"], "eval/linear_top1")] == [row["linear_top1"]]
     assert [a.path for a in c.list_artifacts(row["run_id"], "quality")] == ["quality/knn_vs_minutes.png"]
     assert "| bam |" in proc.stdout and "raw pixels" in proc.stdout

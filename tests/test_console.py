@@ -145,7 +145,7 @@ def test_worker_progress_emitter_skips_the_first_step_and_respects_the_interval(
     now = [0.0]
     monkeypatch.setattr(worker_console.time, "monotonic", lambda: now[0])
     lines = []
-    monkeypatch.setattr(worker_console, "say", lines.append)
+    monkeypatch.setattr(worker_console, "to_driver", lines.append)
     emitter = worker_console.ProgressEmitter(10.0, epochs=2, steps=100, global_batch=128)
     for step in range(1, 101):
         now[0] = 5.0 + step * 0.5  # step 1 ends at 5.5 s (the first batch's wait); 0.5 s a step after it

@@ -29,6 +29,7 @@ from conftest import TINY_BATCH, TINY_N_TRAIN, tiny_train_settings
 from orchestrator import checkpointing as ckpt
 from orchestrator import tracking
 from orchestrator.config import load_config
+from orchestrator.metric_names import mlflow_key
 from orchestrator.training.driver import run_training
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -66,7 +67,7 @@ def _assert_each_metric_once(uri: str, out: dict) -> None:
     c = tracking.client(uri)
 
     def steps(key: str) -> list[int]:
-        return sorted(m.step for m in c.get_metric_history(out["run_id"], key))
+        return sorted(m.step for m in c.get_metric_history(out["run_id"], mlflow_key(key)))
 
     assert c.get_run(out["run_id"]).info.status == "FINISHED"
     assert steps("loss") == list(range(1, 2 * SPE + 1))

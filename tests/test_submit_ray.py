@@ -152,16 +152,23 @@ def test_submitted_label_free_sweep_stops_the_collapsed_trial(job_server, own_im
     )
     assert reason is not None and float(reason.group(1)) < 1e-4, bad.data.tags[TAG_STOP_REASON]
     assert bad.data.tags["bamray.trial_status"] == "stopped_early" and good.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(bad.info.run_id, "rankme")][-1] < max(
-        m.step for m in client.get_metric_history(good.info.run_id, "rankme")
+    assert [m.step for m in client.get_metric_history(bad.info.run_id, "train_signals/rankme")][-1] < max(
+        m.step for m in client.get_metric_history(good.info.run_id, "train_signals/rankme")
     )
-    assert len(client.get_metric_history(good.info.run_id, "rankme")) == LF_EPOCHS
-    assert bad.data.metrics["rankme"] == pytest.approx(1.0, abs=0.05) and good.data.metrics["rankme"] > 3.0
-    assert parent.data.metrics["best_rankme"] == pytest.approx(good.data.metrics["rankme"])
-    assert "knn_top1" not in good.data.metrics  # no labels, no k-NN
-    assert {"std_norm", "align", "uniform", "rankme_proj", "epoch_bam_target_entropy"} <= set(
-        good.data.metrics
+    assert len(client.get_metric_history(good.info.run_id, "train_signals/rankme")) == LF_EPOCHS
+    assert (
+        bad.data.metrics["train_signals/rankme"] == pytest.approx(1.0, abs=0.05)
+        and good.data.metrics["train_signals/rankme"] > 3.0
     )
+    assert parent.data.metrics["best_rankme"] == pytest.approx(good.data.metrics["train_signals/rankme"])
+    assert "eval/knn_top1" not in good.data.metrics  # no labels, no k-NN
+    assert {
+        "train_signals/std_norm",
+        "train_signals/align",
+        "train_signals/uniform",
+        "train_signals/rankme_proj",
+        "train_signals/epoch_bam_target_entropy",
+    } <= set(good.data.metrics)
 
 
 def test_bamray_submit_cli_round_trip(job_server, capsys):

@@ -18,6 +18,7 @@ import yaml
 import orchestrator.sweep
 from orchestrator.config import load_config
 from orchestrator.fault_injection import INTERRUPT_SWEEP_ENV as INTERRUPT_ENV
+from orchestrator.metric_names import mlflow_key
 from orchestrator.sweep import report, run_sweep, tune_setup
 from orchestrator.sweep.lineage import TAG_RAY_RUN_PREFIX, trial_outcome
 from orchestrator.sweep.settings import METRIC, MODE, SweepSettings
@@ -477,7 +478,7 @@ def _tune_trial_state(exp: Path, trial_id: str) -> dict:
 
 def _history(client, run_id: str, key: str) -> list:
     """A metric's points in step order (MLflow does not promise any order)."""
-    return sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    return sorted(client.get_metric_history(run_id, mlflow_key(key)), key=lambda m: (m.step, m.timestamp))
 
 
 def _children(client, parent) -> dict:
@@ -551,7 +552,7 @@ def test_asha_sweep_stops_bad_trials_and_records_lineage(ray_local, tiny_data, t
     p = parent.data.params
     assert (p["space"], p["scheduler"], p["search"], p["trials"]) == ("lr_good_bad", "asha", "random", "3")
     assert float(p["best.optim.lr"]) == GOOD_LR
-    assert parent.data.metrics["best_knn_top1"] == pytest.approx(out["best_metric"])
+    assert parent.data.metrics["eval/best_knn_top1"] == pytest.approx(out["best_metric"])
     assert parent.data.metrics["trials_stopped_early"] == stopped
     assert parent.data.metrics["total_trial_epochs"] == 3 * EPOCHS - stopped
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}

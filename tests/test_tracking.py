@@ -82,10 +82,10 @@ def test_concurrent_writers_on_one_fresh_sqlite_store_lose_nothing(tmp_path):
         run = c.get_run(run_id)
         assert run.info.status == "FINISHED"
         assert len(run.data.params) == 150
-        for key in ("loss", "lr", "images_per_sec"):
+        for key in ("train/loss", "train/lr", "train/images_per_sec"):
             steps = sorted(m.step for m in c.get_metric_history(run_id, key))
             assert steps == list(range(n_steps)), key
-        last = c.get_metric_history(run_id, "loss")
+        last = c.get_metric_history(run_id, "train/loss")
         assert min(m.value for m in last) == pytest.approx(1.0 / n_steps)
 
 
@@ -102,7 +102,7 @@ def test_restart_logs_every_step_once(tmp_path):
     del first
 
     marks = tracking.logged_high_water_marks(uri, run_id)
-    assert marks == {"loss": 9, "knn_top1": 9}
+    assert marks == {"train/loss": 9, "eval/knn_top1": 9}  # as MLflow shows them
     second = tracking.MetricLogger(uri, run_id, skip_upto=marks)
     for step in range(5, 15):  # the restart recomputes from the checkpoint at step 5
         second.log({"loss": 100.0 + step}, step=step)
@@ -111,10 +111,50 @@ def test_restart_logs_every_step_once(tmp_path):
     second.flush()
 
     c = tracking.client(uri)
-    hist = sorted((m.step, m.value) for m in c.get_metric_history(run_id, "loss"))
+    hist = sorted((m.step, m.value) for m in c.get_metric_history(run_id, "train/loss"))
     assert [s for s, _ in hist] == list(range(15))
     assert dict(hist)[9] == 9.0 and dict(hist)[10] == 110.0 and dict(hist)[12] == 112.0
-    assert [m.value for m in c.get_metric_history(run_id, "knn_top1")] == [50.0] * 10
+    assert [m.value for m in c.get_metric_history(run_id, "eval/knn_top1")] == [50.0] * 10
+
+
+def test_metric_names_group_as_the_ui_sections_them():
+    """MLflow sections charts by the prefix, alphabetically, ungrouped last: k-NN, then loss / lr, then the
+    signals; timings, data waits and already-grouped names (MLflow's ``system/``) are left as they are."""
+    from orchestrator.metric_names import mlflow_key
+
+    named = {
+        k: mlflow_key(k)
+        for k in (
+            "knn_top1",
+            "best_knn_top1",
+            "loss",
+            "epoch_loss",
+            "lr",
+            "rankme_proj",
+            "bam_target_entropy",
+            "epoch_bam_attn_entropy_local",
+            "data_wait_s",
+            "epoch",
+            "epoch_time_s",
+            "system/cpu_utilization_percentage",
+        )
+    }
+    assert named == {
+        "knn_top1": "eval/knn_top1",
+        "best_knn_top1": "eval/best_knn_top1",
+        "loss": "train/loss",
+        "epoch_loss": "train/epoch_loss",
+        "lr": "train/lr",
+        "rankme_proj": "train_signals/rankme_proj",
+        "bam_target_entropy": "train_signals/bam_target_entropy",
+        "epoch_bam_attn_entropy_local": "train_signals/epoch_bam_attn_entropy_local",
+        "data_wait_s": "data_wait_s",
+        "epoch": "epoch",
+        "epoch_time_s": "epoch_time_s",
+        "system/cpu_utilization_percentage": "system/cpu_utilization_percentage",
+    }
+    sections = sorted({v.split("/")[0] for v in named.values() if "/" in v} - {"system"})
+    assert sections == ["eval", "train", "train_signals"]  # the order the run page shows them in
 
 
 # ---------------------------------------------------------------------------------------------- retries

@@ -24,6 +24,7 @@ from safetensors.torch import save_model
 from orchestrator import checkpointing as ckpt
 from orchestrator import tracking
 from orchestrator.config import load_config
+from orchestrator.metric_names import mlflow_key
 from orchestrator.training import midepoch
 from orchestrator.training.driver import run_training
 from trainers.options import flatten
@@ -64,7 +65,7 @@ def storage():
 
 
 def _history(c, run_id: str, key: str) -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in c.get_metric_history(run_id, key))
+    return sorted((m.step, m.value) for m in c.get_metric_history(run_id, mlflow_key(key)))
 
 
 def _steps(c, run_id: str, key: str) -> list[int]:
@@ -155,7 +156,7 @@ def test_two_worker_run_is_tracked_end_to_end(finished_run):
         "best_knn/config.yaml",
     }
     assert [a.path for a in c.list_artifacts(out["run_id"], "crops")] == ["crops/first_batch.png"]
-    assert c.get_metric_history(out["run_id"], "best_knn_top1")[0].value == max(v for _, v in knn)
+    assert c.get_metric_history(out["run_id"], "eval/best_knn_top1")[0].value == max(v for _, v in knn)
 
     # the final checkpoint: loadable with weights_only, points back at the MLflow run
     state = ckpt.load_training_state(out["checkpoint"])
@@ -255,10 +256,15 @@ def test_every_evaluation_epoch_logs_its_pictures_and_the_run_its_description(fi
     assert Image.open(local).size[0] > 200
     run = c.get_run(run_id)
     assert "system/cpu_utilization_percentage" in run.data.metrics
+    # the UI sections charts by the name's prefix: k-NN, then loss / lr, then the signals, the rest flat
+    groups = {k.split("/")[0] for k in run.data.metrics if "/" in k}
+    assert groups == {"eval", "train", "train_signals", "system"}, sorted(run.data.metrics)
+    assert {"eval/knn_top1", "eval/knn_pixels_top1", "train/loss", "train/lr"} <= set(run.data.metrics)
+    assert "train_signals/epoch_bam_target_entropy" in run.data.metrics and "knn_top1" not in run.data.metrics
     description = run.data.tags["mlflow.note.content"]
     assert (
         description.startswith("bam on ")
-        and f"k-NN top-1 {run.data.metrics['knn_top1']:.2f} %" in description
+        and f"k-NN top-1 {run.data.metrics['eval/knn_top1']:.2f} %" in description
     )
     assert (
         c.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
@@ -298,10 +304,10 @@ def test_exported_backbone_rebuilds_and_linear_eval_cli_logs(finished_run, tmp_p
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     c = tracking.client(out["tracking_uri"])
-    top1 = c.get_metric_history(out["run_id"], "linear_top1")
+    top1 = c.get_metric_history(out["run_id"], "eval/linear_top1")
     assert len(top1) == 1 and 10.0 < top1[0].value <= 100.0  # 10 classes: chance is 10 %
-    assert len(c.get_metric_history(out["run_id"], "linear_val_top1")) == 5
-    assert top1[0].value == max(m.value for m in c.get_metric_history(out["run_id"], "linear_val_top1"))
+    assert len(c.get_metric_history(out["run_id"], "eval/linear_val_top1")) == 5
+    assert top1[0].value == max(m.value for m in c.get_metric_history(out["run_id"], "eval/linear_val_top1"))
 
 
 def test_worker_failure_resumes_inside_the_epoch_from_a_step_checkpoint(ray_local, shards, storage, tmp_path):

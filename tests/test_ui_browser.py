@@ -37,6 +37,8 @@ CHARTS = "document.querySelectorAll('.js-plotly-plot .main-svg').length"
 #: an <img> the browser has fetched and decoded, at least this wide
 IMG = "Array.from(document.querySelectorAll('img')).filter(i => i.complete && i.naturalWidth >= {w}).length"
 TEXT = "document.body.innerText"
+#: a run's chart sections, in the order a researcher reads them (``orchestrator.metric_names``)
+SECTIONS = ("eval", "train", "train_signals", "Model metrics")
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +129,12 @@ def test_the_mlflow_ui_shows_runs_charts_pictures_and_the_sweep_in_a_real_browse
                 await page.screenshot(shots / "run_overview.png")
 
                 await page.goto(ui_url(port, exp, run, "model-metrics"))
-                seen["charts"] = await page.wait_for(f"{CHARTS} >= 6 && {CHARTS}")
+                seen["charts"] = await page.wait_for(f"{CHARTS} >= 4 && {CHARTS}")
                 seen["knn chart"] = await page.wait_for(f"{TEXT}.includes('knn_top1')")
+                text = await page.evaluate(TEXT)
+                # the sections as the page lists them (each heading is followed by its chart count)
+                seen["sections"] = [s for s in SECTIONS if f"\n{s}\n(" in text]
+                seen["section order"] = sorted(seen["sections"], key=lambda s: text.index(f"\n{s}\n("))
                 await page.screenshot(shots / "run_charts.png")
 
                 for name, path in (("embedding map", embedding), ("attention", attention)):
@@ -153,7 +159,8 @@ def test_the_mlflow_ui_shows_runs_charts_pictures_and_the_sweep_in_a_real_browse
         server.terminate()
         server.wait(timeout=30)
     assert seen["model-training view"], "the UI opened in its GenAI view"
-    assert seen["charts"] >= 6 and seen["knn chart"]
+    assert seen["charts"] >= 4 and seen["knn chart"]
+    assert seen["section order"] == list(SECTIONS), seen  # k-NN first, then loss / lr, the rest last
     assert seen["embedding map"] and seen["attention"] and seen["parallel coordinates"]
     for name in (
         "run_overview",

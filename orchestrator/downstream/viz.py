@@ -76,25 +76,17 @@ def dataset_images(cfg: Any, n: int) -> np.ndarray:
 
 def attention_command(backbone: Any, images: list[str] | None, out: str) -> dict[str, Any]:
     """Draw the maps of ``images`` (paths; None: the run's data set) for ``backbone``; save to ``out``."""
-    import torch
-
     from orchestrator import pictures, tracking
-    from trainers.engine import normalise_uint8
-    from trainers.evaluation.maps import spatial_maps
 
     cfg = backbone.cfg
     size, channels = cfg.data.global_crop_size, cfg.data.channels
     batch = load_images(images, channels, size) if images else dataset_images(cfg, DEFAULT_IMAGES)
-    model = backbone.load("cpu")
-    x = normalise_uint8(torch.as_tensor(batch), cfg.data.mean, cfg.data.std, "cpu")
-    kind, maps = spatial_maps(model, x)
-    what = "last block's [CLS] attention per head" if kind == "attention" else "feature-map norm (a CNN)"
-    image = pictures.map_overlays(
-        batch, maps.numpy(), kind, f"{what}; {backbone.label}", max_images=len(batch)
+    image, kind, shape = pictures.backbone_maps(
+        backbone.load("cpu"), batch, cfg.data.mean, cfg.data.std, "cpu", backbone.label
     )
     path = Path(out).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     if backbone.run_id:
         tracking.client(backbone.tracking_uri).log_artifact(backbone.run_id, str(path), "viz")
-    return {"path": str(path), "kind": kind, "images": len(batch), "maps": tuple(maps.shape)}
+    return {"path": str(path), "kind": kind, "images": len(batch), "maps": shape}

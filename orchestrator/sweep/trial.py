@@ -20,7 +20,7 @@ from typing import Any
 
 from orchestrator import provenance, tracking
 from orchestrator.config import ExperimentConfig, config_from_dict
-from orchestrator.console import LINE_MARK
+from orchestrator.console import say
 from orchestrator.sweep.lineage import (
     TAG_PARENT,
     TAG_RAY_RUN_PREFIX,
@@ -32,7 +32,6 @@ from orchestrator.sweep.lineage import (
 )
 from orchestrator.sweep.plan import TrialPlan, trial_params
 from orchestrator.sweep.relay import fit_reporting_to_tune
-from orchestrator.training.console import say
 from orchestrator.training.summary import log_description, what_line
 
 
@@ -53,7 +52,7 @@ def trial_driver(config: dict[str, Any], plan: TrialPlan) -> None:
     init = tune.get_checkpoint() if plan.relays_checkpoints else None
     train_name = train_run_name(trial_id, init)
     run_id = _open_child_run(plan, trial_id, cfg, params, train_name)
-    say(f"{LINE_MARK}{_what(cfg, plan, trial_id, params).split(':')[0]}: started, MLflow run {run_id}")
+    say(f"{_what(cfg, plan, trial_id, params).split(':')[0]}: started, MLflow run {run_id}")
     try:
         if plan.relays_checkpoints:
             result = pbt_segments(cfg, trial_id, params, plan, run_id, init)
@@ -114,10 +113,7 @@ def _record_completed(uri: str, run_id: str, result: Any, what: str) -> None:
         tracking.log_metrics(uri, run_id, {"best_knn_top1": best_score}, step=int(ret.get("final_step", 0)))
     log_description(uri, run_id, what, result)
     knn = (result.metrics or {}).get("knn_top1")
-    say(
-        f"{LINE_MARK}{what.split(':')[0]}: completed"
-        + (f", k-NN top-1 {knn:.2f} %" if knn is not None else "")
-    )
+    say(f"{what.split(':')[0]}: completed" + (f", k-NN top-1 {knn:.2f} %" if knn is not None else ""))
     tracking.log_tags(uri, run_id, {TAG_TRIAL_STATUS: "completed"})
     tracking.finish_run(uri, run_id, "FINISHED")
 

@@ -1,21 +1,14 @@
-"""The training workers' lines on the driver's console: ``[bamray]`` lines and rank 0's progress updates,
-which the driver's :mod:`orchestrator.console` shows (and keeps Ray's own chatter from)."""
+"""What rank 0 tells the driver's console during training: progress updates and one line per epoch, which
+the driver's :mod:`orchestrator.console` shows (and keeps Ray's own chatter from). Lines travel with
+:func:`orchestrator.console.say` / :func:`~orchestrator.console.to_driver`."""
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
-from orchestrator.console import LINE_MARK, progress_line
+from orchestrator.console import progress_line, to_driver
 from trainers.loop import EpochStats
-
-
-def say(line: str) -> None:
-    """One line to the driver's console. Ray Train patches ``print`` in its workers to go through its
-    logger and, when a library has wrapped ``sys.stdout`` (one here has), to the stream as well, so the
-    driver showed every line twice; printing to the process's own stdout goes around both."""
-    print(line, file=sys.__stdout__, flush=True)
 
 
 class ProgressEmitter:
@@ -42,7 +35,7 @@ class ProgressEmitter:
         self._last = now
         per_step = (now - self._first[1]) / (step - self._first[0])
         eta = (self.steps - step) * per_step
-        say(
+        to_driver(
             progress_line(
                 {
                     "epoch": epoch + 1,
@@ -72,6 +65,6 @@ def epoch_line(
         else ""
     )
     return (
-        f"{LINE_MARK}{label + ': ' if label else ''}epoch {epoch + 1}/{epochs}: {stats.steps} steps in {stats.seconds:.1f} s "
+        f"{label + ': ' if label else ''}epoch {epoch + 1}/{epochs}: {stats.steps} steps in {stats.seconds:.1f} s "
         f"(first batch after {stats.first_batch_s:.1f} s), loss {mean_loss:.4f}{knn}"
     )

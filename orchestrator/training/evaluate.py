@@ -17,6 +17,7 @@ from torch import nn
 
 from orchestrator import checkpointing as ckpt
 from orchestrator import tracking
+from orchestrator.metric_names import mlflow_key
 from trainers.loop import embed
 from trainers.options import ConfigError
 
@@ -123,8 +124,11 @@ def run_linear_eval(
         device=dev,
     )
     ts = int(time.time() * 1000)
-    points = [Metric("linear_val_top1", float(h["val_top1"]), ts, int(h["epoch"])) for h in res["history"]]
-    points.append(Metric("linear_top1", float(res["top1"]), ts, 0))
+    points = [
+        Metric(mlflow_key("linear_val_top1"), float(h["val_top1"]), ts, int(h["epoch"]))
+        for h in res["history"]
+    ]
+    points.append(Metric(mlflow_key("linear_top1"), float(res["top1"]), ts, 0))
     c = tracking.client(uri)
     tracking.with_retry(c.log_batch, run_id, metrics=points)
     tracking.with_retry(c.set_tag, run_id, "linear_probe_artifact", artifact)

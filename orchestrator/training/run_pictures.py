@@ -17,9 +17,8 @@ import torch
 
 from orchestrator import pictures
 from orchestrator.config import ExperimentConfig
-from orchestrator.training import console
-from trainers.engine import crops_from_batch, normalise_uint8
-from trainers.evaluation.maps import spatial_maps
+from orchestrator.console import say
+from trainers.engine import crops_from_batch
 
 #: images in the attention / feature-norm picture
 MAP_IMAGES = 6
@@ -56,7 +55,7 @@ def log_eval_pictures(
         try:
             image = draw()
         except Exception:  # noqa: BLE001 - a picture must never stop training
-            console.say(f"{console.LINE_MARK}picture {key} skipped: {traceback.format_exc(limit=2).strip()}")
+            say(f"picture {key} skipped: {traceback.format_exc(limit=2).strip()}")
             return
         if image is not None:
             log.log_image_step(image, key, step)
@@ -66,10 +65,7 @@ def log_eval_pictures(
         images = fixed_images(kept, fixed_batch)
         if images is None:
             return None
-        x = normalise_uint8(torch.as_tensor(images), cfg.data.mean, cfg.data.std, device)
-        kind, m = spatial_maps(backbone, x)
-        what = "last block's [CLS] attention per head" if kind == "attention" else "feature-map norm (a CNN)"
-        return pictures.map_overlays(images, m.cpu().numpy(), kind, f"{what}; {tag}")
+        return pictures.backbone_maps(backbone, images, cfg.data.mean, cfg.data.std, device, tag)[0]
 
     def embedding() -> Any:
         if not kept or "val" not in kept:

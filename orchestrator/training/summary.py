@@ -125,12 +125,13 @@ def epoch_history(uri: str, run_id: str) -> dict[str, dict[int, float]]:
     once per epoch, at that epoch's last step; ``epoch`` is logged at every step, so its value at the same
     step numbers the epoch."""
     from orchestrator import tracking
+    from orchestrator.metric_names import mlflow_key
 
     client = tracking.client(uri)
     by_step = {int(m.step): int(round(m.value)) for m in client.get_metric_history(run_id, "epoch")}
     out: dict[str, dict[int, float]] = {}
     for key in ("epoch_loss", "knn_top1"):
-        for m in client.get_metric_history(run_id, key):
+        for m in client.get_metric_history(run_id, mlflow_key(key)):
             epoch = by_step.get(int(m.step))
             if epoch is not None:
                 out.setdefault(key, {})[epoch] = float(m.value)

@@ -28,6 +28,7 @@ import torch
 
 from orchestrator import checkpointing as ckpt
 from orchestrator import tracking
+from orchestrator.console import say
 from orchestrator.pictures import crop_grid
 from orchestrator.training import console, midepoch, ranks
 from orchestrator.training.online_eval import Evaluation
@@ -102,17 +103,7 @@ class _Worker:
             self.log = tracking.MetricLogger(
                 uri, self.run_id, skip_upto=tracking.logged_high_water_marks(uri, self.run_id)
             )
-        self.system = None  # MLflow's system metrics of this node, sampled by its first worker
-        ctx = ray.train.get_context()
-        if ctx.get_local_rank() == 0 and self.run_id and uri and self.cfg.tracking.system_metrics_s > 0:
-            single_node = ctx.get_local_world_size() == ctx.get_world_size()
-            self.system = tracking.start_system_metrics(
-                uri,
-                self.run_id,
-                interval_s=self.cfg.tracking.system_metrics_s,
-                node_id=None if single_node else f"node_{ctx.get_node_rank()}",
-                resume=ray.train.get_checkpoint() is not None,
-            )
+        self.system = self._start_system_metrics()
         self.clock = None
         if plan.epoch_clock:
             from data.run_actors import get_epoch_clock
@@ -139,6 +130,27 @@ class _Worker:
             "start_epoch": self.start_epoch,
             "start_step": self.engine.step,
         }
+
+    def _start_system_metrics(self) -> Any:
+        """MLflow's system metrics of this node (CPU, memory, GPU), sampled by the node's first worker and
+        named by node when the run spans several; ``None`` when off or without a run."""
+        import ray.train
+
+        ctx, uri, interval = (
+            ray.train.get_context(),
+            self.plan.tracking_uri,
+            self.cfg.tracking.system_metrics_s,
+        )
+        if ctx.get_local_rank() != 0 or not (self.run_id and uri) or interval <= 0:
+            return None
+        single_node = ctx.get_local_world_size() == ctx.get_world_size()
+        return tracking.start_system_metrics(
+            uri,
+            self.run_id,
+            interval_s=interval,
+            node_id=None if single_node else f"node_{ctx.get_node_rank()}",
+            resume=ray.train.get_checkpoint() is not None,
+        )
 
     def _build_model(self) -> None:
         """Same seed on every rank for the weights (DDP also broadcasts rank 0's, but the teacher copy is
@@ -266,9 +278,7 @@ class _Worker:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         self.policy.checkpointed()
         if self.rank == 0:
-            console.say(
-                f"{console.LINE_MARK}checkpoint at step {step} (epoch {epoch + 1}, step {stats.steps}/{spe}): {reason}"
-            )
+            say(f"checkpoint at step {step} (epoch {epoch + 1}, step {stats.steps}/{spe}): {reason}")
         self.checkpoints_reported += 1
         self.plan.faults.after_checkpoint(self.checkpoints_reported)
 
@@ -348,9 +358,7 @@ class _Worker:
             )
             self.log.flush()
         if self.rank == 0:
-            console.say(
-                console.epoch_line(epoch, self.cfg.optim.epochs, stats, mean_loss, metrics, self.plan.label)
-            )
+            say(console.epoch_line(epoch, self.cfg.optim.epochs, stats, mean_loss, metrics, self.plan.label))
         return metrics
 
     def _log_pictures(self, epoch: int, knn_top1: float | None) -> None:

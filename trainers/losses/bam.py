@@ -40,6 +40,12 @@ from torch import nn
 from trainers import distributed as D
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 for bf16 / fp16 inputs (their matmuls shift the Sinkhorn target by ~2 %), fp64 kept as it is
+    (the exactness checks run in fp64)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def positive_mask(
     num_crops: int,
     batch_size: int,
@@ -64,7 +70,7 @@ def sinkhorn(log_scores: torch.Tensor, num_iters: int, distributed: bool = True)
     source rows of all workers -- and every *source row* to mass ``1/N`` (``N`` rows in the global
     batch). Returns the plan with rows renormalised to sum to 1 (an attention distribution per row).
     """
-    log_p = log_scores.float()
+    log_p = at_least_fp32(log_scores)
     n_local, k = log_p.shape
     n_total = n_local * D.world_size()
     log_col_mass = -math.log(k)
@@ -133,6 +139,9 @@ class BAMLoss(nn.Module):
         gather_distributed: all-gather targets over ``torch.distributed`` workers when initialised.
         vectorized: the cross-view reduction in its cheaper form per crop count (default; see
             :func:`cross_view_loss`) instead of always the per-view loop.
+        block_images: 0 = the dense form; N > 0 = N images (all their crops) at a time, never holding a
+            whole ``(rows x columns)`` matrix (:mod:`trainers.losses.bam_blocked`: same value, gradients
+            and entropies); -1 = blocks of about 4M matrix elements.
     """
 
     def __init__(
@@ -147,6 +156,7 @@ class BAMLoss(nn.Module):
         positive_masking: bool = True,
         gather_distributed: bool = True,
         vectorized: bool = True,
+        block_images: int = 0,
     ):
         super().__init__()
         if not 1 <= num_global_crops <= num_crops:
@@ -169,6 +179,9 @@ class BAMLoss(nn.Module):
         self.positive_masking = positive_masking
         self.gather_distributed = gather_distributed
         self.vectorized = vectorized
+        if block_images < -1:
+            raise ValueError(f"block_images must be -1 (auto), 0 (dense) or > 0, got {block_images}")
+        self.block_images = block_images
 
     def _gather_targets(self, t: torch.Tensor, differentiable: bool) -> torch.Tensor:
         """Local ``(T*B, D)`` crop-major -> global ``(T*W*B, D)`` crop-major."""
@@ -204,6 +217,24 @@ class BAMLoss(nn.Module):
             )
         # Similarities in fp32 even under bf16 autocast: bf16 matmuls shift the Sinkhorn target by ~2 %.
         with torch.autocast(z.device.type, enabled=False):
+            if self.block_images:
+                from trainers.losses.bam_blocked import blocked_loss
+
+                zn, targets, sink_rows, sink_targets = self._embeddings(z, z_teacher, b, num_t)
+                loss, stats = blocked_loss(
+                    self,
+                    zn,
+                    targets,
+                    sink_rows,
+                    sink_targets,
+                    reg,
+                    b,
+                    gather,
+                    world,
+                    rank,
+                    z_teacher is not None,
+                )
+                return (loss, stats) if return_stats else loss
             loss, p, log_q = self._loss(z, z_teacher, reg, b, num_t, num_g, gather, world, rank)
             if not return_stats:
                 return loss
@@ -231,17 +262,21 @@ class BAMLoss(nn.Module):
             q = q.masked_fill(positive_mask(self.num_crops, b, num_t, 1, 0, device=z.device), 0.0)
         return p, q[: b * num_g], stats
 
-    def _loss(self, z, z_teacher, reg, b, num_t, num_g, gather, world, rank):
-        """The loss and the target ``P`` / source ``log Q`` it was computed from."""
-        z = F.normalize(z.float(), dim=-1)
-
+    def _embeddings(self, z, z_teacher, b, num_t):
+        """Normalised rows ``z``, the (gathered) target columns the source attends to, and the detached
+        rows / columns of the Sinkhorn input: the teacher's, or ``z``'s own."""
+        z = F.normalize(at_least_fp32(z), dim=-1)
         if z_teacher is None:
             targets = self._gather_targets(z[: b * num_t], differentiable=True)
-            sink_in = (z @ targets.t()).detach()
-        else:
-            zt = F.normalize(z_teacher.detach().float(), dim=-1)
-            targets = self._gather_targets(zt[: b * num_t], differentiable=False)
-            sink_in = zt @ targets.t()
+            return z, targets, z.detach(), targets.detach()
+        zt = F.normalize(at_least_fp32(z_teacher.detach()), dim=-1)
+        targets = self._gather_targets(zt[: b * num_t], differentiable=False)
+        return z, targets, zt, targets
+
+    def _loss(self, z, z_teacher, reg, b, num_t, num_g, gather, world, rank):
+        """The loss and the target ``P`` / source ``log Q`` it was computed from (the dense form)."""
+        z, targets, sink_rows, sink_targets = self._embeddings(z, z_teacher, b, num_t)
+        sink_in = sink_rows @ sink_targets.t()
         sim = z @ targets.t()  # (V*B, T*W*B)
 
         if self.positive_masking:

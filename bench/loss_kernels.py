@@ -76,6 +76,7 @@ def make_loss_step(
 
     Returns None where the combination does not exist (SimCLR consumes exactly 2 views)."""
     from trainers.losses.bam import BAMLoss
+    from trainers.losses.bam_blocked import block_size
     from trainers.losses.dino import DINOLoss
     from trainers.losses.simclr import NTXentLoss
 
@@ -93,7 +94,10 @@ def make_loss_step(
             temperature=0.1,
             num_sink_iter=3,
             vectorized=kind != "bam_loop",
-            block_images=-1 if kind == "bam_blocked" else 0,
+            # the automatic block size, forced on at every batch (auto would stay dense up to B=512 here)
+            block_images=block_size(-1, batch, n_views, n_global * batch, torch.device(device).type)
+            if kind == "bam_blocked"
+            else 0,
         ).to(device)
 
         def forward() -> torch.Tensor:
@@ -162,6 +166,43 @@ def check_bam_fused_equals_loop(
     assert loss_diff <= tol * max(1.0, float(ll.abs())), f"BAM fused vs {kind} loss differ by {loss_diff:.3g}"
     assert grad_diff <= tol, f"BAM fused vs {kind} gradients differ by {grad_diff:.3g} (relative)"
     return {"loss_abs_diff": loss_diff, "grad_rel_diff": grad_diff, "loss": float(ll)}
+
+
+def check_blocked_against_fp64(batch: int, n_global: int, n_local: int, device: str) -> dict:
+    """The blocked and the dense BAM loss in fp32 against the loss in fp64 (where dense and blocked agree to
+    1e-12, ``tests/test_bam_loss.py``), on the bench's inputs. In fp32 the dense loss itself is about 1e-6
+    (relative) off the exact value at these sizes, so the blocked one is held to the exact value, not to the
+    dense one's rounding. Raises AssertionError past 1e-6 (loss, relative) / 1e-5 (gradient, relative to
+    its largest entry)."""
+    from trainers.losses.bam import BAMLoss
+    from trainers.losses.bam_blocked import block_size
+
+    n_views = n_global + n_local
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(n_views * batch, EMBED_DIM, generator=gen)
+    z_teacher = torch.randn(n_views * batch, EMBED_DIM, generator=gen)
+
+    def run(block: int, dtype: torch.dtype) -> tuple[float, torch.Tensor]:
+        fn = BAMLoss(
+            n_views, n_global, n_global, reg=0.05, temperature=0.1, num_sink_iter=3, block_images=block
+        )
+        x = z.to(device, dtype).clone().requires_grad_(True)
+        loss = fn(x, z_teacher.to(device, dtype))
+        loss.backward()
+        return float(loss), x.grad.double().cpu()
+
+    exact, g_exact = run(0, torch.float64)
+    out: dict[str, float] = {"loss_fp64": exact}
+    for name, block in (
+        ("blocked", block_size(-1, batch, n_views, n_global * batch, torch.device(device).type)),
+        ("dense", 0),
+    ):
+        loss, grad = run(block, torch.float32)
+        out[f"{name}_fp32_loss_rel_err"] = abs(loss - exact) / abs(exact)
+        out[f"{name}_fp32_grad_rel_err"] = float((grad - g_exact).abs().max() / g_exact.abs().max())
+    assert out["blocked_fp32_loss_rel_err"] <= 1e-6, f"blocked BAM loss off the fp64 loss: {out}"
+    assert out["blocked_fp32_grad_rel_err"] <= 1e-5, f"blocked BAM gradient off the fp64 one: {out}"
+    return out
 
 
 def timed(step: Callable[[], Any], repeats: int, warmup: int, device: str) -> list[float]:
@@ -279,12 +320,11 @@ SCALE_BATCHES = (256, 512, 1024, 2048)
 
 
 def _at_scale(ctx: BenchContext, res: SectionResult, repeats: int) -> None:
-    """BAM at large batches, 2g+6l: the dense loss vs the blocked one (``block_images=-1``: blocks of about
-    4M matrix elements), time and peak memory, each pair checked equal (1e-6 fp32) before it is timed."""
+    """BAM at large batches, 2g+6l: the dense loss vs the blocked one (``block_images=-1``: the device's
+    automatic block), time and peak memory, each checked against the exact loss before it is timed."""
     device, (g, loc) = ctx.device, CROPS["2g+6l"]
     for b in (32, 64) if ctx.quick else SCALE_BATCHES:
-        check = check_bam_fused_equals_loop(b, g, loc, device, tol=1e-6, kind="bam_blocked")
-        res.derived[f"bam_blocked vs bam 2g+6l B={b}"] = check
+        res.derived[f"bam_blocked vs bam 2g+6l B={b}"] = check_blocked_against_fp64(b, g, loc, device)
         for kind in ("bam", "bam_blocked"):
             step = make_loss_step(kind, b, g, loc, device)
             params = {"loss": kind, "batch": b, "global_crops": g, "local_crops": loc, "dim": EMBED_DIM}
@@ -312,6 +352,7 @@ def _at_scale(ctx: BenchContext, res: SectionResult, repeats: int) -> None:
         res.compare(f"bam_blocked peak mem at scale B={b}", f"bam peak mem at scale B={b}")
         ctx.log(f"  loss: dense vs blocked B={b} done")
     res.notes.append(
-        "At scale (2g+6l, B up to 2048): the blocked BAM loss (block_images=-1) against the dense one, "
-        "checked equal to 1e-6 (loss and gradients) at every batch before timing."
+        "At scale (2g+6l, B up to 2048): the blocked BAM loss (block_images=-1) against the dense one. Before "
+        "timing, at every batch, the fp32 blocked loss is asserted within 1e-6 (relative) of the fp64 loss "
+        "and its gradient within 1e-5 (relative to the largest entry); the dense fp32 errors are beside it."
     )

@@ -43,7 +43,7 @@ MODULES = {
 #: Seconds a section may take before it is stopped and recorded as an error (full, quick): a hung
 #: Ray job must not eat the whole 15-minute budget.
 TIME_LIMITS = {
-    "loss": (240, 90),
+    "loss": (720, 120),
     "data": (300, 90),
     "step": (600, 180),
     "startup": (300, 150),

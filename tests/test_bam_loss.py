@@ -32,8 +32,8 @@ LOSS_VARIANTS = (
         if "vectorized" in inspect.signature(BAMLoss).parameters
         else []
     )
-    + (  # a block of images at a time: 1 (every image alone), 3 (a short last block), -1 (auto: one block)
-        [pytest.param({"block_images": n}, id=f"blocks{n}") for n in (1, 3, -1)]
+    + (  # a block of images at a time: 1 (every image alone), 3 (a short last block)
+        [pytest.param({"block_images": n}, id=f"blocks{n}") for n in (1, 3)]
         if "block_images" in inspect.signature(BAMLoss).parameters
         else []
     )
@@ -622,7 +622,7 @@ BLOCK_SETTINGS = [
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("setting", BLOCK_SETTINGS)
 def test_blocked_loss_equals_the_dense_loss_in_value_gradient_and_entropies(setting, dtype, tol):
-    """A block of images at a time (every image alone, uneven blocks, one block) is the dense loss: value,
+    """A block of images at a time (every image alone, uneven blocks) is the dense loss: value,
     gradient with respect to the student's rows (none to the teacher's) and the three entropies, to 1e-6
     in fp32 and 1e-12 in fp64 (relative to each quantity's scale)."""
     num_crops, num_global, num_target, top_k, masking, teacher = setting
@@ -631,7 +631,7 @@ def test_blocked_loss_equals_the_dense_loss_in_value_gradient_and_entropies(sett
     z0 = torch.randn(num_crops * b, dim, generator=g, dtype=dtype)
     zt = (z0 + 0.3 * torch.randn(z0.shape, generator=g, dtype=dtype)).requires_grad_() if teacher else None
     out = {}
-    for block in (0, 1, 3, -1):
+    for block in (0, 1, 3, 4):
         loss_fn = make_bam(
             {"block_images": block},
             num_crops=num_crops,
@@ -649,7 +649,7 @@ def test_blocked_loss_equals_the_dense_loss_in_value_gradient_and_entropies(sett
         assert loss.dtype == dtype and (zt is None or zt.grad is None)
         out[block] = (loss.detach(), z.grad, {k: v.detach() for k, v in stats.items()})
     loss, grad, stats = out[0]
-    for block in (1, 3, -1):
+    for block in (1, 3, 4):
         b_loss, b_grad, b_stats = out[block]
         assert abs(b_loss - loss) <= tol * abs(loss), block
         assert (b_grad - grad).abs().max() <= tol * grad.abs().max(), block
@@ -659,12 +659,16 @@ def test_blocked_loss_equals_the_dense_loss_in_value_gradient_and_entropies(sett
 
 
 def test_blocked_loss_block_size_and_arguments():
-    from trainers.losses.bam_blocked import AUTO_BLOCK_ELEMENTS, block_size
+    from trainers.losses.bam_blocked import AUTO_BLOCK_ELEMENTS, block_size, use_blocks
 
     assert block_size(3, 10, 8, 20) == 3 and block_size(50, 10, 8, 20) == 10  # clipped to the batch
     # auto: as many images as keep one block's (images * crops) x columns matrix under the budget
-    assert block_size(-1, 4096, 8, 8192) == AUTO_BLOCK_ELEMENTS // (8 * 8192) == 64
+    assert block_size(-1, 4096, 8, 8192) == AUTO_BLOCK_ELEMENTS["cpu"] // (8 * 8192) == 8
+    assert block_size(-1, 4096, 8, 8192, "cuda") == AUTO_BLOCK_ELEMENTS["cuda"] // (8 * 8192) == 256
     assert block_size(-1, 4096, 12, 1 << 23) == 1  # never less than one image
+    # auto: the dense form while a whole matrix is small (it was faster there), blocks beyond
+    assert not use_blocks(-1, 8 * 512, 2 * 512) and use_blocks(-1, 8 * 1024, 2 * 1024)
+    assert use_blocks(3, 8, 4) and not use_blocks(0, 8 * 4096, 2 * 4096)
     with pytest.raises(ValueError, match="block_images"):
         BAMLoss(num_crops=2, num_global_crops=2, block_images=-2)
 

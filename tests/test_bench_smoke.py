@@ -90,6 +90,11 @@ def test_quick_mode_writes_valid_json(tmp_path, fmnist_src):
     # Peak memory grows with the crops (8 views vs 2 at the same batch): the measurement sees torch.
     mem = {f["name"]: f["median"] for f in loss["figures"] if "peak mem" in f["name"]}
     assert mem["bam peak mem 2g+6l B=32"] > mem["bam peak mem 2g B=32"] > 0
+    # at scale: the blocked loss was checked against the fp64 loss, then compared with the dense one
+    check = loss["derived"]["bam_blocked vs bam 2g+6l B=64"]
+    assert check["blocked_fp32_loss_rel_err"] <= 1e-6 and check["blocked_fp32_grad_rel_err"] <= 1e-5
+    blocked = next(f for f in loss["figures"] if f["name"] == "bam_blocked peak mem at scale B=64")
+    assert blocked["baseline"] == "bam peak mem at scale B=64" and blocked["ratio"] > 0
 
     data = doc["sections"]["data"]
     assert any(f["name"].startswith("Ray Data multi-crop") and f["baseline"] for f in data["figures"])

@@ -141,7 +141,8 @@ class BAMLoss(nn.Module):
             :func:`cross_view_loss`) instead of always the per-view loop.
         block_images: 0 = the dense form; N > 0 = N images (all their crops) at a time, never holding a
             whole ``(rows x columns)`` matrix (:mod:`trainers.losses.bam_blocked`: same value, gradients
-            and entropies); -1 = blocks of about 4M matrix elements.
+            and entropies); -1 = automatic: dense while a whole matrix has at most 4M elements on a CPU
+            (64M on a GPU), else blocks of about 512K (16M) elements.
     """
 
     def __init__(
@@ -217,9 +218,9 @@ class BAMLoss(nn.Module):
             )
         # Similarities in fp32 even under bf16 autocast: bf16 matmuls shift the Sinkhorn target by ~2 %.
         with torch.autocast(z.device.type, enabled=False):
-            if self.block_images:
-                from trainers.losses.bam_blocked import blocked_loss
+            from trainers.losses.bam_blocked import blocked_loss, use_blocks
 
+            if use_blocks(self.block_images, n, num_t * world * b, z.device.type):
                 zn, targets, sink_rows, sink_targets = self._embeddings(z, z_teacher, b, num_t)
                 loss, stats = blocked_loss(
                     self,

@@ -35,15 +35,31 @@ import torch.nn.functional as F
 from trainers import distributed as D
 from trainers.losses.bam import keep_top_k
 
-#: elements of one block's ``(rows x columns)`` matrix when ``block_images`` is "auto" (-1): 16 MiB fp32
-AUTO_BLOCK_ELEMENTS = 1 << 22
+#: elements of one block's ``(rows x columns)`` matrix when ``block_images`` is "auto" (-1), by device.
+#: CPU: 2 MiB fp32, measured fastest of 0.25-16 MiB at B = 256-2048 x (2+6) crops (``bench``: the
+#: element-wise passes stay in cache; the matrix products are still large enough to run at full speed).
+#: GPU: 64 MiB, where many small kernels would cost more than the memory saved (not yet measured).
+AUTO_BLOCK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 24}
+#: "auto" keeps the dense form while one whole ``(rows x columns)`` matrix has at most this many elements:
+#: on the CPU the dense loss was faster up to B = 512 x (2+6) crops (4M elements: 0.88x for blocks there,
+#: 2.06x at B = 1024; ``bench``, loss section), and its memory is small there.
+AUTO_DENSE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 
 
-def block_size(block_images: int, batch: int, num_crops: int, columns: int) -> int:
+def use_blocks(block_images: int, rows: int, columns: int, device: str = "cpu") -> bool:
+    """Whether the loss runs a block at a time: always for ``block_images > 0``, never for 0, and for -1
+    (auto) once a whole matrix would pass :data:`AUTO_DENSE_ELEMENTS` of ``device``'s type."""
+    if block_images >= 0:
+        return block_images > 0
+    return rows * columns > AUTO_DENSE_ELEMENTS.get(device, AUTO_DENSE_ELEMENTS["cuda"])
+
+
+def block_size(block_images: int, batch: int, num_crops: int, columns: int, device: str = "cpu") -> int:
     """Images per block: ``block_images`` (clipped to the batch), or for -1 as many as keep one block's
-    matrix under :data:`AUTO_BLOCK_ELEMENTS`."""
+    matrix under :data:`AUTO_BLOCK_ELEMENTS` of ``device``'s type."""
     if block_images < 0:
-        block_images = max(1, AUTO_BLOCK_ELEMENTS // max(1, num_crops * columns))
+        budget = AUTO_BLOCK_ELEMENTS.get(device, AUTO_BLOCK_ELEMENTS["cuda"])
+        block_images = max(1, budget // max(1, num_crops * columns))
     return max(1, min(block_images, batch))
 
 
@@ -146,7 +162,7 @@ def blocked_loss(
     teacher's, or ``z``'s own)."""
     num_crops, num_g, temperature = loss_fn.num_crops, loss_fn.num_global_crops, loss_fn.temperature
     k = targets.shape[0]
-    size = block_size(loss_fn.block_images, b, num_crops, k)
+    size = block_size(loss_fn.block_images, b, num_crops, k, z.device.type)
     num_t = loss_fn.num_target_crops
     columns = _Columns(sink_targets, b, world, rank, num_t, loss_fn.positive_masking)
     v = column_potentials(sink_rows, columns, reg, loss_fn.num_sink_iter, b, size, num_crops, gather)

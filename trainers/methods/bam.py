@@ -37,6 +37,12 @@ class BAMOptions:
         0, ge=0, help="keep the top-k target entries (0 = all); <= targets in the global batch"
     )
     positive_masking: bool = opt(True)
+    loss_block_images: int = opt(
+        -1,
+        ge=-1,
+        help="images per block of the loss (all their crops): -1 = automatic, 0 = the dense form; "
+        "the same loss and gradients, without a whole (rows x columns) matrix in memory",
+    )
     num_target_crops: int = opt(2, ge=1, help="leading crops that form the attention columns")
     teacher: bool = opt(True, help="targets from an EMA teacher (every published BAM run)")
     momentum: float = opt(0.995, ge=0.0, le=1.0, help="teacher EMA momentum start (cosine to 1)")
@@ -80,6 +86,7 @@ class BAM(Method):
             num_sink_iter=o.num_sink_iter,
             top_k_sink=o.top_k_sink,
             positive_masking=o.positive_masking,
+            block_images=o.loss_block_images,
         )
 
     def training_step(self, crops: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:

@@ -53,7 +53,7 @@ def run(ctx: BenchContext) -> SectionResult:
     res = SectionResult("startup")
     path = shards(ctx)
     uri = tracking_uri(ctx, "startup")
-    repeats, plain_repeats = (1, 1) if ctx.quick else (2, 3)
+    repeats, plain_repeats = (1, 1) if ctx.quick else (3, 3)
     # A small batch: the figure is start-up, not the step (that is section "step").
     batch = 16 if not ctx.cuda else 256
     base = train_overrides(

@@ -244,14 +244,22 @@ class Evaluation:
     def __init__(self, cfg: ExperimentConfig, *, knn: bool, prefetch: bool, rank: int, world: int) -> None:
         self.knn = knn
         self.cache = EvalCache()
-        if knn and prefetch:
-            import ray.train
-
-            self.cache.prefetch({n: ray.train.get_dataset_shard(n) for n in SHARDS})
+        self._prefetch = knn and prefetch
         self.sample = SignalSample(cfg, rank, world) if cfg.eval.signal_samples > 0 else None
         self.pixels_knn: float | None = None  # the raw-pixel k-NN of this run's bank, at its first evaluation
         #: rank 0's validation features / labels and first images of the last k-NN, for the pictures
         self.kept: dict[str, Any] | None = {} if rank == 0 and cfg.eval.pictures else None
+
+    def after_first_step(self) -> None:
+        """Start loading the k-NN images in the background, once: after the run's first optimiser step, so
+        the evaluation pipelines (their read tasks and actor pools, each a process importing torch) do not
+        compete with the training pipeline for the CPUs before that step. Without it, start-up on 2 CPUs
+        paid for booting all three pipelines at once."""
+        if self._prefetch:
+            import ray.train
+
+            self._prefetch = False
+            self.cache.prefetch({n: ray.train.get_dataset_shard(n) for n in SHARDS})
 
     def run(
         self, method: Any, cfg: ExperimentConfig, num_classes: int, device: torch.device

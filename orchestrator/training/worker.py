@@ -245,6 +245,7 @@ class _Worker:
                 self.log.log(logs, step=self.engine.step)
             if self.first_step_unix is None:  # launch -> here is start-up; the epoch's seconds so far are not
                 self.first_step_unix, self.first_step_s = time.time(), stats.seconds
+                self.evaluation.after_first_step()
             self.progress.step(epoch, stats.steps, logs)
             self._checkpoint_inside(epoch, stats)
 

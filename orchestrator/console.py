@@ -321,8 +321,26 @@ def quiet_driver_loggers() -> None:
     log file. Call before ``ray.init`` (its start-up lines) and again after (handlers made since)."""
     import ray.data  # noqa: F401 - configures the 'ray.data' loggers: their handlers must exist first
 
+    quiet_loggers(_RAY_LOGGERS)
+    if not get().verbose:
+        import warnings
+
+        warnings.filterwarnings("ignore", message=r".*(deprecated|Deprecat).*", module=r"ray(\.|$)")
+
+
+def quiet_mlflow_loggers() -> None:
+    """MLflow's (and alembic's) loggers in a driver, as soon as MLflow is imported: a fresh store's
+    "Creating initial MLflow database tables..." INFO lines otherwise reach the console of a first run,
+    before Ray (and :func:`quiet_driver_loggers`) starts. Workers keep theirs."""
+    if not in_ray_worker():
+        quiet_loggers(("mlflow", "alembic"))
+
+
+def quiet_loggers(names: tuple[str, ...]) -> None:
+    """These loggers' console handlers show warnings and errors only (unless verbose); every record also
+    goes to the log file. Idempotent."""
     console = get()
-    for name in _RAY_LOGGERS:
+    for name in names:
         logger = logging.getLogger(name)
         for handler in logger.handlers:
             if isinstance(handler, logging.FileHandler) or any(
@@ -335,10 +353,6 @@ def quiet_driver_loggers() -> None:
             isinstance(h, _ToLog) for h in logger.handlers
         ):
             logger.addHandler(_ToLog(console))
-    if not console.verbose:
-        import warnings
-
-        warnings.filterwarnings("ignore", message=r".*(deprecated|Deprecat).*", module=r"ray(\.|$)")
 
 
 def route_ray_output() -> bool:

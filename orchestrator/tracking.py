@@ -174,6 +174,9 @@ def client(uri: str):
     """An ``MlflowClient`` for ``uri`` (imported lazily: the CLI's config checks must not pay for it)."""
     from mlflow import MlflowClient
 
+    from orchestrator.console import quiet_mlflow_loggers
+
+    quiet_mlflow_loggers()
     return MlflowClient(tracking_uri=uri)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -198,3 +200,16 @@ def test_summary_table():
 def test_log_path_sits_beside_the_sqlite_store(tmp_path):
     path = console.default_log_path("train", f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
     assert path.parent == tmp_path / "store" / "logs" and path.name.startswith("train-")
+
+
+def test_a_fresh_mlflow_store_keeps_its_set_up_lines_off_the_console(tmp_path):
+    """A first run on a fresh SQLite store: MLflow's "Creating initial MLflow database tables..." INFO lines
+    are not the user's business (a warning still would be)."""
+    code = (
+        "from orchestrator import tracking; "
+        f"tracking.ensure_experiment('sqlite:///{tmp_path}/mlflow.db', 'fresh'); print('made')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "made" in proc.stdout and (tmp_path / "mlflow.db").exists()
+    assert "database tables" not in proc.stdout + proc.stderr, proc.stderr

@@ -23,6 +23,7 @@ Ray version lacks it, Ray's printing stays as it was (nothing is lost, the conso
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -154,6 +156,23 @@ class Console:
             if self._log is not None and not self._log.closed:
                 self._log.write(line.rstrip("\n") + "\n")
 
+    @contextlib.contextmanager
+    def prints_to_log(self) -> Iterator[None]:
+        """Inside: other code's ``print`` to ``sys.stdout`` goes to the log file only, while this console
+        keeps writing to the stream it had. For Ray Tune, whose reporter prints its configuration box and
+        a TensorBoard hint at every sweep's start whatever its verbosity. Nothing changes when verbose."""
+        if self.verbose:
+            yield
+            return
+        pinned, self._stream = self._stream, self.stream
+        writer = _LogWriter(self)
+        try:
+            with contextlib.redirect_stdout(writer):
+                yield
+        finally:
+            writer.flush()  # a last line without its newline
+            self._stream = pinned
+
     # ------------------------------------------------------------------------------------------- console
     def say(self, line: str = "") -> None:
         """A line for the user: console and log file."""
@@ -268,6 +287,29 @@ class _DriverLogFilter(logging.Filter):
         if self.console.verbose:
             return True
         return record.levelno >= logging.WARNING and not is_harmless(record.getMessage())
+
+
+class _LogWriter(io.TextIOBase):
+    """A text stream whose complete lines go to a console's log file."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__()
+        self.console = console
+        self._partial = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).split("\n")
+        for line in lines:
+            self.console.to_log(line)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._partial:
+            self.console.to_log(self._partial)
+            self._partial = ""
 
 
 class _ToLog(logging.Handler):

@@ -213,3 +213,25 @@ def test_a_fresh_mlflow_store_keeps_its_set_up_lines_off_the_console(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "made" in proc.stdout and (tmp_path / "mlflow.db").exists()
     assert "database tables" not in proc.stdout + proc.stderr, proc.stderr
+
+
+def test_prints_to_log_keeps_other_prints_off_the_console_and_ours_on_it(tmp_path, capsys):
+    """Ray Tune prints its configuration box at every sweep's start whatever its verbosity: inside
+    ``prints_to_log`` such prints reach the log file only, the console's own lines still reach the user,
+    and ``--verbose`` changes nothing."""
+    c = Console(verbose=False, tty=False)
+    c.open_log(tmp_path / "run.log")
+    with c.prints_to_log():
+        print("+----------------------------------+\n| Configuration for experiment ... |")
+        print("To visualize your results with TensorBoard, run: ...", end="")
+        c.say("trial 00000: started")
+    c.say("after")
+    c.close_log()
+    out = capsys.readouterr().out
+    assert out == "trial 00000: started\nafter\n"
+    log = (tmp_path / "run.log").read_text()
+    assert "Configuration for experiment" in log and "TensorBoard" in log and "trial 00000: started" in log
+    loud = Console(verbose=True, tty=False)
+    with loud.prints_to_log():
+        print("Configuration for experiment")
+    assert "Configuration for experiment" in capsys.readouterr().out

@@ -9,6 +9,8 @@ the test's tmp dir.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -53,21 +55,23 @@ def swept(ray_local, tmp_path_factory):
         yaml.safe_dump({"name": "lr_pair", "params": {"optim.lr": {"type": "grid", "values": [2e-3, 1e-3]}}})
     )
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    out = run_sweep(
-        tiny_cfg(str(root / "shards"), 1),
-        str(space),
-        trials=2,
-        scheduler="fifo",
-        max_concurrent=1,
-        storage_path=str(root / "ray"),
-        name="ui-test",
-        tracking_uri=uri,
-        seed=0,
-    )
+    printed = io.StringIO()  # what the user would see of the sweep on the console
+    with contextlib.redirect_stdout(printed):
+        out = run_sweep(
+            tiny_cfg(str(root / "shards"), 1),
+            str(space),
+            trials=2,
+            scheduler="fifo",
+            max_concurrent=1,
+            storage_path=str(root / "ray"),
+            name="ui-test",
+            tracking_uri=uri,
+            seed=0,
+        )
     c = tracking.client(uri)
     parent = c.get_run(out["parent_run_id"])
     child = next(r for r in out["trials"] if r["status"] == "completed")["mlflow_run_id"]
-    return uri, parent, c.get_run(child)
+    return uri, parent, c.get_run(child), printed.getvalue()
 
 
 def _serve(uri: str, port: int) -> subprocess.Popen:
@@ -106,7 +110,11 @@ def _listening_addresses(port: int) -> set[str]:
 
 
 def test_the_mlflow_ui_shows_runs_charts_pictures_and_the_sweep_in_a_real_browser(swept, tmp_path):
-    uri, parent, child = swept
+    uri, parent, child, printed = swept
+    # Ray Tune's start-of-sweep box and TensorBoard hint went to the sweep's log, not to the console
+    log = Path(tracking.client(uri).download_artifacts(parent.info.run_id, "logs/console.log", str(tmp_path)))
+    assert "Configuration for experiment" in log.read_text()
+    assert "Configuration for experiment" not in printed and "tensorboard" not in printed.lower(), printed
     shots = Path(os.environ.get("BAMRAY_SCREENSHOTS") or tmp_path / "shots")
     images = [a.path for a in tracking.client(uri).list_artifacts(child.info.run_id, "images")]
     embedding = next(p for p in images if "/embedding_map+step+" in p and p.endswith(".png"))

@@ -276,7 +276,8 @@ def _fit(
 
             random.seed(settings.seed)  # Tune's PBT draws its exploit/explore choices from `random`
         t0 = time.perf_counter()
-        tuner.fit()
+        with console.get().prints_to_log():  # Tune's start-of-sweep box and TensorBoard hint
+            tuner.fit()
         wall = time.perf_counter() - t0
     except BaseException as err:
         tracking.log_tags(uri, parent, {TAG_SWEEP_STATUS: "crashed"})

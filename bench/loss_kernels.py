@@ -76,7 +76,6 @@ def make_loss_step(
 
     Returns None where the combination does not exist (SimCLR consumes exactly 2 views)."""
     from trainers.losses.bam import BAMLoss
-    from trainers.losses.bam_blocked import block_size
     from trainers.losses.dino import DINOLoss
     from trainers.losses.simclr import NTXentLoss
 
@@ -94,10 +93,7 @@ def make_loss_step(
             temperature=0.1,
             num_sink_iter=3,
             vectorized=kind != "bam_loop",
-            # the automatic block size, forced on at every batch (auto would stay dense up to B=512 here)
-            block_images=block_size(-1, batch, n_views, n_global * batch, torch.device(device).type)
-            if kind == "bam_blocked"
-            else 0,
+            block_images=forced_block(batch, n_views, n_global, device) if kind == "bam_blocked" else 0,
         ).to(device)
 
         def forward() -> torch.Tensor:
@@ -150,22 +146,29 @@ def reduction_steps(batch: int, n_global: int, n_local: int, device: str) -> dic
 
 
 def check_bam_fused_equals_loop(
-    batch: int, n_global: int, n_local: int, device: str, tol: float = 1e-5, kind: str = "bam_loop"
+    batch: int, n_global: int, n_local: int, device: str, tol: float = 1e-5
 ) -> dict:
-    """Loss and gradient of the fused reduction and ``kind`` (the loop, or the blocked loss) on the same
-    inputs, in fp32.
+    """Loss and gradient of the fused and the loop reduction on the same inputs, in fp32.
 
     Raises AssertionError when they differ by more than ``tol`` (absolute on the loss, relative to
     the largest gradient entry on the gradients)."""
     fused = make_loss_step("bam", batch, n_global, n_local, device, autocast=False)
-    other = make_loss_step(kind, batch, n_global, n_local, device, autocast=False)
-    lf, ll = fused(), other()
-    gf, gl = fused.z.grad, other.z.grad  # type: ignore[attr-defined]
+    loop = make_loss_step("bam_loop", batch, n_global, n_local, device, autocast=False)
+    lf, ll = fused(), loop()
+    gf, gl = fused.z.grad, loop.z.grad  # type: ignore[attr-defined]
     loss_diff = float((lf - ll).abs())
     grad_diff = float((gf - gl).abs().max() / gl.abs().max().clamp_min(1e-30))
-    assert loss_diff <= tol * max(1.0, float(ll.abs())), f"BAM fused vs {kind} loss differ by {loss_diff:.3g}"
-    assert grad_diff <= tol, f"BAM fused vs {kind} gradients differ by {grad_diff:.3g} (relative)"
+    assert loss_diff <= tol * max(1.0, float(ll.abs())), f"BAM fused vs loop loss differ by {loss_diff:.3g}"
+    assert grad_diff <= tol, f"BAM fused vs loop gradients differ by {grad_diff:.3g} (relative)"
     return {"loss_abs_diff": loss_diff, "grad_rel_diff": grad_diff, "loss": float(ll)}
+
+
+def forced_block(batch: int, n_views: int, n_global: int, device: str) -> int:
+    """The automatic block size of the BAM loss, forced on at every batch (``block_images=-1`` would stay
+    dense up to B=512 with 2+6 crops): the bench's "blocked" BAM loss."""
+    from trainers.losses.bam_blocked import block_size
+
+    return block_size(-1, batch, n_views, n_global * batch, torch.device(device).type)
 
 
 def check_blocked_against_fp64(batch: int, n_global: int, n_local: int, device: str) -> dict:
@@ -175,7 +178,6 @@ def check_blocked_against_fp64(batch: int, n_global: int, n_local: int, device: 
     dense one's rounding. Raises AssertionError past 1e-6 (loss, relative) / 1e-5 (gradient, relative to
     its largest entry)."""
     from trainers.losses.bam import BAMLoss
-    from trainers.losses.bam_blocked import block_size
 
     n_views = n_global + n_local
     gen = torch.Generator().manual_seed(0)
@@ -193,10 +195,7 @@ def check_blocked_against_fp64(batch: int, n_global: int, n_local: int, device: 
 
     exact, g_exact = run(0, torch.float64)
     out: dict[str, float] = {"loss_fp64": exact}
-    for name, block in (
-        ("blocked", block_size(-1, batch, n_views, n_global * batch, torch.device(device).type)),
-        ("dense", 0),
-    ):
+    for name, block in (("blocked", forced_block(batch, n_views, n_global, device)), ("dense", 0)):
         loss, grad = run(block, torch.float32)
         out[f"{name}_fp32_loss_rel_err"] = abs(loss - exact) / abs(exact)
         out[f"{name}_fp32_grad_rel_err"] = float((grad - g_exact).abs().max() / g_exact.abs().max())

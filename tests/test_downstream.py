@@ -399,3 +399,30 @@ def test_topk_counts_the_augmentation_and_the_schedule_by_hand():
     ).train()
     assert not probe.backbone.training and probe.head.training
     assert not any(p.requires_grad for p in probe.backbone.parameters())
+
+
+def test_finetune_rows_are_the_clean_views_with_a_corrupt_row_skipped(tmp_path, tiny_shards, fmnist_src):
+    import shutil
+
+    from conftest import append_corrupt_row
+
+    from data.config import DataConfig
+    from data.encoding import encode_png
+    from data.images import clean_transform, decode_image
+    from data.sources import read_idx
+    from orchestrator.downstream.finetune import _rows
+
+    shards = tmp_path / "fashion-mnist"
+    shutil.copytree(tiny_shards, shards)
+    append_corrupt_row(shards, "test", TINY_N_TEST, label=3)
+    view = DataConfig(path=str(shards), global_crop_size=20, channels=1)  # resolved, as a plan holds it
+    x, y = _rows(view, "test", None)
+    assert x.shape == (TINY_N_TEST, 1, 20, 20) and x.dtype == torch.uint8  # the corrupt row is left out
+    labels = read_idx(Path(fmnist_src) / "t10k-labels-idx1-ubyte.gz")[:TINY_N_TEST]
+    assert y.tolist() == labels.tolist()
+    images = read_idx(Path(fmnist_src) / "t10k-images-idx3-ubyte.gz")
+    for k in (0, TINY_N_TEST - 1):  # the view of the raw IDX image, encoded and decoded as prepared
+        png, _, _ = encode_png(images[k])
+        assert torch.equal(x[k], clean_transform(decode_image(png, 1), 20))
+    x2, y2 = _rows(view, "test", np.array([5, 7, TINY_N_TEST]))
+    assert x2.shape[0] == 2 and y2.tolist() == labels[[5, 7]].tolist() and torch.equal(x2[1], x[7])

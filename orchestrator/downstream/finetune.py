@@ -68,19 +68,16 @@ def _rows(view: Any, split: str, indices: np.ndarray | None) -> tuple[Any, Any]:
     """Clean uint8 views and labels of ``indices`` of ``split`` (corrupt rows skipped)."""
     import torch
 
-    from data.images import clean_transform, decode_image
+    from data.batch_maps import decode_rows
+    from data.images import clean_transform
     from data.torch_dataset import _ShardRows
 
     rows = _ShardRows(view, split, indices=indices)
-    images, labels = [], []
-    for i in range(len(rows)):
-        image = decode_image(rows.images[i].as_py(), view.channels)
-        if image is not None:
-            images.append(clean_transform(image, view.global_crop_size))
-            labels.append(int(rows.labels[i]))
+    decoded, keep = decode_rows(rows.images.to_numpy(zero_copy_only=False), view.channels)
     size = view.global_crop_size
+    images = [clean_transform(image, size) for image in decoded]
     x = torch.stack(images) if images else torch.zeros((0, view.channels, size, size), dtype=torch.uint8)
-    return x, torch.tensor(labels, dtype=torch.long)
+    return x, torch.as_tensor(np.asarray(rows.labels)[keep], dtype=torch.long)
 
 
 def _test_counts(model: Any, plan: FinetunePlan, rank: int, world: int, device: Any) -> Any:

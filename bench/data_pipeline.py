@@ -15,6 +15,8 @@ the published BAM/DINO crops). ``N`` shrinks with the crop area so each pass tak
 
 from __future__ import annotations
 
+import json
+import tempfile
 import time
 
 from bench.common import BenchContext, Figure, SectionResult
@@ -57,6 +59,30 @@ def ray_pass(ds, cfg, batch: int) -> tuple[float, float, set[int]]:
             first = time.perf_counter() - t0
         seen.update(b["index"].tolist())
     return time.perf_counter() - t0, first or 0.0, seen
+
+
+def task_concurrency(start: float, end: float) -> dict[int, float]:
+    """Share of the wall time between ``start`` and ``end`` (``time.time()``) during which 0, 1, 2, ...
+    Ray Data tasks ran, from Ray's task timeline: where a pass leaves CPUs idle."""
+    import ray
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        ray.timeline(filename=f.name)
+        events = json.loads(open(f.name).read() or "[]")
+    lo, hi = start * 1e6, end * 1e6
+    edges = []
+    for e in events:  # Ray Data runs its read and map stages as remote ``_map_task`` calls
+        if e.get("ph") == "X" and e.get("name", "").endswith("_map_task"):
+            a, b = max(e["ts"], lo), min(e["ts"] + e.get("dur", 0), hi)
+            if b > a:
+                edges += [(a, 1), (b, -1)]
+    share: dict[int, float] = {}
+    running, last = 0, lo
+    for t, step in sorted(edges):
+        share[running] = share.get(running, 0.0) + (t - last) / (hi - lo)
+        running, last = running + step, t
+    share[running] = share.get(running, 0.0) + (hi - last) / (hi - lo)
+    return {k: round(v, 3) for k, v in sorted(share.items())}
 
 
 def torch_pass(dataset, batch: int, workers: int, epoch: int) -> tuple[float, float, set[int]]:
@@ -115,11 +141,14 @@ def run(ctx: BenchContext) -> SectionResult:
         ds = build_train_dataset(cfg, seed=0)
         ray_runs, ray_first, ray_seen = [], [], set()
         for i in range(warmup + repeats):
+            if i == warmup:
+                timed_from = time.time()
             dt, first, seen = ray_pass(ds, cfg, batch)
             ray_seen |= seen
             if i >= warmup:
                 ray_runs.append(n / dt)
                 ray_first.append(first)
+        res.derived[f"ray_tasks_running_share_{g}px"] = task_concurrency(timed_from, time.time())
         tds = MultiCropTorchDataset(cfg, split="train", seed=0)
         torch_runs, torch_first, torch_seen = [], [], set()
         for i in range(warmup + repeats):

@@ -101,3 +101,8 @@ def test_quick_mode_writes_valid_json(tmp_path, fmnist_src):
 
     assert "| section | figure | median | min | max |" in proc.stdout
     assert str(files[0]) in proc.stdout
+    # where the Ray pass leaves CPUs idle: shares of the timed passes with 0, 1, 2 ... tasks running,
+    # from Ray's task timeline; they cover the whole window and at least one task ran at some point
+    share = data["derived"]["ray_tasks_running_share_28px"]
+    assert abs(sum(share.values()) - 1.0) < 0.01 and all(int(k) >= 0 for k in share), share
+    assert sum(v for k, v in share.items() if int(k) > 0) > 0, share

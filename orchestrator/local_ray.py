@@ -43,9 +43,23 @@ _TERM_GRACE_S = 3.0
 
 
 def quiet_dashboardless_warnings() -> None:
-    """Ray worker set-up hook: keep only errors from the loggers that need the (absent) dashboard."""
+    """Ray worker set-up hook: keep only errors from the loggers that need the (absent) dashboard, and
+    point the worker's address look-ups at its own Ray.
+
+    Ray Train's placement-group cleaner (an actor) asks Ray's state API about the controller without an
+    address; with two local Rays on one machine (two `bamray train` at once, or a test beside a run) that
+    look-up finds both and raises "Found multiple active Ray instances", a traceback on the console. With
+    ``RAY_ADDRESS`` set to the worker's own GCS it finds the one it belongs to."""
+    import ray
+
     for name in _DASHBOARD_ONLY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    from ray._private import worker
+
+    if worker.global_worker.mode != ray.WORKER_MODE:  # a driver keeps its environment (and its children)
+        return
+    with contextlib.suppress(Exception):  # a hook must never stop a worker from starting
+        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 @contextlib.contextmanager

@@ -26,10 +26,14 @@ def test_the_hook_quiets_only_the_dashboard_only_loggers():
     assert CLEANER in _DASHBOARD_ONLY_LOGGERS
     other = logging.getLogger("ray.train.v2._internal.execution.controller.controller")
     before = other.level
+    address = os.environ.get("RAY_ADDRESS")
     try:
         quiet_dashboardless_warnings()
         assert logging.getLogger(CLEANER).getEffectiveLevel() == logging.ERROR
         assert other.level == before
+        # outside a Ray worker it leaves the environment alone: a driver's later `ray.init()` (or a child
+        # process's) must not be pointed at some cluster
+        assert os.environ.get("RAY_ADDRESS") == address
     finally:
         logging.getLogger(CLEANER).setLevel(logging.NOTSET)
 
@@ -44,6 +48,8 @@ def test_local_ray_workers_and_detached_actors_run_the_hook(tmp_path):
 
         @ray.remote
         def level():
+            import os
+            assert os.environ["RAY_ADDRESS"] == ray.get_runtime_context().gcs_address  # its own Ray
             return logging.getLogger({CLEANER!r}).getEffectiveLevel()
 
         @ray.remote(num_cpus=0)

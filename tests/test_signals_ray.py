@@ -9,6 +9,7 @@ there), so other Rays on the machine are neither counted nor touched.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -159,3 +160,64 @@ def test_sigterm_during_training_kills_the_run_keeps_its_checkpoint_and_resumes(
     assert resumed.finish(timeout=240) == 0, resumed.output[-4000:]
     run = tracking.client(driver.uri).get_run(run_id)
     assert run.info.status == "FINISHED" and int(run.data.tags["bamray.start_epoch"]) >= 1
+
+
+def test_ray_killed_under_the_run_fails_it_in_one_message_and_it_resumes(tiny_shards, work):
+    """Every process of the run's Ray killed at once (what `ray stop --force` or a lost head node does):
+    no traceback, the run FAILED with the command that continues it, and that command finishes it. Another
+    local Ray runs beside it throughout (two runs on one machine): the run's Ray processes must look up
+    their own (Ray Train's placement-group cleaner used to raise "Found multiple active Ray instances"),
+    and killing this run's Ray leaves the other one alone."""
+    from orchestrator.cli import EXIT_FAILED
+
+    other_dir = work / "other"
+    other = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from orchestrator.local_ray import start_local_ray; "
+            f"start_local_ray(1, _temp_dir={str(other_dir)!r}); print('up', flush=True); time.sleep(600)",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "up"
+        driver = Driver(tiny_shards, work, epochs=3)
+        driver.wait_for("epoch 1/3: ", timeout=150)
+        mine = frozenset({os.getpid(), driver.proc.pid, other.pid})
+        ray_pids = session_processes(str(work / "ray"), mine)
+        assert len(ray_pids) > 5, ray_pids  # GCS, raylet, agents, the Train controller, the worker ...
+        for pid in ray_pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        rc = driver.finish(timeout=120)
+        out = driver.output
+        assert rc == EXIT_FAILED, out[-4000:]
+        assert "Traceback" not in out and "multiple active Ray instances" not in out, out[-4000:]
+        (run,) = _runs(driver.uri)
+        run_id = run.info.run_id
+        assert run.info.status == "FAILED"
+        reason = run.data.tags[tracking.TAG_FAILURE]
+        assert reason.startswith("Ray stopped under the run (") and f"--resume {run_id}" in reason, reason
+        assert "FAILED (Ray stopped under the run" in out and f"bamray train --resume {run_id}" in out, out[
+            -3000:
+        ]
+        assert other.poll() is None and session_processes(str(other_dir), mine), "the other Ray was touched"
+
+        resumed = Driver(tiny_shards, work, 3, "--resume", run_id)
+        assert resumed.finish(timeout=240) == 0, resumed.output[-4000:]
+        assert "multiple active Ray instances" not in resumed.output, resumed.output[-4000:]
+        assert tracking.client(driver.uri).get_run(run_id).info.status == "FINISHED"
+    finally:
+        os.killpg(other.pid, signal.SIGINT)
+        other.wait(timeout=60)
+        deadline = time.monotonic() + 20
+        while (
+            left := session_processes(str(other_dir), frozenset({os.getpid()}))
+        ) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)

@@ -267,6 +267,7 @@ def _fit(
     :class:`Interrupted` the Ray Train run is aborted and the exception goes on to the caller."""
     from ray.train import TrainingFailedError
 
+    ray_gone = _ray_gone_errors()
     ray_run_dir = storage if is_uri(storage) else os.path.join(storage, ray_run_name)
     out: dict[str, Any] = {"run_id": run_id, "tracking_uri": uri, "ray_run_dir": ray_run_dir, "metrics": {}}
     controller: list[Any] = []
@@ -300,10 +301,27 @@ def _fit(
         if isinstance(err, KeyboardInterrupt):
             raise
         raise guard.as_interrupted(err) from None
+    except ray_gone as err:  # Ray itself went away under the run: say so and how to continue, no traceback
+        reason = (
+            f"Ray stopped under the run ({type(err).__name__}: its processes were killed or its head node was "
+            f"lost); the checkpoints are kept: continue with `bamray train --resume {run_id}`"
+        )
+        console.log_to_run(uri, run_id)
+        tracking.finish_run(uri, run_id, "FAILED", reason)
+        out.update(status="FAILED", reason=reason)
     except BaseException as err:
         tracking.finish_run(uri, run_id, "FAILED", f"{type(err).__name__}: {err}")
         raise
     return out
+
+
+def _ray_gone_errors() -> tuple[type[BaseException], ...]:
+    """What ``trainer.fit()`` raises when Ray itself is gone rather than the training failing: the Train
+    controller (an actor on the driver's node) died or cannot be reached, the local raylet died. Ray
+    Train turns a worker's failure into ``TrainingFailedError``; these mean the run lost its Ray."""
+    from ray import exceptions as rex
+
+    return (rex.RayActorError, rex.RaySystemError, rex.LocalRayletDiedError, rex.NodeDiedError)
 
 
 def _abort(controller: list[Any]) -> None:

@@ -154,8 +154,9 @@ def _prepared_summary(name: str, out: str, meta: dict[str, Any]) -> str:
 def cmd_eval_linear(args: argparse.Namespace) -> int:
     from orchestrator.training.evaluate import run_linear_eval
 
-    top1 = run_linear_eval(args.run, args.tracking_uri, artifact=args.artifact, epochs=args.epochs)
-    print(f"linear_top1 = {top1:.2f} % (logged to MLflow run {args.run})")
+    top1 = run_linear_eval(args.run, args.tracking_uri, checkpoint=args.checkpoint, epochs=args.epochs)
+    where = "" if os.path.isdir(args.run) else f" (logged to MLflow run {args.run})"
+    print(f"linear_top1 = {top1:.2f} %{where}")
     return EXIT_OK
 
 
@@ -304,9 +305,13 @@ def _add_eval_parser(sub: Any) -> None:
 
     e = sub.add_parser("eval", help="evaluate a trained backbone")
     esub = e.add_subparsers(dest="eval_command", required=True, metavar="PROTOCOL")
-    lin = esub.add_parser("linear", help="linear probe on the frozen backbone of an MLflow run")
-    lin.add_argument("--run", required=True, metavar="RUN_ID")
-    lin.add_argument("--artifact", default="final", choices=("final", "best_knn"))
+    lin = esub.add_parser(
+        "linear", help="linear probe on the frozen backbone of an MLflow run (or an export)"
+    )
+    lin.add_argument("--run", required=True, help="MLflow run id, or a directory `bamray export` wrote")
+    lin.add_argument(
+        "--checkpoint", "--artifact", dest="checkpoint", default="final", choices=("final", "best_knn")
+    )
     lin.add_argument("--epochs", type=int, help="default: eval.linear_epochs of the run's config")
     lin.add_argument("--tracking-uri")
     lin.set_defaults(func=cmd_eval_linear)

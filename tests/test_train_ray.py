@@ -309,6 +309,18 @@ def test_exported_backbone_rebuilds_and_linear_eval_cli_logs(finished_run, tmp_p
     assert len(c.get_metric_history(out["run_id"], "eval/linear_val_top1")) == 5
     assert top1[0].value == max(m.value for m in c.get_metric_history(out["run_id"], "eval/linear_val_top1"))
 
+    # an exported directory instead of a run id (as every downstream command takes): probed, nothing logged
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "eval", "linear", "--run", str(local), "--epochs", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    value = float(proc.stdout.split("linear_top1 = ")[1].split(" %")[0])
+    assert 10.0 < value <= 100.0 and "logged to" not in proc.stdout, proc.stdout
+    assert len(c.get_metric_history(out["run_id"], "eval/linear_top1")) == 1
+
 
 def test_worker_failure_resumes_inside_the_epoch_from_a_step_checkpoint(ray_local, shards, storage, tmp_path):
     """Checkpoints every 5 steps and on a termination notice (a file that exists from the start, so each

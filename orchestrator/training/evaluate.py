@@ -19,7 +19,6 @@ from orchestrator import checkpointing as ckpt
 from orchestrator import tracking
 from orchestrator.metric_names import mlflow_key
 from trainers.loop import embed
-from trainers.options import ConfigError
 
 EMBED_BATCH = 256
 
@@ -61,54 +60,32 @@ def raw_pixel_features(
     return embed(nn.Flatten(), batches, "cpu")
 
 
-def _check_run(uri: str, run_id: str) -> None:
-    """Refuse an unreachable store or an unknown run id naming what to fix, before any download."""
-    from orchestrator import preflight
-
-    preflight.check_tracking_uri(uri)
-    try:
-        tracking.with_retry(tracking.client(uri).get_run, run_id)
-    except Exception as err:  # noqa: BLE001 - MlflowException: no such run in this store
-        raise ConfigError("--run", f"no MLflow run {run_id!r} in {uri} ({type(err).__name__})") from err
-
-
 def run_linear_eval(
-    run_id: str,
+    run: str,
     tracking_uri: str | None = None,
     *,
-    artifact: str = "final",
+    checkpoint: str = "final",
     epochs: int | None = None,
     device: str | None = None,
 ) -> float:
-    """`bamray eval linear --run <id>`: download the run's exported backbone (``artifact`` = "final" or
-    "best_knn"), embed the clean train / test images with it (plain torch, no Ray), train the linear
-    probe and log ``linear_top1`` (best validation top-1, %) to that run."""
-    import mlflow.artifacts
+    """`bamray eval linear --run <id | exported directory>`: the backbone found as every downstream command
+    finds it (:func:`orchestrator.downstream.source.resolve_backbone`: a run's ``checkpoint`` = "final" or
+    "best_knn", or an export), its clean train / test features (plain torch, no Ray), the linear probe;
+    ``linear_top1`` (best validation top-1, %) and the per-epoch validation top-1 go to the run (none
+    for a plain directory)."""
     from mlflow.entities import Metric
 
+    from orchestrator.downstream.source import resolve_backbone
     from orchestrator.training.data_prep import prepare_data, require_labels
     from trainers.evaluation.linear import linear_probe
 
-    uri = tracking.resolve_tracking_uri(tracking_uri)
-    _check_run(uri, run_id)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = tracking.with_retry(
-                mlflow.artifacts.download_artifacts,
-                run_id=run_id,
-                artifact_path=artifact,
-                dst_path=tmp,
-                tracking_uri=uri,
-            )
-        except Exception as err:  # noqa: BLE001 - MlflowException / OSError: the artifact is not there
-            raise ConfigError(
-                "--artifact", f"MLflow run {run_id} has no {artifact!r} backbone ({type(err).__name__})"
-            ) from err
-        model, cfg = ckpt.load_backbone(local, device=dev)
+        backbone = resolve_backbone(run, tmp, checkpoint=checkpoint, tracking_uri=tracking_uri)
+        model, cfg = ckpt.load_backbone(backbone.directory, device=dev)
     cfg, meta = prepare_data(cfg)
     # the labelled set, viewed and normalised as the run's training data
-    data, meta = require_labels(cfg, meta, f"run {run_id}", "the linear probe")
+    data, meta = require_labels(cfg, meta, backbone.label, "the linear probe")
     train_f, train_y = clean_features(model, data, "train", dev, seed=cfg.seed)
     val_f, val_y = clean_features(model, data, "test", dev, seed=cfg.seed)
     res = linear_probe(
@@ -123,13 +100,15 @@ def run_linear_eval(
         seed=cfg.seed,
         device=dev,
     )
+    if backbone.run_id is None:
+        return float(res["top1"])
     ts = int(time.time() * 1000)
     points = [
         Metric(mlflow_key("linear_val_top1"), float(h["val_top1"]), ts, int(h["epoch"]))
         for h in res["history"]
     ]
     points.append(Metric(mlflow_key("linear_top1"), float(res["top1"]), ts, 0))
-    c = tracking.client(uri)
-    tracking.with_retry(c.log_batch, run_id, metrics=points)
-    tracking.with_retry(c.set_tag, run_id, "linear_probe_artifact", artifact)
+    c = tracking.client(backbone.tracking_uri)
+    tracking.with_retry(c.log_batch, backbone.run_id, metrics=points)
+    tracking.with_retry(c.set_tag, backbone.run_id, "linear_probe_artifact", checkpoint)
     return float(res["top1"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from pathlib import Path
 
 from bench.common import BenchContext, Figure, SectionResult
 from bench.fixtures import init_ray, shards
@@ -68,7 +69,7 @@ def task_concurrency(start: float, end: float) -> dict[int, float]:
 
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         ray.timeline(filename=f.name)
-        events = json.loads(open(f.name).read() or "[]")
+        events = json.loads(Path(f.name).read_text() or "[]")
     lo, hi = start * 1e6, end * 1e6
     edges = []
     for e in events:  # Ray Data runs its read and map stages as remote ``_map_task`` calls

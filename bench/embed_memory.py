@@ -17,7 +17,9 @@ same limit with public tools: ``systemd-run --scope -p MemoryMax=5G bamray embed
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import io
 import json
 import os
 import re
@@ -41,8 +43,6 @@ def _encode(args: tuple[bytes, int]) -> bytes:
 
     raw, size = args
     image = Image.fromarray(np.frombuffer(raw, np.uint8).reshape(28, 28)).resize((size, size), Image.BILINEAR)
-    import io
-
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
@@ -119,10 +119,8 @@ class MemoryCgroup:
         return -1
 
     def remove(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # still holding a process: left for the next run to reuse
             self.dir.rmdir()
-        except OSError:
-            pass
 
 
 def main(argv: list[str] | None = None) -> int:

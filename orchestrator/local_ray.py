@@ -51,11 +51,10 @@ def quiet_dashboardless_warnings() -> None:
     look-up finds both and raises "Found multiple active Ray instances", a traceback on the console. With
     ``RAY_ADDRESS`` set to the worker's own GCS it finds the one it belongs to."""
     import ray
+    from ray._private import worker
 
     for name in _DASHBOARD_ONLY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    from ray._private import worker
-
     if worker.global_worker.mode != ray.WORKER_MODE:  # a driver keeps its environment (and its children)
         return
     with contextlib.suppress(Exception):  # a hook must never stop a worker from starting

@@ -110,6 +110,15 @@ def _ray_processes(work: Path) -> list[int]:
     return session_processes(str(work / "ray"), frozenset({os.getpid()}))
 
 
+def _wait_gone(root: Path, seconds: float = 20) -> list[int]:
+    """The processes of the Ray whose temp dir is ``root`` still alive after up to ``seconds`` (ray.shutdown
+    and a watchdog do not wait for them to exit)."""
+    deadline = time.monotonic() + seconds
+    while (left := session_processes(str(root), frozenset({os.getpid()}))) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
 def _runs(uri: str) -> list:
     c = tracking.client(uri)
     return c.search_runs([e.experiment_id for e in c.search_experiments()])
@@ -122,9 +131,7 @@ def _assert_clean_exit(driver: Driver, rc: int, expected: int, work: Path) -> No
     assert "SIGTERM received at time" not in out  # Ray's fatal-signal handler (a core dump)
     name = signal.Signals(expected - 128).name
     assert any(line.startswith(f"bamray: stopped by {name}") for line in driver.lines), out[-2000:]
-    deadline = time.monotonic() + 20  # ray.shutdown does not wait for its processes to exit
-    while (left := _ray_processes(work)) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    left = _wait_gone(work / "ray")
     assert not left, f"Ray processes left: {left}"
 
 
@@ -214,10 +221,5 @@ def test_ray_killed_under_the_run_fails_it_in_one_message_and_it_resumes(tiny_sh
     finally:
         os.killpg(other.pid, signal.SIGINT)
         other.wait(timeout=60)
-        deadline = time.monotonic() + 20
-        while (
-            left := session_processes(str(other_dir), frozenset({os.getpid()}))
-        ) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for pid in left:
+        for pid in _wait_gone(other_dir):
             os.kill(pid, signal.SIGKILL)

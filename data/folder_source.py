@@ -174,6 +174,7 @@ def prepare_image_folder(
     name: str | None = None,
     max_pixels: int | None = None,
     labelled: bool = True,
+    shuffle: bool = True,
 ) -> dict[str, Any]:
     """A folder tree of images -> shards.
 
@@ -181,6 +182,11 @@ def prepare_image_folder(
     class directory names (torchvision's ImageFolder convention); a class folder without image files is
     no class. With ``labelled=False``, every image file at any depth under ``root`` (nested or flat) is
     read with label -1, hidden folders are not, and meta has ``num_classes`` 0 and ``labelled`` false.
+
+    ``shuffle`` (default): the files of each split are written in a random order (``seed``), not class by
+    class. The training stream shuffles shard files and then rows within a 1024-row buffer, so shards
+    written class by class gave batches of one or two classes (BatchNorm statistics and BAM's attention
+    over the batch then see one class), and ``train_limit: N`` (``index < N``) kept the first classes only.
 
     If ``root/train`` and ``root/val`` (or ``root/test``, ``root/validation``) exist they are the splits;
     otherwise the files (of each class, when labelled) are split at random (``seed``) with
@@ -213,6 +219,9 @@ def prepare_image_folder(
         class_names, label_of = [], {"": NO_LABEL}
         if not any(files.values()):
             raise DataMissingError(f"no image files under {root} (extensions {list(IMAGE_EXTENSIONS)})")
+    if shuffle:
+        rng = np.random.default_rng(seed + 1)  # not the split's draw: an independent permutation
+        files = {split: [rows[i] for i in rng.permutation(len(rows))] for split, rows in files.items()}
     out = begin_shards(out_dir)
     writers, skipped = {}, {}
     for split in SPLITS:

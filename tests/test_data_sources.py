@@ -177,7 +177,7 @@ def test_image_folder_with_split_dirs_skips_corrupt(tmp_path, idx):
     (root / "train" / "coat" / "broken.png").write_bytes(good[: len(good) // 2])  # truncated
     (root / "val" / "dress" / "garbage.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg" * 7)
 
-    meta = prepare_image_folder(root, tmp_path / "shards", shard_size=4)
+    meta = prepare_image_folder(root, tmp_path / "shards", shard_size=4, shuffle=False)
     assert meta["skipped"] == {"train": 1, "test": 1}
     assert sum(meta["skipped"].values()) == 2
     assert meta["counts"] == {"train": 9, "test": 4}
@@ -217,6 +217,31 @@ def test_image_folder_random_split_is_stratified_and_seeded(tmp_path, idx):
     t1 = read_split_table(str(tmp_path / "s1"), "test").column("image").to_pylist()
     t2 = read_split_table(str(tmp_path / "s2"), "test").column("image").to_pylist()
     assert t1 == t2  # same seed, same split
+
+
+def test_image_folder_writes_classes_mixed_not_class_by_class(tmp_path, idx):
+    """Shards of a class tree are written in a seeded random order: the first shard and the first
+    ``train_limit`` rows hold every class, as they would not if the files went in folder by folder."""
+    root = tmp_path / "tree"
+    per_class = {c: list(range(k * 12, k * 12 + 12)) for k, c in enumerate(["a", "b", "c", "d"])}
+    _write_tree(root, idx, per_class, lambda i: ".png")
+    kept = prepare_image_folder(root, tmp_path / "kept", val_fraction=0.0, shard_size=12, shuffle=False)
+    mixed = prepare_image_folder(root, tmp_path / "mixed", val_fraction=0.0, shard_size=12, seed=5)
+    again = prepare_image_folder(root, tmp_path / "again", val_fraction=0.0, shard_size=12, seed=5)
+    assert kept["counts"] == mixed["counts"] == {"train": 48, "test": 0}
+    first = pq.read_table(tmp_path / "kept" / "train" / "part-00000.parquet").column("label").to_pylist()
+    assert first == [0] * 12  # folder by folder: the first shard is one class
+    table = read_split_table(str(tmp_path / "mixed"), "train")
+    labels = table.column("label").to_pylist()
+    assert sorted(labels) == [k for k in range(4) for _ in range(12)]  # the same images, relabelled alike
+    assert set(labels[:12]) == {0, 1, 2, 3} and labels != sorted(labels)
+    assert table.column("index").to_pylist() == list(range(48))  # index still counts in write order
+    assert labels == read_split_table(str(tmp_path / "again"), "train").column("label").to_pylist()  # seeded
+    got: dict[int, list[bytes]] = {lab: [] for lab in range(4)}
+    for lab, pixels in zip(labels, _decoded(table)):
+        got[lab].append(pixels[0].tobytes())
+    for lab in range(4):  # every image stays with its own class
+        assert sorted(got[lab]) == sorted(o.tobytes() for o in idx["train_images"][lab * 12 : lab * 12 + 12])
 
 
 def test_parquet_source_plain_bytes_and_corrupt_rows(tmp_path, idx):
@@ -344,7 +369,9 @@ def test_image_stats_samples_evenly_and_reads_older_shards(tmp_path):
     tree.mkdir()
     for i, value in enumerate((51, 0, 0, 0, 204)):
         Image.new("L", (2, 2), value).save(tree / f"{i}.png")
-    prepare_image_folder(tree, tmp_path / "s", val_fraction=0.0, labelled=False)
+    prepare_image_folder(
+        tree, tmp_path / "s", val_fraction=0.0, labelled=False, shuffle=False
+    )  # rows 0..4 in file order
     meta_path = tmp_path / "s" / "meta.json"
     old = {
         k: v for k, v in json.loads(meta_path.read_text()).items() if k not in ("mean", "std", "stats_images")

@@ -64,6 +64,12 @@ class DataConfig:
     map_batch_size: int = opt(
         256, ge=1, le=65536, help="rows per augmentation call (amortises per-call overhead)"
     )
+    stream: str = opt(
+        "epoch",
+        choices=("epoch", "run"),
+        help="training stream: a Ray Data execution per epoch (split across the workers), or one execution "
+        "per worker for the whole run (data.run_stream: its map_workers actors of map_cpus start once)",
+    )
     map_compute: str = opt(
         "tasks",
         choices=("tasks", "actors"),

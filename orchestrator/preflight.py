@@ -135,8 +135,11 @@ def local_resources(cfg: Any) -> dict[str, float]:
     return have
 
 
-def check_resources(cfg: Any, have: dict[str, float], where: str) -> None:
-    """Refuse a request the workers cannot get from ``have`` (``where`` names it in the message)."""
+def check_resources(cfg: Any, have: dict[str, float], where: str, *, streams: bool = True) -> None:
+    """Refuse a request the workers cannot get from ``have`` (``where`` names it in the message).
+    ``streams``: with ``data.stream: run`` count each worker's map actors too, which hold their CPUs for
+    the whole run (a cluster without them would wait forever for the first batch); not for this machine's
+    cores, which a local Ray oversubscribes with logical CPUs."""
     need = required_resources(cfg)
     t = cfg.train
     if need.get("GPU", 0.0) > have.get("GPU", 0.0) + 1e-9:
@@ -152,6 +155,17 @@ def check_resources(cfg: Any, have: dict[str, float], where: str) -> None:
             f"{need['CPU']:g} CPUs; {where} has {have.get('CPU', 0.0):g}: lower train.workers or "
             "train.cpus_per_worker",
         )
+    d = cfg.data
+    if streams and t.workers > 0 and d.stream == "run":
+        actors = t.workers * d.map_workers * d.map_cpus
+        if need["CPU"] + actors > have.get("CPU", 0.0) + 1e-9:
+            raise ConfigError(
+                "data.map_workers",
+                f"data.stream: run gives each of the {t.workers} worker(s) {d.map_workers} map actor(s) x "
+                f"{d.map_cpus:g} CPU (data.map_cpus) for the whole run: {actors:g} CPUs beside the workers' "
+                f"{need['CPU']:g}; {where} has {have.get('CPU', 0.0):g}: lower data.map_workers or "
+                "data.map_cpus, or use data.stream: epoch",
+            )
 
 
 def autoscaler_capacity(path: Path = BOOTSTRAP_CONFIG) -> dict[str, float] | None:
@@ -214,4 +228,4 @@ def check_job(cfg: Any, tracking_uri: str, storage: str) -> None:
     if address:
         check_ray_address(address, field)
     else:
-        check_resources(cfg, local_resources(cfg), "this machine")
+        check_resources(cfg, local_resources(cfg), "this machine", streams=False)

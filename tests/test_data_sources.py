@@ -228,7 +228,7 @@ def test_image_folder_writes_classes_mixed_not_class_by_class(tmp_path, idx):
     kept = prepare_image_folder(root, tmp_path / "kept", val_fraction=0.0, shard_size=12, shuffle=False)
     mixed = prepare_image_folder(root, tmp_path / "mixed", val_fraction=0.0, shard_size=12, seed=5)
     again = prepare_image_folder(root, tmp_path / "again", val_fraction=0.0, shard_size=12, seed=5)
-    assert kept["counts"] == mixed["counts"] == {"train": 48, "test": 0}
+    assert kept["counts"] == mixed["counts"] == again["counts"] == {"train": 48, "test": 0}
     first = pq.read_table(tmp_path / "kept" / "train" / "part-00000.parquet").column("label").to_pylist()
     assert first == [0] * 12  # folder by folder: the first shard is one class
     table = read_split_table(str(tmp_path / "mixed"), "train")

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
     [
         "import data.batch_maps",
         "import data.run_actors",
+        "import data.run_stream",  # its map actor class ships by reference in the plan
         "from orchestrator.cli import build_parser; build_parser()",
     ],
 )

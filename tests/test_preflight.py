@@ -69,6 +69,12 @@ def test_unwritable_paths_are_refused(tmp_path):
             "train.gpus_per_worker",
             "need 2",
         ),
+        (  # 2 workers x 1 CPU + each worker's stream of 2 actors x 1 CPU = 6 > 4
+            ["train.workers=2", "data.stream=run", "data.map_workers=2"],
+            {"CPU": 4},
+            "data.map_workers",
+            "4 CPUs beside the workers' 2",
+        ),
     ],
 )
 def test_impossible_resources_name_the_field_and_what_there_is(overrides, have, field, amount):
@@ -83,6 +89,9 @@ def test_requests_that_fit_pass():
     preflight.check_resources(load_config("bam_fmnist", ["train.workers=0"]), {"CPU": 1}, "x")
     cfg = load_config("bam_fmnist", ["train.workers=2", "train.gpus_per_worker=0.5"])
     preflight.check_resources(cfg, {"CPU": 4, "GPU": 1}, "x")
+    run_stream = load_config("bam_fmnist", ["train.workers=2", "data.stream=run", "data.map_cpus=0.5"])
+    preflight.check_resources(run_stream, {"CPU": 3}, "x")  # 2 + 2 x 0.5
+    preflight.check_resources(run_stream, {"CPU": 2}, "this machine", streams=False)  # cores: oversubscribed
 
 
 def test_autoscaler_capacity_of_the_shipped_aws_cluster():

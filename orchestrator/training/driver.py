@@ -53,15 +53,17 @@ def _data_cpus(train_cpus: float) -> float:
 def _datasets(
     cfg: ExperimentConfig, knn_data: Any, run_name: str, clock: str, counter: str
 ) -> dict[str, Any]:
-    """``train`` (the multi-crop stream) and, for the online k-NN on ``knn_data`` (a labelled set's data
-    config, or None), ``knn_train`` / ``knn_val`` (clean centre crops); Ray Train splits each across the
-    workers."""
+    """``train`` (the multi-crop stream; absent with ``data.stream: run``, where every worker builds its
+    own) and, for the online k-NN on ``knn_data`` (a labelled set's data config, or None), ``knn_train`` /
+    ``knn_val`` (clean centre crops); Ray Train splits each across the workers."""
     from data.pipeline import build_eval_datasets, build_train_dataset, configure_data_context
 
     configure_data_context(_data_cpus(max(cfg.train.workers, 1) * cfg.train.cpus_per_worker))
-    datasets = {
-        "train": build_train_dataset(cfg.data, seed=cfg.seed, epoch_clock=clock, corrupt_counter=counter)
-    }
+    datasets = {}
+    if cfg.data.stream == "epoch":  # "run": each worker builds its own stream (data.run_stream)
+        datasets["train"] = build_train_dataset(
+            cfg.data, seed=cfg.seed, epoch_clock=clock, corrupt_counter=counter
+        )
     if knn_data is not None and knn_epochs(cfg):
         knn_train, knn_val = build_eval_datasets(
             knn_data,
@@ -177,10 +179,13 @@ def build_trainer(
 
 def connect_ray(cfg: ExperimentConfig) -> bool:
     """Ray for one training run: ``train.address`` / ``RAY_ADDRESS``, else a local Ray with logical CPUs
-    oversubscribed (training workers + at least 2 for Ray Data, so Data never gets a zero budget on a
-    2-core machine). Returns True when this call started or connected Ray (the caller shuts it down).
-    A cluster that refuses the connection is the address's fault: a ConfigError naming it."""
+    oversubscribed (training workers, with ``data.stream: run`` their streams' map actors too, + at least
+    2 for Ray Data, so Data never gets a zero budget on a 2-core machine). Returns True when this call
+    started or connected Ray (the caller shuts it down). A cluster that refuses the connection is the
+    address's fault: a ConfigError naming it."""
     train_cpus = max(cfg.train.workers, 1) * cfg.train.cpus_per_worker
+    if cfg.data.stream == "run":  # each worker's stream holds its map actors' CPUs for the whole run
+        train_cpus += max(cfg.train.workers, 1) * cfg.data.map_workers * cfg.data.map_cpus
     gpus = torch.cuda.device_count() if cfg.train.gpus_per_worker > 0 and torch.cuda.is_available() else None
     try:
         return connect_or_start(cfg.train.address, max(4, math.ceil(train_cpus) + 2), gpus)

@@ -109,7 +109,9 @@ class _Worker:
             from data.run_actors import get_epoch_clock
 
             self.clock = get_epoch_clock(plan.epoch_clock)
-        self.shard = ray.train.get_dataset_shard("train")
+        # data.stream "epoch": Ray Train's split of the driver's dataset; "run": this worker's own stream
+        self.shard = ray.train.get_dataset_shard("train") if self.cfg.data.stream == "epoch" else None
+        self.stream: Any = None  # data.run_stream.epoch_batches of the epochs still to come
         self.evaluation = Evaluation(
             self.cfg, knn=plan.knn, prefetch=plan.knn_prefetch, rank=self.rank, world=self.world
         )
@@ -198,7 +200,11 @@ class _Worker:
                 rng = ckpt.load_rng_state(d, self.rank)
                 if state["extra"].get("epoch_progress"):  # only an epoch resumed inside needs its samples
                     mine = midepoch.load_samples(d, self.rank)
-                    everyone = midepoch.load_samples(d) if self.rank == 0 else np.zeros(0, np.int64)
+                    # the epoch clock's setter (rank 0) needs every rank's; a per-worker stream, every rank
+                    run_stream = self.cfg.data.stream == "run"
+                    everyone = (
+                        midepoch.load_samples(d) if self.rank == 0 or run_stream else np.zeros(0, np.int64)
+                    )
             self.engine.load_state_dict(state["engine"])
             self.start_epoch = int(state["epoch"])
             extra = state["extra"]
@@ -228,17 +234,20 @@ class _Worker:
         if self.resumed is not None:
             stats, self.epoch_samples, skip = self.resumed
             self.resumed = None
-        if self.clock is not None:
-            if self.rank == 0:
-                ray.get(self.clock.set.remote(epoch, skip))
-            ranks.barrier()  # no worker pulls the epoch's first batch before the clock moved
-        batches = self.shard.iter_torch_batches(
-            batch_size=cfg.optim.batch_size,
-            drop_last=True,
-            prefetch_batches=cfg.data.prefetch_batches,
-            local_shuffle_buffer_size=cfg.data.local_shuffle_buffer or None,
-            local_shuffle_seed=(cfg.seed * 7919 + epoch) * 64 + self.rank,
-        )
+        if self.shard is None:
+            batches = self._run_stream_epoch(epoch, skip)
+        else:
+            if self.clock is not None:
+                if self.rank == 0:
+                    ray.get(self.clock.set.remote(epoch, skip))
+                ranks.barrier()  # no worker pulls the epoch's first batch before the clock moved
+            batches = self.shard.iter_torch_batches(
+                batch_size=cfg.optim.batch_size,
+                drop_last=True,
+                prefetch_batches=cfg.data.prefetch_batches,
+                local_shuffle_buffer_size=cfg.data.local_shuffle_buffer or None,
+                local_shuffle_seed=(cfg.seed * 7919 + epoch) * 64 + self.rank,
+            )
 
         def on_step(logs: dict[str, float]) -> None:
             if self.log is not None:
@@ -262,6 +271,34 @@ class _Worker:
             loss_hook=self.loss_hook,
             stats=stats,
         )
+
+    def _run_stream_epoch(self, epoch: int, skip: np.ndarray | None) -> Any:
+        """``epoch``'s batches from this worker's one-execution stream (``data.stream: run``), built for
+        every epoch still to come at the first epoch, and again only when the run's epochs changed (a
+        time budget) or the epoch resumes inside itself (``skip``: what every rank trained on before)."""
+        from data.pipeline import configure_data_context
+        from data.run_stream import build_run_stream, epoch_batches
+
+        cfg = self.cfg
+        nxt = next(self.stream, None) if self.stream is not None and skip is None else None
+        if nxt is None or nxt[0] != epoch:
+            epochs = range(epoch, self.end_epoch)
+            configure_data_context()  # this process runs the execution: its blocks, no progress bars
+            ds, _ = build_run_stream(
+                cfg.data,
+                cfg.seed,
+                epochs,
+                rank=self.rank,
+                world=self.world,
+                batch_size=cfg.optim.batch_size,
+                skip=None if skip is None else {epoch: skip},
+                corrupt_counter=self.plan.corrupt_counter,
+            )
+            self.stream = epoch_batches(
+                ds, cfg.optim.batch_size, epochs, prefetch_batches=cfg.data.prefetch_batches
+            )
+            nxt = next(self.stream)
+        return nxt[1]
 
     def _checkpoint_inside(self, epoch: int, stats: EpochStats) -> None:
         """A checkpoint after this step when the policy says so (every rank decides alike); the steps logged

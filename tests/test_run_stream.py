@@ -1,0 +1,106 @@
+"""One Ray Data execution for many epochs (:mod:`data.run_stream`): the per-rank plan, the stream on a real
+local Ray over real Fashion-MNIST shards (epoch order, exact rows, views equal to the torch twin's, corrupt
+rows counted and stood in for), and that the map actors start once for all epochs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data.config import DataConfig
+from data.pipeline import configure_data_context
+from data.run_actors import corrupt_count
+from data.run_stream import build_run_stream, epoch_batches, make_plan
+from data.sources import prepare_fashion_mnist
+from data.torch_dataset import MultiCropTorchDataset
+
+N_TRAIN = 300
+CORRUPT = 7  # index of the row made undecodable
+BATCH = 16
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, fmnist_src) -> Path:
+    """300 real images in shards of 100 (the last one partial: 100 / 100 / 100), one row made corrupt."""
+    out = tmp_path_factory.mktemp("stream") / "fashion-mnist"
+    prepare_fashion_mnist(out, src_dir=fmnist_src, shard_size=100, limit=N_TRAIN, test_limit=20)
+    part = out / "train" / "part-00000.parquet"
+    table = pq.read_table(part)
+    images = [
+        b"\x89PNG\r\n\x1a\n-garbage" if i == CORRUPT else b
+        for i, b in zip(table["index"].to_pylist(), table["image"].to_pylist())
+    ]
+    pq.write_table(table.set_column(0, "image", pa.array(images, pa.binary())), part)
+    return out
+
+
+def test_plan_gives_each_rank_an_equal_disjoint_share_in_whole_batches(shards):
+    cfg = DataConfig(path=str(shards), train_limit=250, map_batch_size=32)
+    ranks = [make_plan(cfg, seed=3, rank=r, world=2, batch_size=BATCH) for r in range(2)]
+    for epoch in (0, 1):
+        shares = []
+        for plan in ranks:
+            fid, pos = plan.epoch_rows(epoch)
+            shares.append({int(plan.indices[f][p]) for f, p in zip(fid, pos)})
+            assert len(fid) == 112 == len(shares[-1])  # 250 // 2 = 125 rows, cut to 7 batches of 16
+        assert not shares[0] & shares[1]
+        assert max(shares[0] | shares[1]) < 250  # train_limit: index < 250
+    plan = ranks[0]
+    e0, e1 = plan.epoch_rows(0)[1], plan.epoch_rows(1)[1]
+    assert not np.array_equal(e0, e1)  # a new order every epoch
+    np.testing.assert_array_equal(
+        make_plan(cfg, seed=3, rank=0, world=2, batch_size=BATCH).epoch_rows(1)[1], e1
+    )
+    assert plan.chunks(0) == 4  # 112 rows in chunks of 32
+    # an epoch resumed inside it leaves out what its first attempt trained on, the next epoch does not
+    seen = np.arange(0, 250, 2)
+    resumed = make_plan(cfg, seed=3, rank=0, world=2, batch_size=BATCH, skip={1: seen})
+    fid, pos = resumed.epoch_rows(1)
+    left = {int(resumed.indices[f][p]) for f, p in zip(fid, pos)}
+    assert not left & set(seen.tolist()) and len(left) == 48  # 125 // 2 = 62, cut to 3 batches
+    assert resumed.rows_per_epoch(2) == 112
+    with pytest.raises(ValueError, match="rank 2"):
+        make_plan(cfg, seed=3, rank=2, world=2)
+
+
+@pytest.mark.ray
+def test_stream_runs_many_epochs_in_one_execution_with_the_torch_twins_views(shards, ray_local):
+    import ray
+
+    configure_data_context(cpus=3)
+    cfg = DataConfig(path=str(shards), map_batch_size=32, map_workers=2, map_cpus=1.0)
+    epochs = [0, 1, 2]
+    ds, plan = build_run_stream(
+        cfg, seed=5, epochs=epochs, batch_size=BATCH, corrupt_counter="stream-corrupt"
+    )
+    twin = MultiCropTorchDataset(cfg, split="train", seed=5)
+    at = {int(i): k for k, i in enumerate(twin.indices)}
+    for epoch, batches in epoch_batches(ds, BATCH, epochs):
+        fid, pos = plan.epoch_rows(epoch)
+        planned = [int(plan.indices[f][p]) for f, p in zip(fid, pos)]
+        got = []
+        for b in batches:
+            assert b["global"].shape == (BATCH, 2, 1, 28, 28) and b["local"].shape == (BATCH, 6, 1, 12, 12)
+            assert (b["epoch"] == epoch).all()
+            got += b["index"].tolist()
+            twin.set_epoch(epoch)
+            for k in (0, BATCH - 1):  # the same views as the DataLoader twin, bit for bit
+                i = int(b["index"][k])
+                if i != CORRUPT:
+                    item = twin[at[i]]
+                    np.testing.assert_array_equal(b["global"][k].numpy(), item["global"].numpy())
+                    np.testing.assert_array_equal(b["local"][k].numpy(), item["local"].numpy())
+                    assert int(b["label"][k]) == int(item["label"])
+        assert (
+            got == planned and len(got) == 288
+        )  # the plan's rows in the plan's order: 300 cut to 18 batches
+    assert corrupt_count("stream-corrupt") == 1  # met in 3 epochs, counted once, stood in for (rows kept)
+    # one execution: the map actors were started once for all three epochs
+    actors = [
+        a for a in ray._private.state.actors().values() if "RunStreamBatch" in a.get("ActorClassName", "")
+    ]
+    assert len(actors) == 2, [a.get("ActorClassName") for a in actors]

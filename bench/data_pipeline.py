@@ -9,12 +9,20 @@ Ray re-executes the lazy dataset (a new actor pool) and the DataLoader forks its
 iterated exactly as the training loop does (``iter_torch_batches`` with the config's prefetch and local
 shuffle buffer); the DataLoader uses ``shuffle=True``.
 
+Two more lines compare streams kept across epochs: ``data.run_stream`` (one Ray Data execution for all
+the epochs, its ``cpus + 1`` map actors started once) against a DataLoader with ``persistent_workers=True``. After a
+warm-up epoch (the actors' or workers' start), each repeat is 3 consecutive epochs timed together: a stream
+runs ahead into the next epoch, so a single epoch's time swings with where the boundary fell.
+The one-execution figure's ratio is against the per-epoch DataLoader (the issue's baseline); its ratio to
+the persistent DataLoader is ``one_execution_vs_persistent_dataloader_<size>`` in ``derived``.
+
 Sizes: 28 px (Fashion-MNIST native, locals 12), upscaled to 96 px (locals 36) and 224 px (locals 96,
 the published BAM/DINO crops). ``N`` shrinks with the crop area so each pass takes seconds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
@@ -112,6 +120,75 @@ def torch_pass(dataset, batch: int, workers: int, epoch: int) -> tuple[float, fl
     return time.perf_counter() - t0, first or 0.0, seen
 
 
+def stream_passes(cfg, batch: int, epochs: int) -> tuple[list[float], float, list[set[int]]]:
+    """``epochs`` epochs of :func:`data.run_stream.build_run_stream` (one Ray Data execution, its map
+    actors started once), iterated as a training loop would; (seconds per epoch, each from the end of the
+    one before -- the first from creating the stream, so it holds the actors' start --, seconds to the
+    first batch, indices seen per epoch)."""
+    from data.run_stream import build_run_stream, epoch_batches
+
+    ds, _ = build_run_stream(cfg, seed=0, epochs=range(epochs))
+    times, seen, first = [], [], None
+    t0 = t_prev = time.perf_counter()
+    for _, batches in epoch_batches(ds, batch, range(epochs), prefetch_batches=cfg.prefetch_batches):
+        rows: set[int] = set()
+        for b in batches:
+            if first is None:
+                first = time.perf_counter() - t0
+            rows.update(b["index"].tolist())
+        now = time.perf_counter()
+        times.append(now - t_prev)
+        seen.append(rows)
+        t_prev = now
+    return times, first or 0.0, seen
+
+
+def persistent_loader(dataset, batch: int, workers: int):
+    """A DataLoader whose workers live across epochs (``persistent_workers=True``), the strongest plain
+    alternative to a stream kept across epochs. The epoch reaches the workers with the indices (a
+    persistent worker keeps its own copy of the dataset, so ``set_epoch`` would not): the views stay those
+    of ``(seed, epoch, index)``. Returns ``(loader, sampler)``; set ``sampler.epoch`` before each epoch."""
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+
+    from data.torch_dataset import collate_batch
+
+    class EpochSampler(torch.utils.data.Sampler):
+        def __init__(self, n: int):
+            self.n, self.epoch = n, 0
+
+        def __len__(self) -> int:
+            return self.n
+
+        def __iter__(self):
+            order = np.random.default_rng([0, self.epoch]).permutation(self.n)
+            return iter([(self.epoch, int(i)) for i in order])
+
+    class Epoched(torch.utils.data.Dataset):
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __len__(self) -> int:
+            return len(self.inner)
+
+        def __getitems__(self, keys):
+            self.inner.set_epoch(keys[0][0])
+            return self.inner.__getitems__([k[1] for k in keys])
+
+    sampler = EpochSampler(len(dataset))
+    loader = DataLoader(
+        Epoched(dataset),
+        batch_size=batch,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_batch,
+        persistent_workers=True,
+        prefetch_factor=2,
+    )
+    return loader, sampler
+
+
 def run(ctx: BenchContext) -> SectionResult:
     from data.pipeline import build_train_dataset, configure_data_context
     from data.torch_dataset import MultiCropTorchDataset
@@ -162,6 +239,31 @@ def run(ctx: BenchContext) -> SectionResult:
             raise AssertionError(
                 f"{g}px: Ray saw {len(ray_seen)} images, DataLoader {len(torch_seen)}, expected the same {n}"
             )
+        # Streams kept across epochs: a repeat is `group` consecutive epochs, since a stream runs ahead
+        # into the next epoch and one epoch's time alone swings with where the boundary fell.
+        group = 1 if ctx.quick else 3
+        loader, sampler = persistent_loader(tds, batch, workers)
+        persistent_runs, count, t0 = [], 0, time.perf_counter()
+        for i in range(warmup + repeats * group):
+            sampler.epoch = i
+            if i == warmup:
+                count, t0 = 0, time.perf_counter()
+            count += sum(len(b["index"]) for b in loader)
+            if i >= warmup and (i - warmup + 1) % group == 0:
+                persistent_runs.append(count / (time.perf_counter() - t0))
+                count, t0 = 0, time.perf_counter()
+        del loader  # its workers exit before the stream starts
+        # One actor more than cores: an actor lives for the whole stream, so the extra one costs no
+        # start per epoch and fills the gaps where the others wait (1.36 -> 1.62 of 2 cores busy at 96 px)
+        one_cfg = dataclasses.replace(cfg, map_workers=workers + 1)
+        times, stream_first, stream_seen = stream_passes(one_cfg, batch, warmup + repeats * group)
+        for rows in stream_seen:  # whole batches of the same images, each once
+            if len(rows) != n - n % batch or not rows <= torch_seen:
+                raise AssertionError(f"{g}px: an epoch of the one-execution stream gave {len(rows)} images")
+        stream_runs = [
+            sum(len(r) for r in stream_seen[k : k + group]) / sum(times[k : k + group])
+            for k in range(warmup, warmup + repeats * group, group)
+        ]
         tag = f"{g}px+{loc}px"
         res.add(Figure("data", f"Ray Data multi-crop {tag}", "img/s", ray_runs, True, params))
         res.add(Figure("data", f"torch DataLoader multi-crop {tag}", "img/s", torch_runs, True, params))
@@ -169,8 +271,21 @@ def run(ctx: BenchContext) -> SectionResult:
         res.add(Figure("data", f"Ray Data first batch {tag}", "s", ray_first, False, params))
         res.add(Figure("data", f"torch DataLoader first batch {tag}", "s", torch_first, False, params))
         res.compare(f"Ray Data first batch {tag}", f"torch DataLoader first batch {tag}")
+        one, keep = (
+            f"Ray Data one execution multi-crop {tag}",
+            f"torch DataLoader persistent workers multi-crop {tag}",
+        )
+        res.add(Figure("data", one, "img/s", stream_runs, True, dict(params, map_actors=workers + 1)))
+        res.add(Figure("data", keep, "img/s", persistent_runs, True, params))
+        res.compare(one, f"torch DataLoader multi-crop {tag}")
+        res.derived[f"one_execution_vs_persistent_dataloader_{g}px"] = round(
+            res.get(one).median / res.get(keep).median, 3
+        )
+        res.derived[f"one_execution_start_s_{g}px"] = round(times[0], 2)  # the actors' start, once a run
+        res.derived[f"one_execution_first_batch_s_{g}px"] = round(stream_first, 2)
         ctx.log(
             f"  data: {tag}: ray {res.get(f'Ray Data multi-crop {tag}').median:.0f} img/s, "
-            f"torch {res.get(f'torch DataLoader multi-crop {tag}').median:.0f} img/s"
+            f"ray one execution {res.get(one).median:.0f}, torch {res.get(f'torch DataLoader multi-crop {tag}').median:.0f}"
+            f", torch persistent {res.get(keep).median:.0f}"
         )
     return res

@@ -64,10 +64,20 @@ def step_overrides(ctx: BenchContext, data_path, steps: int, workers: int, uri: 
     return o
 
 
-def step_config(ctx: BenchContext, data_path, steps: int, workers: int, uri: str):
+def step_config(ctx: BenchContext, data_path, steps: int, workers: int, uri: str, stream: str = "epoch"):
+    """``stream``: ``data.stream`` (``run``: each worker's one-execution stream, :mod:`data.run_stream`)."""
     from orchestrator.config import load_config
 
-    return load_config("bam_fmnist", step_overrides(ctx, data_path, steps, workers, uri))
+    o = step_overrides(ctx, data_path, steps, workers, uri)
+    if stream != "epoch":
+        o.update(
+            {
+                "data.stream": stream,
+                "name": f"{o['name']}-{stream}",
+                "tracking.run_name": f"{o['name']}-{stream}",
+            }
+        )
+    return load_config("bam_fmnist", o)
 
 
 def bare_run(ctx: BenchContext, overrides: dict[str, Any], steps: int) -> list[tuple[float, float]]:
@@ -242,13 +252,14 @@ def run(ctx: BenchContext) -> SectionResult:
     if missing:  # e.g. a bare GPU box: keep the bare-loop figures rather than losing the section
         res.notes.append(f"Ray Train rows skipped: {', '.join(missing)} not installed here.")
         return res
-    worker_counts = [1, 2]
+    # (workers, data.stream): the per-epoch Ray Data split, and 1 worker with its one-execution stream
+    runs = [(1, "epoch"), (2, "epoch"), (1, "run")]
     if ctx.cuda and torch.cuda.device_count() < 2:
-        worker_counts = [1]
+        runs = [(1, "epoch"), (1, "run")]
         res.notes.append("2-worker Ray Train skipped: NCCL cannot put two ranks on one GPU.")
     init_ray(ctx, num_cpus=ctx.cpus + 2, num_gpus=torch.cuda.device_count() if ctx.cuda else None)
-    for w in worker_counts:
-        cfg = step_config(ctx, path, steps, w, uri)
+    for w, stream in runs:
+        cfg = step_config(ctx, path, steps, w, uri, stream)
         hist = ray_run(ctx, cfg, uri)
         ips = hist["images_per_sec"][warmup:]
         if not ips:
@@ -262,7 +273,9 @@ def run(ctx: BenchContext) -> SectionResult:
             cpus_per_worker=cfg.train.cpus_per_worker,
             ray_wall_time_s=hist["wall_time_s"][0],
         )
-        name = f"Ray Train {w} worker{'s' if w > 1 else ''}"
+        name = f"Ray Train {w} worker{'s' if w > 1 else ''}" + (
+            ", one-execution stream" if stream == "run" else ""
+        )
         res.add(Figure("step", name, "img/s", ips, True, wparams))
         res.compare(name, "bare PyTorch loop + DataLoader")
         # On a shared machine the median carries other processes' load; the best step of each side is

@@ -98,6 +98,12 @@ def test_quick_mode_writes_valid_json(tmp_path, fmnist_src):
 
     data = doc["sections"]["data"]
     assert any(f["name"].startswith("Ray Data multi-crop") and f["baseline"] for f in data["figures"])
+    # the stream kept across epochs, against the per-epoch DataLoader and (derived) the persistent one
+    one = next(f for f in data["figures"] if f["name"].startswith("Ray Data one execution multi-crop"))
+    assert one["baseline"].startswith("torch DataLoader multi-crop") and one["ratio"] > 0
+    assert any(f["name"].startswith("torch DataLoader persistent workers") for f in data["figures"])
+    assert data["derived"]["one_execution_vs_persistent_dataloader_28px"] > 0
+    assert data["derived"]["one_execution_start_s_28px"] > 0
 
     assert "| section | figure | median | min | max |" in proc.stdout
     assert str(files[0]) in proc.stdout

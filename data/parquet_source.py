@@ -21,7 +21,6 @@ import pyarrow.parquet as pq
 from data.shards import (
     NO_LABEL,
     SPLITS,
-    DataMissingError,
     ShardWriter,
     Skip,
     SkipLog,
@@ -29,30 +28,17 @@ from data.shards import (
     encode_or_skip,
     filesystem_and_path,
     finish_shards,
+    parquet_files,
 )
 
 #: Parquet files to convert, keyed by destination split, or ``"all"`` when the split is still to be drawn.
 _Groups = dict[str, tuple[pafs.FileSystem, list[str]]]
 
 
-def _parquet_files(src: str) -> tuple[pafs.FileSystem, list[str]]:
-    fs, base = filesystem_and_path(src)
-    info = fs.get_file_info(base)
-    if info.type == pafs.FileType.NotFound:
-        raise DataMissingError(f"Parquet source {src} does not exist")
-    if info.type == pafs.FileType.File:
-        return fs, [base]
-    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-    paths = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
-    if not paths:
-        raise DataMissingError(f"no .parquet files under {src}")
-    return fs, paths
-
-
 def parquet_columns(src: str | Path) -> list[str]:
     """Column names of the first Parquet file under ``src`` (a file, a folder or a URI); the files of one
     export share a schema. Lets the CLI ask whether there is a ``label`` column before converting."""
-    fs, paths = _parquet_files(str(src))
+    fs, paths = parquet_files(str(src))
     return list(pq.ParquetFile(paths[0], filesystem=fs).schema_arrow.names)
 
 
@@ -69,9 +55,9 @@ def _split_of(path: str, base: str) -> str | None:
 def _parquet_groups(src: str, test_src: str | Path | None) -> _Groups:
     """``test_src`` if given; else the files under ``src`` named/placed by split when both splits are
     there (as Hugging Face exports are); else all files in one ``"all"`` group."""
-    fs, paths = _parquet_files(src)
+    fs, paths = parquet_files(src)
     if test_src is not None:
-        test_fs, test_paths = _parquet_files(str(test_src))
+        test_fs, test_paths = parquet_files(str(test_src))
         return {"train": (fs, paths), "test": (test_fs, test_paths)}
     base = filesystem_and_path(src)[1]
     by_split = {

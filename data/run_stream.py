@@ -37,7 +37,7 @@ import ray
 from data.batch_maps import decode_rows
 from data.config import DataConfig, for_reading
 from data.run_actors import DEFAULT_CORRUPT_COUNTER, get_corrupt_counter
-from data.shards import filesystem_and_path, is_uri, read_meta, resolve_shards, split_path
+from data.shards import parquet_files, read_meta, resolve_shards, split_path
 
 #: at most this many blocks in the stream's input (chunks are grouped into blocks beyond it)
 MAX_BLOCKS = 20_000
@@ -50,8 +50,8 @@ class StreamPlan:
     """Which rows every epoch of one rank's stream holds, and in what order (cheap to pickle: file paths
     and the kept row positions of each file)."""
 
-    path: str  # the shard directory (local path or URI)
-    files: list[str]  # the train split's shard files, sorted
+    filesystem: pafs.FileSystem  # where the shard files are (local or an object store)
+    files: list[str]  # the train split's shard files, sorted (paths inside ``filesystem``)
     rows: list[np.ndarray]  # per file: the positions of the rows kept (``index < train_limit``)
     indices: list[np.ndarray]  # per file: the ``index`` of every row of the file
     seed: int
@@ -88,17 +88,6 @@ class StreamPlan:
         return -(-self.rows_per_epoch(epoch) // self.chunk_rows)
 
 
-def split_files(path: str) -> list[str]:
-    """The train split's ``*.parquet`` files (local paths, or URIs with the shards' scheme), sorted."""
-    fs, base = filesystem_and_path(split_path(path, "train"))
-    infos = fs.get_file_info(pafs.FileSelector(base, recursive=False))
-    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
-    if is_uri(path):  # pyarrow lists paths inside the filesystem: put the scheme back for the actors
-        scheme = path.split("://", 1)[0]
-        files = [f"{scheme}://{f}" for f in files]
-    return files
-
-
 def make_plan(
     cfg: DataConfig,
     seed: int,
@@ -109,19 +98,17 @@ def make_plan(
     skip: dict[int, np.ndarray] | None = None,
 ) -> StreamPlan:
     """Read the ``index`` column of every train shard and keep the rows the config trains on."""
-    path = resolve_shards(cfg)
-    files = split_files(path)
+    fs, files = parquet_files(split_path(resolve_shards(cfg), "train"))
     rows, indices = [], []
     for f in files:
-        fs, p = filesystem_and_path(f)
-        index = pq.read_table(p, columns=["index"], filesystem=fs).column("index").to_numpy()
+        index = pq.read_table(f, columns=["index"], filesystem=fs).column("index").to_numpy()
         kept = np.flatnonzero(index < cfg.train_limit) if cfg.train_limit > 0 else np.arange(len(index))
         rows.append(kept.astype(np.int64))
         indices.append(index.astype(np.int64))
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in [0, {world})")
     return StreamPlan(
-        path=path,
+        filesystem=fs,
         files=files,
         rows=rows,
         indices=indices,
@@ -163,8 +150,9 @@ class RunStreamBatch:
 
     def _table(self, f: int) -> tuple[Any, np.ndarray, np.ndarray]:
         if f not in self._tables:
-            fs, p = filesystem_and_path(self.plan.files[f])
-            t = pq.read_table(p, columns=["image", "label", "index"], filesystem=fs)
+            t = pq.read_table(
+                self.plan.files[f], columns=["image", "label", "index"], filesystem=self.plan.filesystem
+            )
             self._tables[f] = (
                 t.column("image").combine_chunks(),
                 t.column("label").to_numpy().astype(np.int64),

@@ -143,6 +143,22 @@ def filesystem_and_path(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
+def parquet_files(src: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The filesystem and the sorted ``*.parquet`` files of ``src`` (a file, or a folder read recursively;
+    local or URI); :class:`DataMissingError` when there are none."""
+    fs, base = filesystem_and_path(src)
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        raise DataMissingError(f"Parquet source {src} does not exist")
+    if info.type == pafs.FileType.File:
+        return fs, [base]
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    paths = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    if not paths:
+        raise DataMissingError(f"no .parquet files under {src}")
+    return fs, paths
+
+
 def is_uri(path: str) -> bool:
     """``scheme://...`` (s3, gs, file, ...), as opposed to a plain local path."""
     return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", str(path)))

@@ -125,6 +125,14 @@ def required_resources(cfg: Any) -> dict[str, float]:
     return need
 
 
+def stream_cpus(cfg: Any) -> float:
+    """CPUs the training streams hold for the whole run: with ``data.stream: run`` each worker's map actors
+    (``map_workers`` x ``map_cpus``); 0 with the per-epoch stream."""
+    if cfg.data.stream != "run":
+        return 0.0
+    return max(cfg.train.workers, 1) * cfg.data.map_workers * cfg.data.map_cpus
+
+
 def local_resources(cfg: Any) -> dict[str, float]:
     """This machine's CPUs and (only when asked for: importing CUDA costs time) GPUs."""
     have = {"CPU": float(os.cpu_count() or 1), "GPU": 0.0}
@@ -156,16 +164,15 @@ def check_resources(cfg: Any, have: dict[str, float], where: str, *, streams: bo
             "train.cpus_per_worker",
         )
     d = cfg.data
-    if streams and t.workers > 0 and d.stream == "run":
-        actors = t.workers * d.map_workers * d.map_cpus
-        if need["CPU"] + actors > have.get("CPU", 0.0) + 1e-9:
-            raise ConfigError(
-                "data.map_workers",
-                f"data.stream: run gives each of the {t.workers} worker(s) {d.map_workers} map actor(s) x "
-                f"{d.map_cpus:g} CPU (data.map_cpus) for the whole run: {actors:g} CPUs beside the workers' "
-                f"{need['CPU']:g}; {where} has {have.get('CPU', 0.0):g}: lower data.map_workers or "
-                "data.map_cpus, or use data.stream: epoch",
-            )
+    actors = stream_cpus(cfg)
+    if streams and t.workers > 0 and actors and need["CPU"] + actors > have.get("CPU", 0.0) + 1e-9:
+        raise ConfigError(
+            "data.map_workers",
+            f"data.stream: run gives each of the {t.workers} worker(s) {d.map_workers} map actor(s) x "
+            f"{d.map_cpus:g} CPU (data.map_cpus) for the whole run: {actors:g} CPUs beside the workers' "
+            f"{need['CPU']:g}; {where} has {have.get('CPU', 0.0):g}: lower data.map_workers or "
+            "data.map_cpus, or use data.stream: epoch",
+        )
 
 
 def autoscaler_capacity(path: Path = BOOTSTRAP_CONFIG) -> dict[str, float] | None:

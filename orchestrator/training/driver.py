@@ -183,9 +183,7 @@ def connect_ray(cfg: ExperimentConfig) -> bool:
     2 for Ray Data, so Data never gets a zero budget on a 2-core machine). Returns True when this call
     started or connected Ray (the caller shuts it down). A cluster that refuses the connection is the
     address's fault: a ConfigError naming it."""
-    train_cpus = max(cfg.train.workers, 1) * cfg.train.cpus_per_worker
-    if cfg.data.stream == "run":  # each worker's stream holds its map actors' CPUs for the whole run
-        train_cpus += max(cfg.train.workers, 1) * cfg.data.map_workers * cfg.data.map_cpus
+    train_cpus = max(cfg.train.workers, 1) * cfg.train.cpus_per_worker + preflight.stream_cpus(cfg)
     gpus = torch.cuda.device_count() if cfg.train.gpus_per_worker > 0 and torch.cuda.is_available() else None
     try:
         return connect_or_start(cfg.train.address, max(4, math.ceil(train_cpus) + 2), gpus)

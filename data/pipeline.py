@@ -168,7 +168,9 @@ def _eval_dataset(
     ds = read_shards(split_path(path, split), num_cpus=cfg.map_cpus)
     if indices is not None:
         ds = ds.filter(expr=col("index").is_in(indices.tolist()))
-    return _map(ds, cfg, CleanBatch, {"cfg": cfg, "split": split, "corrupt_counter": corrupt_counter})
+    # counted as "eval/<split>": a run's one counter then tells training's skipped rows from these
+    kwargs = {"cfg": cfg, "split": f"eval/{split}", "corrupt_counter": corrupt_counter}
+    return _map(ds, cfg, CleanBatch, kwargs)
 
 
 def build_eval_datasets(

@@ -32,8 +32,11 @@ class CorruptCounter:
         self._seen.update((split, int(i)) for i in indices)
         return len(self._seen)
 
-    def count(self) -> int:
-        return len(self._seen)
+    def count(self, split: str | None = None) -> int:
+        """Distinct corrupt rows of ``split`` (every split's when None)."""
+        if split is None:
+            return len(self._seen)
+        return sum(1 for s, _ in self._seen if s == split)
 
 
 @ray.remote(num_cpus=0)
@@ -97,33 +100,32 @@ RESTARTABLE = {"max_restarts": -1, "max_task_retries": -1}
 
 
 def get_corrupt_counter(name: str = DEFAULT_CORRUPT_COUNTER) -> ray.actor.ActorHandle:
-    """Create-or-get the named :class:`CorruptCounter`.
+    """Create-or-get the named :class:`CorruptCounter`, without waiting for its process to start: Ray
+    registers a named actor's name when it is created, so a lookup by name finds it at once and calls
+    queue until it is up.
 
-    A named actor lives as long as the process that created it: create it in the driver (as
-    :func:`build_train_dataset` does), not in a short-lived worker.
+    A named actor that is not detached lives as long as a handle to it does: create it in the driver (as
+    :func:`build_train_dataset` does), not in a short-lived worker, and keep the handle.
     """
-    handle = CorruptCounter.options(
+    return CorruptCounter.options(
         name=name, get_if_exists=True, scheduling_strategy=on_this_node(), **RESTARTABLE
     ).remote()
-    ray.get(handle.count.remote())  # registered and alive before anyone looks it up by name
-    return handle
 
 
-def corrupt_count(name: str = DEFAULT_CORRUPT_COUNTER) -> int:
-    """Distinct corrupt rows skipped so far under counter ``name``."""
-    return int(ray.get(get_corrupt_counter(name).count.remote()))
+def corrupt_count(name: str = DEFAULT_CORRUPT_COUNTER, split: str | None = None) -> int:
+    """Distinct corrupt rows skipped so far under counter ``name`` (of ``split`` only, when given)."""
+    return int(ray.get(get_corrupt_counter(name).count.remote(split)))
 
 
 def get_epoch_clock(name: str) -> ray.actor.ActorHandle:
-    """Create-or-get the named :class:`EpochClock` (``.set.remote(epoch)``, ``.get.remote()``)."""
-    handle = EpochClock.options(
+    """Create-or-get the named :class:`EpochClock` (``.set.remote(epoch)``, ``.get.remote()``), without
+    waiting for its process (see :func:`get_corrupt_counter`)."""
+    return EpochClock.options(
         name=name, get_if_exists=True, scheduling_strategy=on_this_node(), **RESTARTABLE
     ).remote()
-    ray.get(handle.get.remote())
-    return handle
 
 
-def pin_ray_data_singletons() -> None:
+def pin_ray_data_singletons(*, wait: bool = True) -> None:
     """Create Ray Data's two cluster-wide detached actors (its stats actor and its autoscaling
     coordinator) now, on this process's node.
 
@@ -132,7 +134,9 @@ def pin_ray_data_singletons() -> None:
     node from ever counting as idle: the autoscaler never removes it (found by tests/test_autoscale_ray.py).
     Called by the sweep's driver, which runs on the head, before any trial starts; both creators are
     get-if-exists, so the trials reuse these. Private Ray Data functions: if a Ray upgrade moves them, the
-    sweep goes on with Ray's default placement."""
+    sweep goes on with Ray's default placement. ``bamray train`` calls it with ``wait=False`` right after
+    Ray starts, so the two processes start while the driver creates the MLflow run, not in the first
+    batch's wait."""
     try:
         from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
             get_or_create_autoscaling_coordinator,
@@ -141,8 +145,9 @@ def pin_ray_data_singletons() -> None:
     except ImportError as err:  # pragma: no cover - depends on the Ray version
         print(f"WARNING: Ray Data's helper actors not pinned to this node ({err})", flush=True)
         return
-    for handle in (get_or_create_stats_actor(), get_or_create_autoscaling_coordinator()):
-        ray.get(handle.__ray_ready__.remote())
+    handles = (get_or_create_stats_actor(), get_or_create_autoscaling_coordinator())
+    if wait:
+        ray.get([h.__ray_ready__.remote() for h in handles])
 
 
 @ray.remote(num_cpus=0)

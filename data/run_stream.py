@@ -25,6 +25,7 @@ shuffle buffer, which would mix epochs), so the files themselves must not be sor
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -248,18 +249,55 @@ def build_run_stream(
     return ds, plan
 
 
+def _started(it: Iterator[Any]) -> Iterator[Any]:
+    """``it``, its first item already being fetched in a daemon thread (an error is raised at the first
+    ``next``, in the caller's thread)."""
+    box: dict[str, Any] = {}
+
+    def first() -> None:
+        try:
+            box["item"] = next(it, _END)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            box["error"] = err
+
+    thread = threading.Thread(target=first, name="bamray-stream-start", daemon=True)
+    thread.start()
+
+    def rest() -> Iterator[Any]:
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        if box["item"] is _END:
+            return
+        yield box["item"]
+        yield from it
+
+    return rest()
+
+
+_END = object()
+
+
 def epoch_batches(
-    ds: ray.data.Dataset, batch_size: int, epochs: Sequence[int], *, prefetch_batches: int = 2
+    ds: ray.data.Dataset,
+    batch_size: int,
+    epochs: Sequence[int],
+    *,
+    prefetch_batches: int = 2,
+    start: bool = False,
 ) -> Iterator[tuple[int, Iterator[dict[str, Any]]]]:
     """``(epoch, that epoch's batches as torch tensors)`` for every epoch of the stream, from one
     iteration of ``ds``. A batch never mixes epochs: an epoch's last rows that do not fill a batch are
     left out (``drop_last``). Ask for the epochs in order; what an epoch's consumer leaves unread is
-    skipped when the next one starts."""
+    skipped when the next one starts. ``start``: begin the execution now, in a background thread (its
+    actors start while the caller does other work), not at the first ``next``."""
     import torch
 
     stream = iter(
         ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch_batches)
     )
+    if start:
+        stream = _started(stream)
     carry: dict[str, np.ndarray] | None = None  # rows of the next epoch met at the end of this one
 
     def one_epoch(epoch: int) -> Iterator[dict[str, Any]]:

@@ -79,6 +79,10 @@ def _loopback_node() -> Iterator[None]:
         ray_constants.ENABLE_RAY_CLUSTER = before
 
 
+#: Ray Train 2.60's switch for its PreemptionWatcher actor (ray.train.v2._internal.constants)
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
 def start_local_ray(num_cpus: int, **kwargs: Any) -> Any:
     """``ray.init`` of a local, dashboard-less Ray (the dashboard is a server we do not need here) that
     listens on 127.0.0.1 only, whose workers run :func:`quiet_dashboardless_warnings` and whose processes
@@ -87,6 +91,9 @@ def start_local_ray(num_cpus: int, **kwargs: Any) -> Any:
 
     hook = f"{__name__}.{quiet_dashboardless_warnings.__name__}"
     kwargs.setdefault("_node_ip_address", LOOPBACK)
+    # Ray Train's watcher of cloud preemption notices is one more actor process per run: one machine that
+    # is preempted takes the whole local Ray with it, so there is nothing for it to watch here
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     with _loopback_node():
         context = ray.init(
             num_cpus=num_cpus,

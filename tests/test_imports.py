@@ -39,3 +39,14 @@ def test_the_sweep_package_still_exposes_run_sweep():
     assert sweep.run_sweep is run_sweep
     with pytest.raises(AttributeError):
         _ = sweep.no_such_name
+
+
+@pytest.mark.parametrize("statement", ["import orchestrator.config", "import orchestrator.training.plan"])
+def test_the_run_config_does_not_import_timm(statement):
+    """Ray Train's controller unpickles the run's ``WorkerPlan`` (its config inside) before it starts the
+    workers: importing timm and torchvision there cost about 1.2 s of CPU on the start-up's critical path.
+    The methods' option classes still bring torch (the controller imports it for ``TorchConfig`` anyway)."""
+    code = f"import sys; {statement}; print(sorted(m for m in ('torchvision', 'timm', 'mlflow') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

@@ -138,6 +138,9 @@ def test_eval_datasets_sizes_balance_and_twin(cfg):
     corrupt_chosen = [i for i in CORRUPT if i in set(chosen.tolist())]
     assert len(b["label"]) == len(chosen) - len(corrupt_chosen)
     assert corrupt_count("test-corrupt-eval") == len(corrupt_chosen)
+    # a run shares one counter between training and k-NN: these rows are not training's skipped ones
+    assert corrupt_count("test-corrupt-eval", "eval/train") == len(corrupt_chosen) > 0
+    assert corrupt_count("test-corrupt-eval", "train") == 0
     assert b["image"].shape[1:] == (1, 28, 28) and b["image"].dtype == np.uint8
     assert v["image"].shape == (N_TEST, 1, 28, 28)
     test_labels = read_split_table(cfg.path, "test", columns=["label"]).column("label").to_numpy()

@@ -4,6 +4,7 @@ rows counted and stood in for), and that the map actors start once for all epoch
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 from data.config import DataConfig
 from data.pipeline import configure_data_context
 from data.run_actors import corrupt_count
-from data.run_stream import build_run_stream, epoch_batches, make_plan
+from data.run_stream import _started, build_run_stream, epoch_batches, make_plan
 from data.sources import prepare_fashion_mnist
 from data.torch_dataset import MultiCropTorchDataset
 
@@ -79,7 +80,8 @@ def test_stream_runs_many_epochs_in_one_execution_with_the_torch_twins_views(sha
     )
     twin = MultiCropTorchDataset(cfg, split="train", seed=5)
     at = {int(i): k for k, i in enumerate(twin.indices)}
-    for epoch, batches in epoch_batches(ds, BATCH, epochs):
+    # start=True: the execution begins in a background thread before the first next (as the worker opens it)
+    for epoch, batches in epoch_batches(ds, BATCH, epochs, start=True):
         fid, pos = plan.epoch_rows(epoch)
         planned = [int(plan.indices[f][p]) for f, p in zip(fid, pos)]
         got = []
@@ -104,3 +106,26 @@ def test_stream_runs_many_epochs_in_one_execution_with_the_torch_twins_views(sha
         a for a in ray._private.state.actors().values() if "RunStreamBatch" in a.get("ActorClassName", "")
     ]
     assert len(actors) == 2, [a.get("ActorClassName") for a in actors]
+
+
+def test_a_started_stream_fetches_its_first_item_before_it_is_asked_and_keeps_every_item():
+    asked = threading.Event()
+
+    def source():
+        asked.set()
+        yield from range(5)
+
+    it = _started(source())
+    assert asked.wait(10), "the first item was not fetched in the background"
+    assert list(it) == [0, 1, 2, 3, 4]
+    assert list(_started(iter([]))) == []
+
+
+def test_a_started_stream_raises_its_error_in_the_consumer_at_the_first_next():
+    def broken():
+        raise OSError("shard unreadable")
+        yield  # pragma: no cover
+
+    it = _started(broken())
+    with pytest.raises(OSError, match="shard unreadable"):
+        next(it)

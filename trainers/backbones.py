@@ -16,13 +16,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
-from typing import Any
-
-import timm
-from timm.models.resnet import ResNet
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from trainers.options import ConfigError, opt
+
+if TYPE_CHECKING:
+    from timm.models.resnet import ResNet
+    from torch import nn
 
 #: ``stem: auto`` chooses the small-image stem up to this global crop size (CIFAR / MNIST / STL-64 scale).
 SMALL_STEM_MAX_SIZE = 64
@@ -62,6 +62,8 @@ class ModelConfig:
 
 @functools.lru_cache(maxsize=1)
 def _known_models() -> frozenset[str]:
+    import timm  # here, not at the top: a config (and every Ray process that unpickles one) stays light
+
     return frozenset(timm.list_models())
 
 
@@ -106,6 +108,8 @@ def small_resnet_stem(model: ResNet, in_chans: int) -> None:
     """Replace a timm ResNet's stem (7x7 stride-2 conv, or the deep 3-conv stem, then a stride-2
     max-pool) by one 3x3 stride-1 conv and no pooling, as solo-learn and lightly do for 32 px data.
     The new conv keeps the old stem's output width, so every later layer is unchanged."""
+    from torch import nn
+
     width = [m for m in model.conv1.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
     model.conv1 = nn.Conv2d(in_chans, width, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
@@ -123,6 +127,9 @@ def build_backbone(
     all); defaults to ``(default_img_size,)``. ``img_size``/``patch_size`` are passed only to
     architectures whose constructor takes them (ViTs, DeiT, ...): CNNs are size-agnostic.
     """
+    import timm
+    from timm.models.resnet import ResNet
+
     check_backbone_name(cfg.backbone)
     img_size = cfg.img_size or default_img_size
     sizes = tuple(crop_sizes) or ((img_size,) if img_size else ())

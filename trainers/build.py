@@ -14,16 +14,10 @@ from typing import Any
 
 import torch
 
+from data.config import crop_sizes
 from trainers.backbones import build_backbone
 from trainers.engine import Engine, resolve_precision
 from trainers.methods import Method, MethodContext, get_method
-
-
-def crop_sizes(data_cfg: Any) -> tuple[int, ...]:
-    """Every crop size the backbone sees, global first (a ViT patch must divide them all)."""
-    if data_cfg.local_crops:
-        return (data_cfg.global_crop_size, data_cfg.local_crop_size)
-    return (data_cfg.global_crop_size,)
 
 
 def build_method(

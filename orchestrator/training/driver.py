@@ -9,13 +9,16 @@ The Ray run name is ``f"{cfg.name}-{mlflow_run_id[:8]}"``: ``--resume <run id>``
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import os
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from data.run_actors import pin_ray_data_singletons
 from data.sources import is_uri
 from orchestrator import checkpointing as ckpt
 from orchestrator import console, fault_injection, preflight, tracking
@@ -50,15 +53,18 @@ def _data_cpus(train_cpus: float) -> float:
     return max(total - train_cpus, 1.0)
 
 
-def _datasets(
-    cfg: ExperimentConfig, knn_data: Any, run_name: str, clock: str, counter: str
-) -> dict[str, Any]:
+def _datasets(cfg: ExperimentConfig, knn_data: Any, clock: str, counter: str) -> tuple[dict[str, Any], Any]:
     """``train`` (the multi-crop stream; absent with ``data.stream: run``, where every worker builds its
     own) and, for the online k-NN on ``knn_data`` (a labelled set's data config, or None), ``knn_train`` /
-    ``knn_val`` (clean centre crops); Ray Train splits each across the workers."""
+    ``knn_val`` (clean centre crops); Ray Train splits each across the workers. Also returns the run's
+    corrupt-row counter (its handle: keep it for as long as the run)."""
     from data.pipeline import build_eval_datasets, build_train_dataset, configure_data_context
+    from data.run_actors import get_corrupt_counter
 
     configure_data_context(_data_cpus(max(cfg.train.workers, 1) * cfg.train.cpus_per_worker))
+    # one counter for the run's training and k-NN rows (an actor process fewer to start), owned by the
+    # driver so that it outlives any worker
+    handle = get_corrupt_counter(counter)  # its process starts while the rest is built
     datasets = {}
     if cfg.data.stream == "epoch":  # "run": each worker builds its own stream (data.run_stream)
         datasets["train"] = build_train_dataset(
@@ -70,10 +76,10 @@ def _datasets(
             cfg.eval.knn_train_fraction,
             cfg.eval.knn_eval_fraction,
             cfg.seed,
-            corrupt_counter=_actor_name("corrupt-eval", run_name),
+            corrupt_counter=counter,
         )
         datasets.update({"knn_train": knn_train, "knn_val": knn_val})
-    return datasets
+    return datasets, handle
 
 
 def build_trainer(
@@ -126,7 +132,7 @@ def build_trainer(
             "one with --set eval.dataset=<name>); the label-free signals are logged instead"
         )
     clock, counter = _actor_name("epoch", run_name), _actor_name("corrupt", run_name)
-    datasets = _datasets(cfg, knn[0] if knn else None, run_name, clock, counter)
+    datasets, counter_handle = _datasets(cfg, knn[0] if knn else None, clock, counter)
     storage_path = tracking.absolute_path(storage_path)
     workers = cfg.train.workers
     plan = WorkerPlan(
@@ -135,8 +141,9 @@ def build_trainer(
         num_classes=int(knn[1]["num_classes"]) if knn else 0,
         mlflow_run_id=mlflow_run_id,
         tracking_uri=tracking_uri,
-        epoch_clock=clock,
+        epoch_clock=clock if cfg.data.stream == "epoch" else "",  # a per-worker stream plans its own epochs
         corrupt_counter=counter,
+        corrupt_counter_handle=counter_handle,
         run_dir=None if is_uri(storage_path) else os.path.join(storage_path, run_name),
         knn="knn_train" in datasets,
         knn_prefetch=knn is not None and knn_cache_bytes(cfg, *knn) <= KNN_CACHE_BYTES,
@@ -235,10 +242,12 @@ def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[st
 
         guard.check()
         started, run_id = False, None
+        _import_in_background(_mlflow_modules(uri))  # while Ray starts, which mostly waits on its processes
         try:
             with guard.deferred("Ray has started"):  # a half-started Ray could not be shut down
                 started = connect_ray(cfg)
             guard.reinstall()
+            pin_ray_data_singletons(wait=False)  # their processes start while the MLflow run is created
             if started and preflight.ray_address(cfg)[0]:
                 preflight.check_cluster_resources(cfg)
             with guard.deferred("the MLflow run is created"):  # a run whose id we never got stays RUNNING
@@ -261,6 +270,24 @@ def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[st
     out["log_path"] = str(log_path)
     _print_summary(cfg, out)
     return out
+
+
+def _mlflow_modules(uri: str) -> tuple[str, ...]:
+    """What creating the run's MLflow run imports: MLflow, and for a database store its SQLAlchemy store."""
+    db = uri.split(":", 1)[0].split("+", 1)[0] in {"sqlite", "postgresql", "mysql", "mssql"}
+    return ("mlflow", "mlflow.store.tracking.sqlalchemy_store") if db else ("mlflow",)
+
+
+def _import_in_background(modules: tuple[str, ...]) -> None:
+    """Import ``modules`` in a daemon thread: seconds of CPU that overlap Ray's start instead of following
+    it. An import that fails here fails again, with its message, where the module is used."""
+
+    def work() -> None:
+        for name in modules:
+            with contextlib.suppress(Exception):
+                importlib.import_module(name)
+
+    threading.Thread(target=work, name="bamray-warm-imports", daemon=True).start()
 
 
 def _fit(

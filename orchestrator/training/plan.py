@@ -37,6 +37,9 @@ class WorkerPlan:
     #: k-NN evaluation datasets exist, and whether a worker's share fits the host cache
     knn: bool
     knn_prefetch: bool
+    #: the counter's handle, held by the driver's trainer for the whole run: a named actor that is not
+    #: detached dies with the last handle to it
+    corrupt_counter_handle: Any = None
     #: a ``ray.train.Checkpoint`` to start from when the run has none of its own (PBT's donor)
     init_checkpoint: Any = None
     #: backbone weights to start from (``model.init_from``): weights only, before any checkpoint

@@ -59,7 +59,7 @@ def _corrupt_count(name: str) -> int:
     try:
         from data.run_actors import corrupt_count
 
-        return int(corrupt_count(name))
+        return int(corrupt_count(name, "train"))
     except Exception:  # noqa: BLE001 - a missing counter must not stop training
         return 0
 
@@ -89,6 +89,13 @@ class _Worker:
         self.resumed: tuple[EpochStats, list[np.ndarray], np.ndarray] | None = None
         self.epoch_samples: list[np.ndarray] = []
         self._restore()
+        self.end_epoch = min(self.cfg.optim.epochs, int(plan.stop_after_epoch or self.cfg.optim.epochs))
+        # data.stream "run": open this worker's stream now, so its map actors start (each imports torch)
+        # while the rest of this set-up runs, not after it
+        self.stream: Any = None  # data.run_stream.epoch_batches of the epochs still to come
+        self.stream_opened_for: int | None = None  # the epoch (and its resume skip) it was opened for
+        if self.cfg.data.stream == "run" and self.start_epoch < self.end_epoch:
+            self._open_stream(self.start_epoch, self.resumed[2] if self.resumed else None)
         t = self.cfg.train
         self.policy = midepoch.MidEpochPolicy(
             t.checkpoint_every_steps,
@@ -111,12 +118,10 @@ class _Worker:
             self.clock = get_epoch_clock(plan.epoch_clock)
         # data.stream "epoch": Ray Train's split of the driver's dataset; "run": this worker's own stream
         self.shard = ray.train.get_dataset_shard("train") if self.cfg.data.stream == "epoch" else None
-        self.stream: Any = None  # data.run_stream.epoch_batches of the epochs still to come
         self.evaluation = Evaluation(
             self.cfg, knn=plan.knn, prefetch=plan.knn_prefetch, rank=self.rank, world=self.world
         )
         self.knn_epochs = knn_epochs(self.cfg)
-        self.end_epoch = min(self.cfg.optim.epochs, int(plan.stop_after_epoch or self.cfg.optim.epochs))
         self.budgeted = self.cfg.train.time_budget_min > 0
         self.checkpoints_reported = 0
         self.eval_s, self.first_step_unix, self.first_step_s = 0.0, None, 0.0
@@ -273,32 +278,39 @@ class _Worker:
         )
 
     def _run_stream_epoch(self, epoch: int, skip: np.ndarray | None) -> Any:
-        """``epoch``'s batches from this worker's one-execution stream (``data.stream: run``), built for
+        """``epoch``'s batches from this worker's one-execution stream (``data.stream: run``), opened for
         every epoch still to come at the first epoch, and again only when the run's epochs changed (a
         time budget) or the epoch resumes inside itself (``skip``: what every rank trained on before)."""
+        fresh, self.stream_opened_for = self.stream_opened_for == epoch, None
+        nxt = next(self.stream, None) if self.stream is not None and (skip is None or fresh) else None
+        if nxt is None or nxt[0] != epoch:
+            self._open_stream(epoch, skip)
+            nxt = next(self.stream)
+        return nxt[1]
+
+    def _open_stream(self, epoch: int, skip: np.ndarray | None) -> None:
+        """Build the stream of epochs ``epoch`` .. ``end_epoch - 1`` (``skip``: samples ``epoch`` leaves
+        out) and start its execution in the background."""
         from data.pipeline import configure_data_context
         from data.run_stream import build_run_stream, epoch_batches
 
         cfg = self.cfg
-        nxt = next(self.stream, None) if self.stream is not None and skip is None else None
-        if nxt is None or nxt[0] != epoch:
-            epochs = range(epoch, self.end_epoch)
-            configure_data_context()  # this process runs the execution: its blocks, no progress bars
-            ds, _ = build_run_stream(
-                cfg.data,
-                cfg.seed,
-                epochs,
-                rank=self.rank,
-                world=self.world,
-                batch_size=cfg.optim.batch_size,
-                skip=None if skip is None else {epoch: skip},
-                corrupt_counter=self.plan.corrupt_counter,
-            )
-            self.stream = epoch_batches(
-                ds, cfg.optim.batch_size, epochs, prefetch_batches=cfg.data.prefetch_batches
-            )
-            nxt = next(self.stream)
-        return nxt[1]
+        epochs = range(epoch, self.end_epoch)
+        configure_data_context()  # this process runs the execution: its blocks, no progress bars
+        ds, _ = build_run_stream(
+            cfg.data,
+            cfg.seed,
+            epochs,
+            rank=self.rank,
+            world=self.world,
+            batch_size=cfg.optim.batch_size,
+            skip=None if skip is None else {epoch: skip},
+            corrupt_counter=self.plan.corrupt_counter,
+        )
+        self.stream = epoch_batches(
+            ds, cfg.optim.batch_size, epochs, prefetch_batches=cfg.data.prefetch_batches, start=True
+        )
+        self.stream_opened_for = epoch
 
     def _checkpoint_inside(self, epoch: int, stats: EpochStats) -> None:
         """A checkpoint after this step when the policy says so (every rank decides alike); the steps logged

@@ -31,6 +31,7 @@ from orchestrator import tracking
 from orchestrator.console import say
 from orchestrator.pictures import crop_grid
 from orchestrator.training import console, midepoch, ranks
+from orchestrator.training.epoch_data import EpochData
 from orchestrator.training.online_eval import Evaluation
 from orchestrator.training.plan import WorkerPlan, knn_epochs, plan_epochs, with_epochs
 from trainers.loop import EpochStats, train_one_epoch
@@ -90,34 +91,12 @@ class _Worker:
         self.epoch_samples: list[np.ndarray] = []
         self._restore()
         self.end_epoch = min(self.cfg.optim.epochs, int(plan.stop_after_epoch or self.cfg.optim.epochs))
-        # data.stream "run": open this worker's stream now, so its map actors start (each imports torch)
-        # while the rest of this set-up runs, not after it
-        self.stream: Any = None  # data.run_stream.epoch_batches of the epochs still to come
-        self.stream_opened_for: int | None = None  # the epoch (and its resume skip) it was opened for
-        if self.cfg.data.stream == "run" and self.start_epoch < self.end_epoch:
-            self._open_stream(self.start_epoch, self.resumed[2] if self.resumed else None)
-        t = self.cfg.train
-        self.policy = midepoch.MidEpochPolicy(
-            t.checkpoint_every_steps,
-            t.checkpoint_every_minutes,
-            midepoch.NoticeWatch(t.preemption_notice) if t.preemption_notice else None,
-            rank=self.rank,
-            agree=(lambda flags: ranks.all_reduce(flags, self.device, "max")) if self.world > 1 else None,
-        )
-        self.log = None
-        uri = plan.tracking_uri
-        if self.rank == 0 and self.run_id and uri:
-            self.log = tracking.MetricLogger(
-                uri, self.run_id, skip_upto=tracking.logged_high_water_marks(uri, self.run_id)
-            )
+        # opened now (data.stream "run"), so that its map actors start while the rest of this set-up runs
+        self.data = EpochData(plan, self.rank, self.world)
+        self.data.open(self.start_epoch, self.end_epoch, self.resumed[2] if self.resumed else None)
+        self.policy = self._mid_epoch_policy()
+        self.log = self._metric_logger()
         self.system = self._start_system_metrics()
-        self.clock = None
-        if plan.epoch_clock:
-            from data.run_actors import get_epoch_clock
-
-            self.clock = get_epoch_clock(plan.epoch_clock)
-        # data.stream "epoch": Ray Train's split of the driver's dataset; "run": this worker's own stream
-        self.shard = ray.train.get_dataset_shard("train") if self.cfg.data.stream == "epoch" else None
         self.evaluation = Evaluation(
             self.cfg, knn=plan.knn, prefetch=plan.knn_prefetch, rank=self.rank, world=self.world
         )
@@ -137,6 +116,28 @@ class _Worker:
             "start_epoch": self.start_epoch,
             "start_step": self.engine.step,
         }
+
+    def _mid_epoch_policy(self) -> midepoch.MidEpochPolicy:
+        """When to checkpoint inside an epoch; with several workers every rank decides alike (a max
+        all-reduce of their flags)."""
+        t = self.cfg.train
+        return midepoch.MidEpochPolicy(
+            t.checkpoint_every_steps,
+            t.checkpoint_every_minutes,
+            midepoch.NoticeWatch(t.preemption_notice) if t.preemption_notice else None,
+            rank=self.rank,
+            agree=(lambda flags: ranks.all_reduce(flags, self.device, "max")) if self.world > 1 else None,
+        )
+
+    def _metric_logger(self) -> tracking.MetricLogger | None:
+        """Rank 0's MLflow metric logger, which skips the steps a resumed run logged already; None on
+        other ranks or without a run."""
+        uri = self.plan.tracking_uri
+        if self.rank != 0 or not self.run_id or not uri:
+            return None
+        return tracking.MetricLogger(
+            uri, self.run_id, skip_upto=tracking.logged_high_water_marks(uri, self.run_id)
+        )
 
     def _start_system_metrics(self) -> Any:
         """MLflow's system metrics of this node (CPU, memory, GPU), sampled by the node's first worker and
@@ -229,30 +230,15 @@ class _Worker:
             self.start_epoch = int(state["epoch"])
 
     def train_epoch(self, epoch: int) -> EpochStats:
-        """Move the augmentation's epoch clock, then one epoch over this worker's shard (the rest of it, when
-        the epoch resumes from a checkpoint taken inside it)."""
-        import ray
-
+        """One epoch over this worker's data (the rest of it, when the epoch resumes from a checkpoint taken
+        inside it)."""
         cfg = self.cfg
         self.progress.end_epoch()
         stats, self.epoch_samples, skip = EpochStats(), [], None
         if self.resumed is not None:
             stats, self.epoch_samples, skip = self.resumed
             self.resumed = None
-        if self.shard is None:
-            batches = self._run_stream_epoch(epoch, skip)
-        else:
-            if self.clock is not None:
-                if self.rank == 0:
-                    ray.get(self.clock.set.remote(epoch, skip))
-                ranks.barrier()  # no worker pulls the epoch's first batch before the clock moved
-            batches = self.shard.iter_torch_batches(
-                batch_size=cfg.optim.batch_size,
-                drop_last=True,
-                prefetch_batches=cfg.data.prefetch_batches,
-                local_shuffle_buffer_size=cfg.data.local_shuffle_buffer or None,
-                local_shuffle_seed=(cfg.seed * 7919 + epoch) * 64 + self.rank,
-            )
+        batches = self.data.batches(epoch, self.end_epoch, skip)
 
         def on_step(logs: dict[str, float]) -> None:
             if self.log is not None:
@@ -276,41 +262,6 @@ class _Worker:
             loss_hook=self.loss_hook,
             stats=stats,
         )
-
-    def _run_stream_epoch(self, epoch: int, skip: np.ndarray | None) -> Any:
-        """``epoch``'s batches from this worker's one-execution stream (``data.stream: run``), opened for
-        every epoch still to come at the first epoch, and again only when the run's epochs changed (a
-        time budget) or the epoch resumes inside itself (``skip``: what every rank trained on before)."""
-        fresh, self.stream_opened_for = self.stream_opened_for == epoch, None
-        nxt = next(self.stream, None) if self.stream is not None and (skip is None or fresh) else None
-        if nxt is None or nxt[0] != epoch:
-            self._open_stream(epoch, skip)
-            nxt = next(self.stream)
-        return nxt[1]
-
-    def _open_stream(self, epoch: int, skip: np.ndarray | None) -> None:
-        """Build the stream of epochs ``epoch`` .. ``end_epoch - 1`` (``skip``: samples ``epoch`` leaves
-        out) and start its execution in the background."""
-        from data.pipeline import configure_data_context
-        from data.run_stream import build_run_stream, epoch_batches
-
-        cfg = self.cfg
-        epochs = range(epoch, self.end_epoch)
-        configure_data_context()  # this process runs the execution: its blocks, no progress bars
-        ds, _ = build_run_stream(
-            cfg.data,
-            cfg.seed,
-            epochs,
-            rank=self.rank,
-            world=self.world,
-            batch_size=cfg.optim.batch_size,
-            skip=None if skip is None else {epoch: skip},
-            corrupt_counter=self.plan.corrupt_counter,
-        )
-        self.stream = epoch_batches(
-            ds, cfg.optim.batch_size, epochs, prefetch_batches=cfg.data.prefetch_batches, start=True
-        )
-        self.stream_opened_for = epoch
 
     def _checkpoint_inside(self, epoch: int, stats: EpochStats) -> None:
         """A checkpoint after this step when the policy says so (every rank decides alike); the steps logged

@@ -41,13 +41,14 @@ MODULES = {
 }
 
 #: Seconds a section may take before it is stopped and recorded as an error (full, quick): a hung
-#: Ray job must not eat the whole 15-minute budget.
+#: Ray job must not eat the whole 15-minute budget. On the 2-CPU AVX2 host of 2026-12-02 the start-up
+#: section (6 runs of both streams, 3 bare) took 523 s and the sweep passed 600 s before its grid ended.
 TIME_LIMITS = {
     "loss": (720, 120),
     "data": (300, 90),
     "step": (600, 180),
-    "startup": (600, 150),
-    "sweep": (600, 300),
+    "startup": (900, 150),
+    "sweep": (1200, 300),
     "embed": (900, 300),
 }
 

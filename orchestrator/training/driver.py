@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from data.run_actors import pin_ray_data_singletons
 from data.sources import is_uri
 from orchestrator import checkpointing as ckpt
 from orchestrator import console, fault_injection, preflight, tracking
@@ -247,6 +246,8 @@ def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[st
             with guard.deferred("Ray has started"):  # a half-started Ray could not be shut down
                 started = connect_ray(cfg)
             guard.reinstall()
+            from data.run_actors import pin_ray_data_singletons  # Ray's: not imported before Ray is needed
+
             pin_ray_data_singletons(wait=False)  # their processes start while the MLflow run is created
             if started and preflight.ray_address(cfg)[0]:
                 preflight.check_cluster_resources(cfg)

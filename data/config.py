@@ -119,10 +119,3 @@ def for_reading(cfg: DataConfig, meta: dict[str, Any], path: str) -> DataConfig:
     if cfg.channels and cfg.mean and cfg.std:
         return cfg
     return with_dataset_stats(cfg, meta, path)
-
-
-def crop_sizes(data_cfg: Any) -> tuple[int, ...]:
-    """Every crop size the backbone sees, global first (a ViT patch must divide them all)."""
-    if data_cfg.local_crops:
-        return (data_cfg.global_crop_size, data_cfg.local_crop_size)
-    return (data_cfg.global_crop_size,)

@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
-from data.config import DataConfig, crop_sizes
+from data.config import DataConfig
 from orchestrator.fault_injection import DebugConfig
-from trainers.backbones import ModelConfig, check_backbone_name, patch_size_for
+from trainers.backbones import ModelConfig, check_backbone_name, crop_sizes, patch_size_for
 from trainers.evaluation import EvalConfig
 from trainers.methods import get_method
 from trainers.optim import OptimConfig

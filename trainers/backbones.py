@@ -94,6 +94,13 @@ def small_patch_size(crop_sizes: Sequence[int]) -> int:
     return 1
 
 
+def crop_sizes(data_cfg: Any) -> tuple[int, ...]:
+    """Every crop size the backbone sees, global first (a ViT patch must divide them all)."""
+    if data_cfg.local_crops:
+        return (data_cfg.global_crop_size, data_cfg.local_crop_size)
+    return (data_cfg.global_crop_size,)
+
+
 def patch_size_for(cfg: ModelConfig, crop_sizes: Sequence[int]) -> int | None:
     """The ViT patch size the backbone is built with: ``model.patch_size`` when set, the small-image
     patch when the stem resolves to ``small``, else None (timm's own)."""

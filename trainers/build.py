@@ -14,8 +14,7 @@ from typing import Any
 
 import torch
 
-from data.config import crop_sizes
-from trainers.backbones import build_backbone
+from trainers.backbones import build_backbone, crop_sizes
 from trainers.engine import Engine, resolve_precision
 from trainers.methods import Method, MethodContext, get_method
 

@@ -156,12 +156,6 @@ def build_trainer(
         progress_interval_s=progress_interval_s,
         label=label,
     )
-    resources: dict[str, float] = {"CPU": cfg.train.cpus_per_worker}
-    if cfg.train.gpus_per_worker > 0:
-        resources["GPU"] = cfg.train.gpus_per_worker
-    scaling = ray.train.ScalingConfig(
-        num_workers=workers, use_gpu=cfg.train.gpus_per_worker > 0, resources_per_worker=resources
-    )
     run_config = ray.train.RunConfig(
         name=run_name,
         storage_path=storage_path,
@@ -177,9 +171,22 @@ def build_trainer(
         train_loop_per_worker,
         train_loop_config={"plan": plan},
         torch_config=loopback_ddp.torch_config(),
-        scaling_config=scaling,
+        scaling_config=_scaling(cfg),
         run_config=run_config,
         datasets=datasets,
+    )
+
+
+def _scaling(cfg: ExperimentConfig) -> Any:
+    """Ray Train's ``ScalingConfig``: ``train.workers`` workers of ``train.cpus_per_worker`` CPUs and
+    ``train.gpus_per_worker`` GPUs."""
+    import ray.train
+
+    resources: dict[str, float] = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.gpus_per_worker > 0:
+        resources["GPU"] = cfg.train.gpus_per_worker
+    return ray.train.ScalingConfig(
+        num_workers=cfg.train.workers, use_gpu=cfg.train.gpus_per_worker > 0, resources_per_worker=resources
     )
 
 

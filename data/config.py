@@ -70,6 +70,13 @@ class DataConfig:
         help="training stream: a Ray Data execution per epoch (split across the workers), or one execution "
         "per worker for the whole run (data.run_stream: its map_workers actors of map_cpus start once)",
     )
+    decode_cache_mb: int = opt(
+        256,
+        ge=0,
+        le=1_048_576,
+        help="data.stream run: decoded images each map actor keeps across epochs, MiB (0 = off); a data "
+        "set of small images that fits is decoded once a run instead of once an epoch",
+    )
     map_compute: str = opt(
         "tasks",
         choices=("tasks", "actors"),

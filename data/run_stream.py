@@ -37,6 +37,7 @@ import ray
 
 from data.batch_maps import decode_rows
 from data.config import DataConfig, for_reading
+from data.decode_cache import MISS, DecodeCache
 from data.run_actors import DEFAULT_CORRUPT_COUNTER, get_corrupt_counter
 from data.shards import parquet_files, read_meta, resolve_shards, split_path
 
@@ -134,7 +135,9 @@ class RunStreamBatch:
         torch.set_num_threads(1)
         self.cfg, self.plan, self.counter = cfg, plan, corrupt_counter
         self.augment = MultiCropAugment(cfg)
-        self._tables: OrderedDict[int, tuple[Any, np.ndarray, np.ndarray]] = OrderedDict()
+        self.cache = DecodeCache(cfg.decode_cache_mb * 2**20)  # pixels kept across epochs
+        self._columns: OrderedDict[int, Any] = OrderedDict()  # the last files' image columns
+        self._labels: dict[int, np.ndarray] = {}  # every file's labels (small; kept)
         self._epoch: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
@@ -149,28 +152,46 @@ class RunStreamBatch:
             self._epoch = (epoch, self.plan.epoch_rows(epoch))
         return self._epoch[1]
 
-    def _table(self, f: int) -> tuple[Any, np.ndarray, np.ndarray]:
-        if f not in self._tables:
-            t = pq.read_table(
-                self.plan.files[f], columns=["image", "label", "index"], filesystem=self.plan.filesystem
+    def _column(self, f: int) -> Any:
+        """The image column of shard file ``f`` (its labels are kept on the side)."""
+        if f not in self._columns:
+            t = pq.read_table(self.plan.files[f], columns=["image", "label"], filesystem=self.plan.filesystem)
+            self._columns[f] = t.column("image").combine_chunks()
+            self._labels[f] = t.column("label").to_numpy().astype(np.int64)
+            while len(self._columns) > CACHED_FILES:
+                self._columns.popitem(last=False)
+        self._columns.move_to_end(f)
+        return self._columns[f]
+
+    def _label(self, f: int) -> np.ndarray:
+        if f not in self._labels:
+            self._labels[f] = (
+                pq.read_table(self.plan.files[f], columns=["label"], filesystem=self.plan.filesystem)
+                .column("label")
+                .to_numpy()
+                .astype(np.int64)
             )
-            self._tables[f] = (
-                t.column("image").combine_chunks(),
-                t.column("label").to_numpy().astype(np.int64),
-                t.column("index").to_numpy().astype(np.int64),
-            )
-            while len(self._tables) > CACHED_FILES:
-                self._tables.popitem(last=False)
-        self._tables.move_to_end(f)
-        return self._tables[f]
+        return self._labels[f]
+
+    def _decode(self, fid: np.ndarray, pos: np.ndarray) -> list[Any]:
+        """The chunk's images, ``None`` where one does not decode; from the cache where it has them."""
+        images: list[Any] = [self.cache.get(int(f), int(p)) for f, p in zip(fid, pos)]
+        todo = [k for k, im in enumerate(images) if im is MISS]
+        if todo:
+            raw = [self._column(int(fid[k]))[int(pos[k])].as_py() for k in todo]
+            decoded, ok = decode_rows(raw, self.cfg.channels)
+            fresh = iter(decoded)
+            for k, good in zip(todo, ok):
+                images[k] = next(fresh) if good else None
+                self.cache.put(int(fid[k]), int(pos[k]), images[k])
+        return images
 
     def _chunk(self, epoch: int, fid: np.ndarray, pos: np.ndarray) -> dict[str, np.ndarray]:
-        images, labels, indices = [], np.zeros(len(pos), np.int64), np.zeros(len(pos), np.int64)
-        for k, (f, p) in enumerate(zip(fid, pos)):
-            column, label, index = self._table(int(f))
-            images.append(column[int(p)].as_py())
-            labels[k], indices[k] = label[p], index[p]
-        decoded, keep = decode_rows(images, self.cfg.channels)
+        labels = np.array([self._label(int(f))[p] for f, p in zip(fid, pos)], np.int64)
+        indices = np.array([self.plan.indices[f][p] for f, p in zip(fid, pos)], np.int64)
+        images = self._decode(fid, pos)
+        keep = np.array([im is not None for im in images], bool)
+        decoded = [im for im in images if im is not None]
         if not keep.all():
             ray.get(self.counter.add.remote("train", indices[~keep].tolist()))
             if not keep.any():  # nothing to stand in: the rows are left out (the epoch comes up short)

@@ -4,6 +4,7 @@ rows counted and stood in for), and that the map actors start once for all epoch
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -12,10 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data.config import DataConfig
+from data.config import DataConfig, for_reading
+from data.decode_cache import MISS, ROW_OVERHEAD, DecodeCache
 from data.pipeline import configure_data_context
 from data.run_actors import corrupt_count
-from data.run_stream import _started, build_run_stream, epoch_batches, make_plan
+from data.run_stream import RunStreamBatch, _started, build_run_stream, epoch_batches, make_plan
+from data.shards import read_meta
 from data.sources import prepare_fashion_mnist
 from data.torch_dataset import MultiCropTorchDataset
 
@@ -129,3 +132,57 @@ def test_a_started_stream_raises_its_error_in_the_consumer_at_the_first_next():
     it = _started(broken())
     with pytest.raises(OSError, match="shard unreadable"):
         next(it)
+
+
+def test_the_decode_cache_keeps_to_its_budget_and_evicts_the_least_recently_used_file():
+    import torch
+
+    image = torch.zeros((1, 28, 28), dtype=torch.uint8)
+    row = ROW_OVERHEAD + 784
+    cache = DecodeCache(budget_bytes=3 * row)
+    assert cache.get(0, 5) is MISS and cache.misses == 1
+    assert cache.put(0, 5, image) and cache.put(0, 6, None)  # a corrupt row is kept as None
+    assert cache.get(0, 6) is None and cache.get(0, 5) is image and cache.hits == 2
+    assert cache.bytes == row + ROW_OVERHEAD  # a corrupt row costs its overhead only
+    assert cache.put(1, 0, image)  # fits beside file 0: 2 rows + 1 overhead <= 3 rows
+    assert cache.put(2, 0, image)  # does not fit: file 0, the least recently used, goes whole
+    assert cache.get(0, 5) is MISS and cache.get(1, 0) is image and len(cache) == 2
+    assert cache.bytes == 2 * row <= cache.budget
+    assert cache.put(1, 0, image) and cache.bytes == 2 * row  # a row already kept is not counted twice
+    assert not DecodeCache(0).put(0, 0, image)  # 0 = off
+
+
+@pytest.mark.ray
+def test_an_actor_decodes_each_image_once_a_run_and_makes_the_same_views(shards, ray_local):
+    """The cache changes where pixels come from, never the views: epoch 1 of an actor with the cache
+    decodes nothing and equals, bit for bit, an actor without it; a budget of about one file evicts and
+    still gives the same views."""
+    from data.run_actors import get_corrupt_counter
+
+    base = DataConfig(path=str(shards), map_batch_size=32)
+    base = for_reading(base, read_meta(str(shards)), str(shards))
+    plan = make_plan(base, seed=2, batch_size=BATCH)
+
+    def planned(epoch: int) -> set[tuple[int, int]]:  # (file, row) pairs of an epoch
+        return set(zip(*(a.tolist() for a in plan.epoch_rows(epoch))))
+
+    assert len(planned(1) & planned(0)) >= 270  # most of epoch 1's 288 rows were met in epoch 0
+    counter = get_corrupt_counter("cache-corrupt")
+    actors = {
+        mb: RunStreamBatch(dataclasses.replace(base, decode_cache_mb=mb), plan, counter) for mb in (256, 0)
+    }
+    small = RunStreamBatch(base, plan, counter)
+    small.cache = DecodeCache(150_000)  # one file of 100 rows is 129,600 bytes
+    for epoch in (0, 1):
+        block = {"epoch": np.array([epoch]), "chunk": np.array([0]), "chunks": np.array([plan.chunks(epoch)])}
+        outs = {name: list(actor(block)) for name, actor in [*actors.items(), ("small", small)]}
+        assert len(outs[0]) == 9  # 288 rows in chunks of 32
+        for a, b, c in zip(outs[256], outs[0], outs["small"]):
+            for key in ("global", "local", "label", "index", "epoch"):
+                np.testing.assert_array_equal(a[key], b[key])
+                np.testing.assert_array_equal(a[key], c[key])
+        # each row is decoded the first time the run meets it (the corrupt one too), then read from the cache
+        assert actors[256].cache.misses == len(planned(0) | planned(epoch))
+        assert actors[256].cache.hits == (len(planned(1) & planned(0)) if epoch else 0)
+        assert actors[0].cache.misses == 288 * (epoch + 1) and len(actors[0].cache) == 0
+        assert small.cache.bytes <= 150_000 and small.cache.hits < 288 * epoch + 1

@@ -11,10 +11,14 @@ shuffle buffer); the DataLoader uses ``shuffle=True``.
 
 Two more lines compare streams kept across epochs: ``data.run_stream`` (one Ray Data execution for all
 the epochs, its ``cpus + 1`` map actors started once) against a DataLoader with ``persistent_workers=True``. After a
-warm-up epoch (the actors' or workers' start), each repeat is 3 consecutive epochs timed together: a stream
-runs ahead into the next epoch, so a single epoch's time swings with where the boundary fell.
+warm-up epoch (the actors' or workers' start), each repeat is 6 (28 px) or 8 consecutive epochs timed
+together, about 6 s: a stream runs ahead into the next epoch and keeps finished blocks queued, so a short
+window's time swings with where the boundaries fell (3-epoch windows of 2 s spread over 0.6-1.5x).
 The one-execution figure's ratio is against the per-epoch DataLoader (the issue's baseline); its ratio to
-the persistent DataLoader is ``one_execution_vs_persistent_dataloader_<size>`` in ``derived``.
+the persistent DataLoader is ``one_execution_vs_persistent_dataloader_<size>`` in ``derived``. The stream
+runs twice, first with its actors' decode cache off (``data.decode_cache_mb: 0``, every epoch decodes its
+PNGs, as the DataLoader does), then on (the default: each actor decodes an image once a run);
+``decode_cache_gain_<size>`` is the ratio.
 
 Sizes: 28 px (Fashion-MNIST native, locals 12), upscaled to 96 px (locals 36) and 224 px (locals 96,
 the published BAM/DINO crops). ``N`` shrinks with the crop area so each pass takes seconds.
@@ -31,9 +35,9 @@ from pathlib import Path
 from bench.common import BenchContext, Figure, SectionResult
 from bench.fixtures import init_ray, shards
 
-# (global px, local px, images per pass, batch size)
-FULL = ((28, 12, 4000, 256), (96, 36, 512, 64), (224, 96, 128, 32))
-QUICK = ((28, 12, 128, 32),)
+# (global px, local px, images per pass, batch size, epochs per repeat of the streams kept across epochs)
+FULL = ((28, 12, 4000, 256, 6), (96, 36, 512, 64, 8), (224, 96, 128, 32, 8))
+QUICK = ((28, 12, 128, 32, 1),)
 LOCAL_CROPS = 6
 
 
@@ -206,7 +210,7 @@ def run(ctx: BenchContext) -> SectionResult:
         f"{workers} CPUs each side: {workers} Ray Data map actors vs {workers} DataLoader workers; "
         "one repeat = one epoch over the same images (2 global + 6 local crops)."
     )
-    for g, loc, n, batch in sizes:
+    for g, loc, n, batch, group in sizes:
         cfg = _cfg(path, g, loc, n, batch, workers)
         params = {
             "global_px": g,
@@ -239,9 +243,8 @@ def run(ctx: BenchContext) -> SectionResult:
             raise AssertionError(
                 f"{g}px: Ray saw {len(ray_seen)} images, DataLoader {len(torch_seen)}, expected the same {n}"
             )
-        # Streams kept across epochs: a repeat is `group` consecutive epochs, since a stream runs ahead
-        # into the next epoch and one epoch's time alone swings with where the boundary fell.
-        group = 1 if ctx.quick else 3
+        # Streams kept across epochs: a repeat is `group` consecutive epochs (about 6 s), since a stream
+        # runs ahead into the next epoch and a short window's time swings with where the boundaries fell.
         loader, sampler = persistent_loader(tds, batch, workers)
         persistent_runs, count, t0 = [], 0, time.perf_counter()
         for i in range(warmup + repeats * group):
@@ -256,14 +259,21 @@ def run(ctx: BenchContext) -> SectionResult:
         # One actor more than cores: an actor lives for the whole stream, so the extra one costs no
         # start per epoch and fills the gaps where the others wait (1.36 -> 1.62 of 2 cores busy at 96 px)
         one_cfg = dataclasses.replace(cfg, map_workers=workers + 1)
-        times, stream_first, stream_seen = stream_passes(one_cfg, batch, warmup + repeats * group)
-        for rows in stream_seen:  # whole batches of the same images, each once
-            if len(rows) != n - n % batch or not rows <= torch_seen:
-                raise AssertionError(f"{g}px: an epoch of the one-execution stream gave {len(rows)} images")
-        stream_runs = [
-            sum(len(r) for r in stream_seen[k : k + group]) / sum(times[k : k + group])
-            for k in range(warmup, warmup + repeats * group, group)
-        ]
+        runs = {}
+        for cache_mb in (0, one_cfg.decode_cache_mb):  # without, then with the actors' decode cache
+            times, stream_first, stream_seen = stream_passes(
+                dataclasses.replace(one_cfg, decode_cache_mb=cache_mb), batch, warmup + repeats * group
+            )
+            for rows in stream_seen:  # whole batches of the same images, each once
+                if len(rows) != n - n % batch or not rows <= torch_seen:
+                    raise AssertionError(
+                        f"{g}px: an epoch of the one-execution stream gave {len(rows)} images"
+                    )
+            runs[cache_mb] = [
+                sum(len(r) for r in stream_seen[k : k + group]) / sum(times[k : k + group])
+                for k in range(warmup, warmup + repeats * group, group)
+            ]
+        stream_runs = runs[one_cfg.decode_cache_mb]
         tag = f"{g}px+{loc}px"
         res.add(Figure("data", f"Ray Data multi-crop {tag}", "img/s", ray_runs, True, params))
         res.add(Figure("data", f"torch DataLoader multi-crop {tag}", "img/s", torch_runs, True, params))
@@ -277,6 +287,9 @@ def run(ctx: BenchContext) -> SectionResult:
         )
         res.add(Figure("data", one, "img/s", stream_runs, True, dict(params, map_actors=workers + 1)))
         res.add(Figure("data", keep, "img/s", persistent_runs, True, params))
+        uncached = f"Ray Data one execution, no decode cache, multi-crop {tag}"
+        res.add(Figure("data", uncached, "img/s", runs[0], True, dict(params, map_actors=workers + 1)))
+        res.derived[f"decode_cache_gain_{g}px"] = round(res.get(one).median / res.get(uncached).median, 3)
         res.compare(one, f"torch DataLoader multi-crop {tag}")
         res.derived[f"one_execution_vs_persistent_dataloader_{g}px"] = round(
             res.get(one).median / res.get(keep).median, 3

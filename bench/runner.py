@@ -45,7 +45,7 @@ MODULES = {
 #: section (6 runs of both streams, 3 bare) took 523 s and the sweep passed 600 s before its grid ended.
 TIME_LIMITS = {
     "loss": (720, 120),
-    "data": (300, 90),
+    "data": (600, 90),
     "step": (600, 180),
     "startup": (900, 150),
     "sweep": (1200, 300),

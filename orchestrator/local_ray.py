@@ -193,6 +193,21 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def send_token_when_one_exists() -> None:
+    """Authenticate like ``ray start`` does. Ray >= 2.5x turns token authentication on for clusters
+    started where a token exists (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN[_PATH]``), but a plain client
+    process only sends the token when ``RAY_AUTH_MODE=token``: without this every request to such a
+    cluster fails ("Authentication token is missing or incorrect"). An explicit ``RAY_AUTH_MODE`` is
+    respected."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token auth helpers: nothing to do
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
 def connect_or_start(address: str | None, num_cpus: int, num_gpus: int | None = None) -> bool:
     """The one way bamray gets a Ray: reuse an initialised one; else ``address`` / ``RAY_ADDRESS`` (a cluster,
     or a submitted job's); else :func:`start_local_ray` with ``num_cpus`` logical CPUs (and ``num_gpus``).
@@ -207,7 +222,12 @@ def connect_or_start(address: str | None, num_cpus: int, num_gpus: int | None = 
 
     quiet_driver_loggers()
     if address:
-        ray.init(address=address)
+        # a Ray that bamray started on this machine listens on 127.0.0.1 only: join it the way it was
+        # started, or Ray rewrites the address to the machine's routable one, where nothing listens
+        host = address.split("://")[-1].rsplit(":", 1)[0]
+        send_token_when_one_exists()
+        with _loopback_node() if host in (LOOPBACK, "localhost") else contextlib.nullcontext():
+            ray.init(address=address)
     else:
         start_local_ray(num_cpus, **({"num_gpus": num_gpus} if num_gpus is not None else {}))
     route_ray_output()

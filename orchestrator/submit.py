@@ -87,22 +87,13 @@ def entrypoint(args: list[str], python: str = "python") -> str:
 
 
 def job_client(address: str):
-    """A ``JobSubmissionClient`` that authenticates like ``ray start`` does.
-
-    Ray >= 2.5x turns token authentication on for clusters started where a token exists
-    (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN[_PATH]``), but a plain client process only sends the token
-    when ``RAY_AUTH_MODE=token``: without this every request to such a cluster fails with "Missing
-    authentication token". An explicit ``RAY_AUTH_MODE`` is respected."""
+    """A ``JobSubmissionClient`` that authenticates like ``ray start`` does
+    (:func:`orchestrator.local_ray.send_token_when_one_exists`)."""
     from ray.job_submission import JobSubmissionClient
 
-    try:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
+    from orchestrator.local_ray import send_token_when_one_exists
 
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    except ImportError:  # older/newer Ray without token auth helpers: nothing to do
-        pass
+    send_token_when_one_exists()
     return JobSubmissionClient(address)
 
 

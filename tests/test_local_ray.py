@@ -70,6 +70,51 @@ def test_local_ray_workers_and_detached_actors_run_the_hook(tmp_path):
     assert f"LEVELS {logging.ERROR} {logging.ERROR}" in out.stdout, out.stdout[-2000:]
 
 
+def test_another_process_joins_a_local_ray_by_its_address(tmp_path):
+    """A Ray that bamray started listens on 127.0.0.1 only, with Ray's token authentication: a second
+    process given its address (``train.address``) joins it on loopback and sends the token, where a plain
+    ``ray.init(address=...)`` looks for it at the machine's routable address and is refused."""
+    keeper = textwrap.dedent("""
+        import sys, tempfile, ray
+        from orchestrator.local_ray import start_local_ray
+        context = start_local_ray(2, _temp_dir=tempfile.mkdtemp(prefix="lk", dir="/tmp"), log_to_driver=False)
+        print("GCS", context.address_info["gcs_address"], flush=True)
+        sys.stdin.readline()  # kept until the joiner is done
+        ray.shutdown()
+    """)
+    joiner = textwrap.dedent("""
+        import sys, ray
+        from orchestrator.local_ray import connect_or_start
+        assert connect_or_start(sys.argv[1], num_cpus=1)  # joined, not started: 2 CPUs are the keeper's
+        print("JOINED", ray.cluster_resources()["CPU"], ray.nodes()[0]["NodeManagerAddress"], flush=True)
+        ray.shutdown()
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    kept = subprocess.Popen(
+        [sys.executable, "-c", keeper],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    try:
+        address = next(line.split()[1] for line in kept.stdout if line.startswith("GCS"))
+        assert address.startswith("127.0.0.1:")
+        out = subprocess.run(
+            [sys.executable, "-c", joiner, address],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+            env=env,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "JOINED 2.0 127.0.0.1" in out.stdout, out.stdout[-2000:]
+    finally:
+        kept.communicate("\n", timeout=60)
+
+
 def test_loopback_mode_is_restored_after_init():
     """Ray's single-machine switch is flipped for ``ray.init`` only: a later ``ray.init(address=...)`` in
     the same process must see this machine's routable address again."""

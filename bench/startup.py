@@ -54,6 +54,19 @@ def set_args(overrides: dict) -> list[str]:
     return out
 
 
+def _first_step(
+    base: dict, uri: str, env: dict[str, str], name: str, extra: dict
+) -> tuple[float, list, float]:
+    """Launch one ``bamray train`` of ``base`` + ``extra``; (seconds to its first step, its output lines
+    with their times, the launch time)."""
+    o = dict(base, **{"name": name, "tracking.run_name": name}, **extra)
+    cmd = [sys.executable, "-m", "orchestrator", "train", "--config", "bam_fmnist", *set_args(o)]
+    t0, lines, rc = launch(cmd, REPO, env, TIMEOUT_S)
+    if rc != 0:
+        raise RuntimeError(f"`bamray train` ({extra}) exited {rc}:\n{output_tail(lines)}")
+    return _first_step_time(uri, name) - t0, lines, t0
+
+
 def keep_local_ray(env: dict[str, str]) -> subprocess.Popen:
     """A process holding a local Ray (bamray's: loopback only) until a line reaches its stdin; it prints
     ``GCS <address>`` once Ray is up."""
@@ -107,13 +120,7 @@ def run(ctx: BenchContext) -> SectionResult:
     totals, ready, first_steps, run_stream = [], [], [], []
     # alternate the two data streams, so that a slow spell of the machine does not land on one of them
     for i, stream in [(i, s) for i in range(repeats) for s in ("epoch", "run")]:
-        name = f"bench-startup-{stream}-{i}"
-        o = dict(base, **{"name": name, "tracking.run_name": name, "data.stream": stream})
-        cmd = [sys.executable, "-m", "orchestrator", "train", "--config", "bam_fmnist", *set_args(o)]
-        t0, lines, rc = launch(cmd, REPO, env, TIMEOUT_S)
-        if rc != 0:
-            raise RuntimeError(f"`bamray train` exited {rc}:\n{output_tail(lines)}")
-        first = _first_step_time(uri, name) - t0
+        first, lines, t0 = _first_step(base, uri, env, f"bench-startup-{stream}-{i}", {"data.stream": stream})
         ctx.log(f"  startup: bamray train (data.stream {stream}) first step after {first:.1f}s")
         if stream == "run":
             run_stream.append(first)
@@ -133,12 +140,7 @@ def run(ctx: BenchContext) -> SectionResult:
         address = next(line.split()[1] for line in kept.stdout if line.startswith("GCS "))
         for i in range(repeats):
             name = f"bench-startup-joined-{i}"
-            o = dict(base, **{"name": name, "tracking.run_name": name, "train.address": address})
-            cmd = [sys.executable, "-m", "orchestrator", "train", "--config", "bam_fmnist", *set_args(o)]
-            t0, lines, rc = launch(cmd, REPO, env, TIMEOUT_S)
-            if rc != 0:
-                raise RuntimeError(f"`bamray train` (joining {address}) exited {rc}:\n{output_tail(lines)}")
-            joined.append(_first_step_time(uri, name) - t0)
+            joined.append(_first_step(base, uri, env, name, {"train.address": address})[0])
             ctx.log(f"  startup: bamray train joining a running Ray: first step after {joined[-1]:.1f}s")
     finally:
         kept.communicate("\n", timeout=60)

@@ -74,30 +74,17 @@ def test_another_process_joins_a_local_ray_by_its_address(tmp_path):
     """A Ray that bamray started listens on 127.0.0.1 only, with Ray's token authentication: a second
     process given its address (``train.address``) joins it on loopback and sends the token, where a plain
     ``ray.init(address=...)`` looks for it at the machine's routable address and is refused."""
-    keeper = textwrap.dedent("""
-        import sys, tempfile, ray
-        from orchestrator.local_ray import start_local_ray
-        context = start_local_ray(2, _temp_dir=tempfile.mkdtemp(prefix="lk", dir="/tmp"), log_to_driver=False)
-        print("GCS", context.address_info["gcs_address"], flush=True)
-        sys.stdin.readline()  # kept until the joiner is done
-        ray.shutdown()
-    """)
     joiner = textwrap.dedent("""
         import sys, ray
         from orchestrator.local_ray import connect_or_start
-        assert connect_or_start(sys.argv[1], num_cpus=1)  # joined, not started: 2 CPUs are the keeper's
+        assert connect_or_start(sys.argv[1], num_cpus=1)  # joined, not started: 4 CPUs are the keeper's
         print("JOINED", ray.cluster_resources()["CPU"], ray.nodes()[0]["NodeManagerAddress"], flush=True)
         ray.shutdown()
     """)
+    from bench.startup import keep_local_ray  # the bench's keeper, as a user's own process would keep one
+
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
-    kept = subprocess.Popen(
-        [sys.executable, "-c", keeper],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-    )
+    kept = keep_local_ray(env)
     try:
         address = next(line.split()[1] for line in kept.stdout if line.startswith("GCS"))
         assert address.startswith("127.0.0.1:")
@@ -110,7 +97,7 @@ def test_another_process_joins_a_local_ray_by_its_address(tmp_path):
             env=env,
         )
         assert out.returncode == 0, out.stderr[-3000:]
-        assert "JOINED 2.0 127.0.0.1" in out.stdout, out.stdout[-2000:]
+        assert "JOINED 4.0 127.0.0.1" in out.stdout, out.stdout[-2000:]
     finally:
         kept.communicate("\n", timeout=60)
 

@@ -48,6 +48,9 @@ class DecodeCache:
     def put(self, file: int, row: int, image: torch.Tensor | None) -> bool:
         """Keep ``image``; evicts the least recently used other files to make room. Returns whether it
         was kept (not when the file alone would pass the budget)."""
+        if row in self._files.get(file, ()):
+            self._files.move_to_end(file)
+            return True
         size = ROW_OVERHEAD + (image.numel() * image.element_size() if image is not None else 0)
         while self.bytes + size > self.budget:
             victim = next((f for f in self._files if f != file), None)
@@ -57,8 +60,6 @@ class DecodeCache:
             self.bytes -= self._file_bytes.pop(victim)
         rows = self._files.setdefault(file, {})
         self._files.move_to_end(file)
-        if row in rows:
-            return True
         rows[row] = image
         self._file_bytes[file] = self._file_bytes.get(file, 0) + size
         self.bytes += size

@@ -137,7 +137,7 @@ class RunStreamBatch:
         self.augment = MultiCropAugment(cfg)
         self.cache = DecodeCache(cfg.decode_cache_mb * 2**20)  # pixels kept across epochs
         self._columns: OrderedDict[int, Any] = OrderedDict()  # the last files' image columns
-        self._labels: dict[int, np.ndarray] = {}  # every file's labels (small; kept)
+        self._labels: dict[int, np.ndarray] = {}  # labels of every file read so far (small; kept)
         self._epoch: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
@@ -163,16 +163,6 @@ class RunStreamBatch:
         self._columns.move_to_end(f)
         return self._columns[f]
 
-    def _label(self, f: int) -> np.ndarray:
-        if f not in self._labels:
-            self._labels[f] = (
-                pq.read_table(self.plan.files[f], columns=["label"], filesystem=self.plan.filesystem)
-                .column("label")
-                .to_numpy()
-                .astype(np.int64)
-            )
-        return self._labels[f]
-
     def _decode(self, fid: np.ndarray, pos: np.ndarray) -> list[Any]:
         """The chunk's images, ``None`` where one does not decode; from the cache where it has them."""
         images: list[Any] = [self.cache.get(int(f), int(p)) for f, p in zip(fid, pos)]
@@ -187,9 +177,9 @@ class RunStreamBatch:
         return images
 
     def _chunk(self, epoch: int, fid: np.ndarray, pos: np.ndarray) -> dict[str, np.ndarray]:
-        labels = np.array([self._label(int(f))[p] for f, p in zip(fid, pos)], np.int64)
+        images = self._decode(fid, pos)  # reads the files the cache misses, their labels with them
+        labels = np.array([self._labels[int(f)][p] for f, p in zip(fid, pos)], np.int64)
         indices = np.array([self.plan.indices[f][p] for f, p in zip(fid, pos)], np.int64)
-        images = self._decode(fid, pos)
         keep = np.array([im is not None for im in images], bool)
         decoded = [im for im in images if im is not None]
         if not keep.all():

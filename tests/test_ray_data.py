@@ -156,3 +156,45 @@ def test_eval_datasets_sizes_balance_and_twin(cfg):
 def _collect_eval(ds) -> dict[str, np.ndarray]:
     batches = list(ds.iter_batches(batch_size=100, batch_format="numpy"))
     return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+class _Shard:
+    """Stands in for Ray Train's dataset shard: records which epochs' iterators were asked for."""
+
+    def __init__(self) -> None:
+        self.asked: list[int] = []
+
+    def iter_torch_batches(self, **kwargs) -> list[str]:
+        self.asked.append(kwargs["local_shuffle_seed"])
+        return ["b0", "b1"]
+
+
+def _per_epoch_data(clock):
+    from orchestrator.config import load_config
+    from orchestrator.training.epoch_data import EpochData
+
+    data = EpochData.__new__(EpochData)
+    data.cfg, data.rank, data.world = load_config("bam_fmnist"), 0, 1
+    data.clock, data.shard, data.stream, data.early = clock, _Shard(), None, None
+    data.opened_for = data.end_epoch = None
+    return data
+
+
+def test_the_per_epoch_stream_starts_early_only_on_a_clock_at_epoch_zero_leaving_nothing_out(ray_local):
+    """A worker group restarted without a checkpoint may find the clock moved on (or holding a resumed
+    epoch's skip list): then it must not pull epoch 0 early, rank 0 sets the clock as usual."""
+    import ray
+
+    clock = get_epoch_clock("test-early-clock")
+    data = _per_epoch_data(clock)
+    assert data._epoch_zero() == ["b0", "b1"]  # a new clock: epoch 0, nothing left out
+    ray.get(clock.set.remote(1))
+    assert data._epoch_zero() is None
+    ray.get(clock.set.remote(0, np.array([3])))
+    assert data._epoch_zero() is None
+    ray.get(clock.set.remote(0))
+    data.start_fresh(end_epoch=2)
+    assert list(data.batches(0, 2, None)) == ["b0", "b1"]
+    assert data.early is None and len(data.shard.asked) == 2  # handed over, not asked for again
+    assert list(data.batches(1, 2, None)) == ["b0", "b1"] and len(data.shard.asked) == 3
+    ray.kill(clock)

@@ -82,6 +82,10 @@ class _Worker:
         device = ray.train.torch.get_device()
         self.device = device[0] if isinstance(device, list) else device
         self.global_batch = self.cfg.optim.batch_size * self.world
+        self.data = EpochData(plan, self.rank, self.world)
+        if ray.train.get_checkpoint() is None and plan.init_checkpoint is None:
+            # a fresh run starts at epoch 0: its data starts now, its processes boot while this one does
+            self.data.start_fresh(self._end_epoch())
         self._build_model()
         self.start_epoch, self.best_knn, self.train_s = 0, -1.0, 0.0
         self.run_id = plan.mlflow_run_id
@@ -90,9 +94,9 @@ class _Worker:
         self.resumed: tuple[EpochStats, list[np.ndarray], np.ndarray] | None = None
         self.epoch_samples: list[np.ndarray] = []
         self._restore()
-        self.end_epoch = min(self.cfg.optim.epochs, int(plan.stop_after_epoch or self.cfg.optim.epochs))
-        # opened now (data.stream "run"), so that its map actors start while the rest of this set-up runs
-        self.data = EpochData(plan, self.rank, self.world)
+        self.end_epoch = self._end_epoch()
+        # opened now (data.stream "run") unless start_fresh did, so that its map actors start while the
+        # rest of this set-up runs
         self.data.open(self.start_epoch, self.end_epoch, self.resumed[2] if self.resumed else None)
         self.policy = self._mid_epoch_policy()
         self.log = self._metric_logger()
@@ -116,6 +120,10 @@ class _Worker:
             "start_epoch": self.start_epoch,
             "start_step": self.engine.step,
         }
+
+    def _end_epoch(self) -> int:
+        """The epoch this run stops before: its (restored) config's, or the plan's stop (a sweep's segment)."""
+        return min(self.cfg.optim.epochs, int(self.plan.stop_after_epoch or self.cfg.optim.epochs))
 
     def _mid_epoch_policy(self) -> midepoch.MidEpochPolicy:
         """When to checkpoint inside an epoch; with several workers every rank decides alike (a max

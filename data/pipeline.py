@@ -9,7 +9,7 @@ Both paths run the same code for a sample: :func:`data.augment.decode_image` the
 :meth:`MultiCropAugment.augment_batch`, seeded by ``(seed, epoch, index)``, so the Ray stream and
 :class:`data.torch_dataset.MultiCropTorchDataset` give bit-identical views (a test checks it) and
 neither depends on the number of workers. Evaluation rows come from the same
-:func:`data.torch_dataset.select_eval_indices` on both paths.
+:func:`data.eval_rows.select_eval_indices` on both paths.
 
 Throughput-relevant settings (``DataConfig``):
 
@@ -47,6 +47,7 @@ from ray.data.expressions import col
 
 from data.batch_maps import CleanBatch, MultiCropBatch, run_in_task
 from data.config import DataConfig, for_reading
+from data.eval_rows import select_eval_indices
 from data.run_actors import (
     DEFAULT_CORRUPT_COUNTER,
     DEFAULT_EVAL_CORRUPT_COUNTER,
@@ -54,14 +55,6 @@ from data.run_actors import (
     get_epoch_clock,
 )
 from data.shards import is_uri, read_meta, resolve_shards, split_path
-
-# The Ray-free twins live in data.torch_dataset; re-exported so `from data.pipeline import ...` keeps working.
-from data.torch_dataset import (  # noqa: F401
-    CleanTorchDataset,
-    MultiCropTorchDataset,
-    collate_batch,
-    select_eval_indices,
-)
 
 # Ray Data's default 128 MiB blocks hold a whole epoch of 28 px multi-crop output (2.4 kB an image) in
 # one block, so the first batch waits for almost the whole pass and one map task runs at a time. Smaller
@@ -185,7 +178,7 @@ def build_eval_datasets(
 
     The bank is a class-balanced ``train_fraction`` of the train split (within ``train_limit``), the
     validation set a class-balanced ``eval_fraction`` of the test split (within ``val_limit``); both
-    deterministic given ``seed`` (see :func:`data.torch_dataset.select_eval_indices`).
+    deterministic given ``seed`` (see :func:`data.eval_rows.select_eval_indices`).
     """
     path = resolve_shards(cfg)
     cfg = for_reading(cfg, read_meta(path), path)

@@ -18,30 +18,9 @@ import torch
 
 from data.augment import MultiCropAugment
 from data.config import DataConfig, for_reading
+from data.eval_rows import select_eval_indices
 from data.images import clean_transform, decode_image
 from data.shards import read_meta, read_split_table, resolve_shards
-from trainers.evaluation.knn import class_balanced_indices
-
-
-def select_eval_indices(
-    path: str, split: str, fraction: float, seed: int, limit: int = 0
-) -> np.ndarray | None:
-    """``index`` values of a deterministic, class-balanced ``fraction`` of ``split`` (``None`` = all rows).
-
-    Rows with ``index < limit`` (when ``limit > 0``) are eligible; the choice among them is
-    :func:`trainers.evaluation.knn.class_balanced_indices` (the one bank selector); returned sorted.
-    """
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction: got {fraction}; must be in (0, 1]")
-    if fraction >= 1.0 and limit <= 0:
-        return None
-    table = read_split_table(path, split, columns=["label", "index"])
-    labels = table.column("label").to_numpy()
-    indices = table.column("index").to_numpy()
-    if limit > 0:
-        keep = indices < limit
-        labels, indices = labels[keep], indices[keep]
-    return np.sort(indices[class_balanced_indices(labels, fraction, seed)])
 
 
 class _ShardRows(torch.utils.data.Dataset):

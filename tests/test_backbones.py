@@ -213,3 +213,25 @@ def test_channels_last_changes_the_layout_not_the_step():
         results.append((loss, method.backbone.conv1.weight.detach().contiguous().clone()))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
+
+
+def test_backbone_name_cache_only_ever_lets_names_through(tmp_path, monkeypatch):
+    """A stale cache (an older list of this timm version's names) sends an unknown name to timm itself,
+    which then refreshes the cache; a name timm does not know still fails, naming the field."""
+    import json
+
+    from trainers import backbones
+    from trainers.options import ConfigError
+
+    monkeypatch.setenv("BAMRAY_CACHE_DIR", str(tmp_path))
+    cache = backbones._names_cache()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(["resnet18"]))
+    backbones._known_models.cache_clear()
+    backbones.check_backbone_name("resnet18")
+    backbones.check_backbone_name("vit_tiny_patch16_224")  # not cached: timm knows it
+    assert "vit_tiny_patch16_224" in json.loads(cache.read_text())
+    with pytest.raises(ConfigError, match="model.backbone"):
+        backbones.check_backbone_name("resnet_does_not_exist")
+    cache.write_text("not json")  # a damaged cache is only slower
+    backbones.check_backbone_name("resnet18")

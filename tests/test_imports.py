@@ -7,6 +7,7 @@ the CLI builds its whole parser for every command. Each torch import there costs
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
         "import data.batch_maps",
         "import data.run_actors",
         "import data.run_stream",  # its map actor class ships by reference in the plan
+        "import data.pipeline",  # the driver builds the run's datasets with it
         "from orchestrator.cli import build_parser; build_parser()",
     ],
 )
@@ -50,3 +52,37 @@ def test_the_run_config_does_not_import_timm(statement):
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_method_lookup_imports_its_own_module_only():
+    """MAE's module imports timm (and torchvision, ``torch._dynamo``): about 4 s of a BAM driver's start-up."""
+    code = (
+        "import sys; from trainers.methods import get_method, available_methods; get_method('bam'); "
+        "print('trainers.methods.mae' in sys.modules, 'timm' in sys.modules); print(available_methods())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["False False", "['bam', 'byol', 'dino', 'mae', 'simclr']"], (
+        out.stdout
+    )
+
+
+def test_a_config_with_a_known_backbone_name_loads_without_timm(tmp_path):
+    """The first load asks timm and keeps its model names for that timm version; the next ones do not
+    import timm, torchvision or torch._dynamo (about 4 s of the driver's start-up)."""
+    code = (
+        "import sys; from orchestrator.config import load_config; load_config('bam_fmnist'); "
+        "print(sorted(m for m in ('timm', 'torchvision', 'torch._dynamo') if m in sys.modules))"
+    )
+    env = dict(os.environ, BAMRAY_CACHE_DIR=str(tmp_path))
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
+        for _ in range(2)
+    ]
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr + runs[1].stderr
+    assert runs[0].stdout.strip() != "[]"  # the first one asked timm
+    assert runs[1].stdout.strip() == "[]", runs[1].stdout
+    (cache,) = tmp_path.glob("timm-*-models.json")
+    assert "resnet18" in cache.read_text()

@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.metadata
+import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trainers.options import ConfigError, opt
@@ -64,12 +68,56 @@ class ModelConfig:
 def _known_models() -> frozenset[str]:
     import timm  # here, not at the top: a config (and every Ray process that unpickles one) stays light
 
-    return frozenset(timm.list_models())
+    names = frozenset(timm.list_models())
+    _write_names_cache(names)
+    return names
+
+
+def _names_cache() -> Path | None:
+    """Where the names of this timm version's models are kept (``$BAMRAY_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/bamray``, else ``~/.cache/bamray``); None without timm."""
+    try:
+        version = importlib.metadata.version("timm")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    root = os.environ.get("BAMRAY_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "bamray"
+    )
+    return Path(root) / f"timm-{version}-models.json"
+
+
+def _cached_names() -> frozenset[str]:
+    path = _names_cache()
+    try:
+        return frozenset(json.loads(path.read_text())) if path is not None else frozenset()
+    except (OSError, ValueError, TypeError):
+        return frozenset()
+
+
+def _write_names_cache(names: frozenset[str]) -> None:
+    """Atomically (a reader never sees half a file); a cache that cannot be written is only slower."""
+    path = _names_cache()
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(sorted(names)))
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def check_backbone_name(name: str, path: str = "model.backbone") -> None:
-    """Raise ConfigError when ``name`` is not a timm model (checked before any job starts)."""
+    """Raise ConfigError when ``name`` is not a timm model (checked before any job starts).
+
+    A name found in the cached list of this timm version's models passes without importing timm: that
+    import (timm, torchvision and ``torch._dynamo`` with it) is about 4 s of a driver's start-up, and a
+    model name of a given timm version does not go away. Any other name is checked by timm itself, which
+    refreshes the cache."""
     base = name.split(".")[0]  # timm allows 'model.tag'
+    if base in _cached_names():
+        return
     if base not in _known_models():
         close = [m for m in _known_models() if base.split("_")[0] in m][:8]
         raise ConfigError(

@@ -234,24 +234,9 @@ def raw_pixel_baseline(
 
 
 def class_balanced_indices(labels: np.ndarray | torch.Tensor, fraction: float, seed: int = 0) -> np.ndarray:
-    """Sorted positions of a class-balanced random ``fraction`` of ``labels``: the k-NN bank and the
-    validation subset of every path (Ray stream, torch twin, bench), so "the same bank" is one set.
+    """:func:`data.eval_rows.class_balanced_indices` of ``labels``, a tensor on any device or an array: the
+    k-NN bank and the validation subset of every path, so "the same bank" is one set."""
+    from data.eval_rows import class_balanced_indices as balanced
 
-    Each class keeps ``max(1, round(fraction * count))`` of its members, drawn without replacement by
-    ``numpy.random.default_rng([seed, class])``: one generator per class, so a class's draw does not
-    depend on which other classes are present, and the bank is the same on every rank and evaluation.
-    Labels must be non-negative integers (they seed the generator).
-    """
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction: got {fraction}; must be in (0, 1]")
     y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    y = y.reshape(-1)
-    if fraction == 1.0:
-        return np.arange(y.size, dtype=np.int64)
-    chosen = [np.zeros(0, dtype=np.int64)]
-    for cls in np.unique(y):
-        members = np.flatnonzero(y == cls)
-        k = max(1, int(round(fraction * len(members))))
-        rng = np.random.default_rng([int(seed), int(cls)])
-        chosen.append(rng.choice(members, size=k, replace=False))
-    return np.sort(np.concatenate(chosen)).astype(np.int64)
+    return balanced(y, fraction, seed)

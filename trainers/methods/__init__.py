@@ -1,7 +1,10 @@
 """Method registry. Adding a method = one file in this package defining a ``Method`` subclass.
 
-Every module here is imported on first lookup and each ``Method`` subclass with a ``name`` is
-registered, so nothing else has to be edited to add a method.
+A lookup imports the module named after the method first (``bam`` -> ``bam.py``) and every module here
+only when that one does not define it, or for the list of names, registering each ``Method`` subclass
+with a ``name``; so nothing else has to be edited to add a method. Importing one module, not all: MAE's
+imports timm, torchvision and with them ``torch._dynamo``, about 4 s of a driver's start-up that a BAM run
+does not use.
 """
 
 from __future__ import annotations
@@ -13,18 +16,26 @@ from trainers.methods.base import Method, MethodContext
 from trainers.options import ConfigError
 
 _REGISTRY: dict[str, type[Method]] = {}
+_IMPORTED: set[str] = set()
+
+
+def _modules() -> list[str]:
+    return [i.name for i in pkgutil.iter_modules(__path__) if not i.name.startswith("_") and i.name != "base"]
+
+
+def _register(module_name: str) -> None:
+    if module_name in _IMPORTED:
+        return
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    _IMPORTED.add(module_name)
+    for obj in vars(module).values():
+        if isinstance(obj, type) and issubclass(obj, Method) and obj is not Method and obj.name:
+            _REGISTRY[obj.name] = obj
 
 
 def _discover() -> None:
-    if _REGISTRY:
-        return
-    for info in pkgutil.iter_modules(__path__):
-        if info.name.startswith("_") or info.name == "base":
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        for obj in vars(module).values():
-            if isinstance(obj, type) and issubclass(obj, Method) and obj is not Method and obj.name:
-                _REGISTRY[obj.name] = obj
+    for module_name in _modules():
+        _register(module_name)
 
 
 def available_methods() -> list[str]:
@@ -33,7 +44,10 @@ def available_methods() -> list[str]:
 
 
 def get_method(name: str, path: str = "method.name") -> type[Method]:
-    _discover()
+    if name not in _REGISTRY and name in _modules():
+        _register(name)
+    if name not in _REGISTRY:
+        _discover()
     if name not in _REGISTRY:
         raise ConfigError(path, f"unknown method {name!r}; allowed: {available_methods()}")
     return _REGISTRY[name]

@@ -85,7 +85,10 @@ def fit_reporting_to_tune(
         except BaseException as err:  # noqa: BLE001 - re-raised in the trial's thread below
             box["error"] = err
         finally:
-            queue.put(None)
+            try:
+                queue.put(None)
+            except Exception:  # noqa: BLE001 - the queue went with a trial Tune stopped: no one waits on it
+                pass
 
     thread = threading.Thread(target=fit, name="bamray-train-fit", daemon=True)
     thread.start()

@@ -43,7 +43,15 @@ def test_the_sweep_package_still_exposes_run_sweep():
         _ = sweep.no_such_name
 
 
-@pytest.mark.parametrize("statement", ["import orchestrator.config", "import orchestrator.training.plan"])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "import orchestrator.config",
+        "import orchestrator.training.plan",
+        # what the driver imports before it hands the run to Ray Train
+        "import orchestrator.training.driver, data.pipeline, data.run_actors",
+    ],
+)
 def test_the_run_config_does_not_import_timm(statement):
     """Ray Train's controller unpickles the run's ``WorkerPlan`` (its config inside) before it starts the
     workers: importing timm and torchvision there cost about 1.2 s of CPU on the start-up's critical path.

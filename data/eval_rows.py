@@ -7,33 +7,10 @@ torch and torchvision there (through :mod:`data.torch_dataset`) cost about 4 s o
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from data.shards import read_split_table
-
-
-def class_balanced_indices(labels: Any, fraction: float, seed: int = 0) -> np.ndarray:
-    """Sorted positions of a class-balanced random ``fraction`` of ``labels`` (any array-like of
-    non-negative integers; they seed the generator).
-
-    Each class keeps ``max(1, round(fraction * count))`` of its members, drawn without replacement by
-    ``numpy.random.default_rng([seed, class])``: one generator per class, so a class's draw does not
-    depend on which other classes are present, and the bank is the same on every rank and evaluation.
-    """
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction: got {fraction}; must be in (0, 1]")
-    y = np.asarray(labels).reshape(-1)
-    if fraction == 1.0:
-        return np.arange(y.size, dtype=np.int64)
-    chosen = [np.zeros(0, dtype=np.int64)]
-    for cls in np.unique(y):
-        members = np.flatnonzero(y == cls)
-        k = max(1, int(round(fraction * len(members))))
-        rng = np.random.default_rng([int(seed), int(cls)])
-        chosen.append(rng.choice(members, size=k, replace=False))
-    return np.sort(np.concatenate(chosen)).astype(np.int64)
+from trainers.evaluation.balanced import class_balanced_indices
 
 
 def select_eval_indices(
@@ -42,7 +19,7 @@ def select_eval_indices(
     """``index`` values of a deterministic, class-balanced ``fraction`` of ``split`` (``None`` = all rows).
 
     Rows with ``index < limit`` (when ``limit > 0``) are eligible; the choice among them is
-    :func:`class_balanced_indices`; returned sorted.
+    :func:`trainers.evaluation.balanced.class_balanced_indices`; returned sorted.
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction: got {fraction}; must be in (0, 1]")

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainers import distributed as D
+from trainers.evaluation.balanced import class_balanced_indices as balanced
 
 
 @torch.no_grad()
@@ -234,9 +235,7 @@ def raw_pixel_baseline(
 
 
 def class_balanced_indices(labels: np.ndarray | torch.Tensor, fraction: float, seed: int = 0) -> np.ndarray:
-    """:func:`data.eval_rows.class_balanced_indices` of ``labels``, a tensor on any device or an array: the
-    k-NN bank and the validation subset of every path, so "the same bank" is one set."""
-    from data.eval_rows import class_balanced_indices as balanced
-
+    """:func:`trainers.evaluation.balanced.class_balanced_indices` of ``labels``, a tensor on any device or
+    an array: the k-NN bank and the validation subset of every path, so "the same bank" is one set."""
     y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     return balanced(y, fraction, seed)

@@ -55,6 +55,7 @@ def fit_reporting_to_tune(
     (:mod:`orchestrator.epoch_gate`), so a trial the scheduler stops trains no further than the epoch it
     was judged on."""
     from ray import tune
+    from ray.exceptions import RayActorError
     from ray.util.queue import Queue
 
     from data.run_actors import on_this_node
@@ -87,7 +88,7 @@ def fit_reporting_to_tune(
         finally:
             try:
                 queue.put(None)
-            except Exception:  # noqa: BLE001 - the queue went with a trial Tune stopped: no one waits on it
+            except RayActorError:  # the queue went with a trial Tune stopped: no one waits on it
                 pass
 
     thread = threading.Thread(target=fit, name="bamray-train-fit", daemon=True)

@@ -7,7 +7,10 @@ process); this module only numpy and Ray, so the three helper actors of a run st
 
 from __future__ import annotations
 
+import importlib
+import os
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -170,3 +173,33 @@ class EmbedStats:
 
     def summary(self) -> dict[str, Any]:
         return {"rows": self._rows, "corrupt": len(self._corrupt), "actors": dict(self._actors)}
+
+
+#: what a training-stream map task imports before its first batch: the augmentation (torch, torchvision;
+#: about 8 s of CPU in a new process here) and the callable it is shipped as
+MAP_TASK_MODULES = ("data.batch_maps", "data.augment", "ray.data")
+
+
+@ray.remote(num_cpus=0)
+def _import_modules(modules: Sequence[str]) -> int:
+    for name in modules:
+        importlib.import_module(name)
+    return os.getpid()
+
+
+def warm_task_workers(
+    count: int, modules: Sequence[str] = MAP_TASK_MODULES, runtime_env: dict[str, Any] | None = None
+) -> list[Any]:
+    """Start ``count`` tasks that import ``modules`` into Ray's pooled worker processes, and return their
+    refs without waiting.
+
+    Ray hands a task an idle pooled process of the same job and runtime environment, the most recently
+    used first, and keeps it across tasks (an actor always gets a new process). The per-epoch stream's map
+    tasks (``data.map_compute: tasks``) then find torch and torchvision already imported, and their first
+    batch no longer waits for a new process's imports, the last link of a run's start-up chain. The imports
+    happen while Ray Train starts its controller and worker, on CPU that the chain leaves idle.
+    ``runtime_env`` must be what the map tasks will run with (see
+    :func:`orchestrator.training.driver.train_runtime_env`): a process started under another one is never
+    handed to them. The tasks ask no CPU, so they never hold back the workers' placement."""
+    task = _import_modules.options(runtime_env=runtime_env) if runtime_env else _import_modules
+    return [task.remote(tuple(modules)) for _ in range(max(int(count), 0))]

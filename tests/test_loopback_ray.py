@@ -234,7 +234,8 @@ def test_a_local_ray_listens_on_loopback_only(driver):
 
 def test_distributed_training_on_a_local_ray_listens_on_loopback_only():
     """Ray's own torch set-up has rank 0's rendezvous store listen on every interface (``::``) and gloo on
-    the host name's address; bamray's torch config keeps a one-node group on a FileStore and loopback."""
+    the host name's address; bamray's torch config keeps a one-node group on a FileStore and loopback,
+    and leaves Ray Train's controller free of torch."""
     from orchestrator.training import loopback_ddp
 
     stores = set(Path(tempfile.gettempdir()).glob(f"{loopback_ddp.STORE_PREFIX}*"))
@@ -248,11 +249,21 @@ def test_distributed_training_on_a_local_ray_listens_on_loopback_only():
         wide = [(addr, port, titles[pid]) for pid, addr, port in sockets if not is_loopback(addr)]
         assert not wide, f"listening beyond loopback: {wide}"
         assert set(Path(tempfile.gettempdir()).glob(f"{loopback_ddp.STORE_PREFIX}*")) - stores  # a FileStore
+        # and the controller, which unpickles the torch config, never imported torch (a start-up cost)
+        controllers = [p for p in pids if "TrainController" in _title(p)]
+        assert controllers, {p: _title(p) for p in pids}
+        assert not any("libtorch" in Path(f"/proc/{p}/maps").read_text() for p in controllers)
+        assert all(
+            "libtorch" in Path(f"/proc/{p}/maps").read_text()
+            for p, _, _ in sockets
+            if "RayTrainWorker" in titles[p]
+        )
     # Ray's private helpers the backend reuses are still there
     from ray.train.torch import config as ray_torch_config
 
     assert callable(ray_torch_config._setup_torch_process_group)
     assert callable(ray_torch_config._set_torch_distributed_env_vars)
+    assert callable(ray_torch_config._shutdown_torch)
 
 
 def test_no_process_of_a_local_ray_outlives_its_killed_driver(driver):

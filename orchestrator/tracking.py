@@ -206,8 +206,8 @@ def start_system_metrics(
 ) -> Any:
     """Start MLflow's system-metrics sampler for this machine (``system/cpu_utilization_percentage``,
     memory, disk, network, and the GPUs when ``nvidia-ml-py`` finds them; ``system/<node_id>/...`` on a
-    multi-node run) in a background thread logging to ``run_id``; returns it (``.finish()`` stops it), or
-    None when ``psutil`` is missing. ``resume``: continue the run's earlier system-metric steps."""
+    multi-node run) in a background thread logging to ``run_id``; returns it (:func:`stop_system_metrics`
+    stops it), or None when ``psutil`` is missing. ``resume``: continue the run's earlier system-metric steps."""
     try:
         import psutil  # noqa: F401 - the sampler's one requirement
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -218,6 +218,19 @@ def start_system_metrics(
     )
     monitor.start()
     return monitor
+
+
+def stop_system_metrics(monitor: Any) -> None:
+    """Stop a sampler from :func:`start_system_metrics` and log what it holds unlogged.
+
+    MLflow's loop takes a sample, waits the interval, and stops without logging when it is told to stop
+    during the wait: every run loses its last sample, and a run shorter than one interval (a short or
+    fast run, every PBT segment) would have no system metrics at all."""
+    monitor.finish()
+    pending = {k: v for k, v in monitor.aggregate_metrics().items() if v == v}  # NaN: nothing sampled
+    if pending:
+        monitor.publish_metrics(pending)
+        with_retry(monitor.mlflow_logger.flush)
 
 
 def _safe_name(name: str) -> str:

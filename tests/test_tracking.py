@@ -117,6 +117,23 @@ def test_restart_logs_every_step_once(tmp_path):
     assert [m.value for m in c.get_metric_history(run_id, "eval/knn_top1")] == [50.0] * 10
 
 
+def test_a_run_shorter_than_one_sampling_interval_still_gets_its_system_metrics(tmp_path):
+    """MLflow's sampler drops the sample it holds when stopped inside its wait; stopping through bamray
+    logs it, at once rather than after the interval."""
+    uri = _uri(tmp_path)
+    run_id = tracking.create_run(uri, "exp", "r", {})
+    monitor = tracking.start_system_metrics(uri, run_id, interval_s=60.0)
+    time.sleep(1.0)  # the sampler's first sample is taken as it starts
+    t0 = time.monotonic()
+    tracking.stop_system_metrics(monitor)
+    assert time.monotonic() - t0 < 20.0
+    c = tracking.client(uri)
+    cpu = c.get_metric_history(run_id, "system/cpu_utilization_percentage")
+    memory = c.get_metric_history(run_id, "system/system_memory_usage_megabytes")
+    assert [m.step for m in cpu] == [0] and 0.0 <= cpu[0].value <= 100.0
+    assert [m.step for m in memory] == [0] and memory[0].value > 1.0  # this process alone uses more than 1 MB
+
+
 def test_metric_names_group_as_the_ui_sections_them():
     """MLflow sections charts by the prefix, alphabetically, ungrouped last: k-NN, then loss / lr, then the
     signals; timings, data waits and already-grouped names (MLflow's ``system/``) are left as they are."""

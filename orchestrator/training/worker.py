@@ -53,7 +53,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         return run.finish()
     finally:
         if run.system is not None:
-            run.system.finish()
+            tracking.stop_system_metrics(run.system)
 
 
 def _corrupt_count(name: str) -> int:

@@ -199,7 +199,7 @@ def warm_task_workers(
     batch no longer waits for a new process's imports, the last link of a run's start-up chain. The imports
     happen while Ray Train starts its controller and worker, on CPU that the chain leaves idle.
     ``runtime_env`` must be what the map tasks will run with (see
-    :func:`orchestrator.training.driver.train_runtime_env`): a process started under another one is never
+    :func:`orchestrator.training.warm_start.train_runtime_env`): a process started under another one is never
     handed to them. The tasks ask no CPU, so they never hold back the workers' placement."""
     task = _import_modules.options(runtime_env=runtime_env) if runtime_env else _import_modules
     return [task.remote(tuple(modules)) for _ in range(max(int(count), 0))]

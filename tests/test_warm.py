@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from orchestrator.config import load_config
-from orchestrator.training import driver
+from orchestrator.training import warm_start
 
 #: a standard-library module that nothing in a fresh Ray worker imports, so finding it loaded is proof
 #: that the process was the warmed one
@@ -61,7 +61,7 @@ def test_ray_datas_map_tasks_under_ray_train_land_in_the_process_warmed_with_tra
 
     from data.run_actors import warm_task_workers
 
-    env = driver.train_runtime_env()
+    env = warm_start.train_runtime_env()
     assert env is not None and env["env_vars"], "Ray Train 2.60 propagates at least its own settings"
     warmed = set(ray_local.get(warm_task_workers(1, modules=(PROBE_MODULE,), runtime_env=env)))
     work = Path(tempfile.mkdtemp(prefix="w", dir="/tmp"))
@@ -121,6 +121,6 @@ def test_the_driver_warms_one_process_per_map_worker_only_for_the_per_epoch_task
         lambda count, runtime_env=None: calls.append((count, runtime_env)),
     )
     cfg = load_config("bam_fmnist", [f"{k}={v}" for k, v in overrides.items()])
-    driver._warm_map_workers(cfg)
+    warm_start.warm_map_workers(cfg)
     assert [count for count, _ in calls] == ([warmed] if warmed else [])
-    assert all(env == driver.train_runtime_env() for _, env in calls)
+    assert all(env == warm_start.train_runtime_env() for _, env in calls)

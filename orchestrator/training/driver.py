@@ -24,7 +24,7 @@ from orchestrator import console, fault_injection, preflight, tracking
 from orchestrator.config import ExperimentConfig
 from orchestrator.downstream.init_from import init_weights
 from orchestrator.local_ray import connect_or_start
-from orchestrator.training import loopback_ddp, mlflow_run, summary
+from orchestrator.training import loopback_ddp, mlflow_run, summary, warm_start
 from orchestrator.training.data_prep import knn_source, prepare_data, resolved_data, steps_per_epoch
 from orchestrator.training.interrupt import SignalGuard, stop_on_signals
 from orchestrator.training.online_eval import KNN_CACHE_BYTES, knn_cache_bytes
@@ -256,7 +256,7 @@ def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[st
             from data.run_actors import pin_ray_data_singletons  # Ray's: not imported before Ray is needed
 
             pin_ray_data_singletons(wait=False)  # their processes start while the MLflow run is created
-            _warm_map_workers(cfg)
+            warm_start.warm_map_workers(cfg)
             if started and preflight.ray_address(cfg)[0]:
                 preflight.check_cluster_resources(cfg)
             with guard.deferred("the MLflow run is created"):  # a run whose id we never got stays RUNNING
@@ -279,38 +279,6 @@ def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[st
     out["log_path"] = str(log_path)
     _print_summary(cfg, out)
     return out
-
-
-def train_runtime_env() -> dict[str, Any] | None:
-    """The runtime environment Ray Train 2.60 gives its controller, and through it the split coordinator
-    of ``datasets=`` and the Ray Data map tasks that it starts: the job's own plus the environment
-    variables Train propagates from the driver. Ray hands a pooled process only to a task whose serialised
-    environment is the same text, so this is built as Train builds it (a Train worker's own tasks are
-    serialised otherwise and are not matched). Private to Ray Train (``TrainController``'s options);
-    None when a Ray upgrade moved it."""
-    try:
-        from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR as WARN
-        from ray.train.v2._internal.constants import (
-            DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
-            get_env_vars_to_propagate,
-        )
-    except ImportError:  # pragma: no cover - depends on the Ray version
-        return None
-    env_vars = get_env_vars_to_propagate()
-    env_vars.setdefault(WARN, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
-    return {"env_vars": env_vars}
-
-
-def _warm_map_workers(cfg: ExperimentConfig) -> None:
-    """Pre-import the augmentation in the pooled processes that the per-epoch stream's map tasks will be
-    handed (:func:`data.run_actors.warm_task_workers`). The one-execution stream and an actor pool start
-    their own processes, so nothing is warmed for them."""
-    env = train_runtime_env()
-    if env is None or cfg.data.stream != "epoch" or cfg.data.map_compute != "tasks":
-        return
-    from data.run_actors import warm_task_workers
-
-    warm_task_workers(cfg.data.map_workers, runtime_env=env)
 
 
 def _mlflow_modules(uri: str) -> tuple[str, ...]:

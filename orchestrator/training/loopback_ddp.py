@@ -20,6 +20,7 @@ starts without importing torch.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import tempfile
@@ -101,7 +102,7 @@ class LoopbackTorchBackend(Backend):
 
     share_cuda_visible_devices: bool = True
 
-    def __init__(self) -> None:
+    def __init__(self) -> None:  # once a process: Ray's backends are singletons, reset at every on_start
         self.store: str | None = None
         self.ray_backend: Backend | None = None  # a group spread over nodes: Ray's own set-up
 
@@ -150,8 +151,8 @@ class LoopbackTorchBackend(Backend):
         )
         try:
             ray.get(worker_group.execute_async(_shutdown, len(worker_group) > 1), timeout=timeout)
-        except GetTimeoutError:
-            pass  # as Ray's: a stuck process group only delays the workers' exit
+        except GetTimeoutError:  # as Ray's: a stuck process group only delays the workers' exit
+            logging.getLogger(__name__).warning("torch process group shutdown timed out after %s s", timeout)
         finally:
             if self.store is not None:
                 try:

@@ -24,7 +24,7 @@ from orchestrator import console, fault_injection, preflight, tracking
 from orchestrator.config import ExperimentConfig
 from orchestrator.downstream.init_from import init_weights
 from orchestrator.local_ray import connect_or_start
-from orchestrator.training import loopback_ddp, mlflow_run, summary, warm_start
+from orchestrator.training import mlflow_run, summary, warm_start
 from orchestrator.training.data_prep import knn_source, prepare_data, resolved_data, steps_per_epoch
 from orchestrator.training.interrupt import SignalGuard, stop_on_signals
 from orchestrator.training.online_eval import KNN_CACHE_BYTES, knn_cache_bytes
@@ -122,6 +122,7 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     from orchestrator.epoch_gate import GatedEpochs
+    from orchestrator.training import loopback_ddp  # imports Ray: not before the config is checked
 
     cfg, meta = resolved_data(cfg)
     knn = knn_source(cfg, meta)

@@ -38,6 +38,9 @@ iterating (read once per batch by the map actors).
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -60,6 +63,8 @@ from data.shards import is_uri, read_meta, resolve_shards, split_path
 # one block, so the first batch waits for almost the whole pass and one map task runs at a time. Smaller
 # blocks stream sooner and spread over more map tasks (figures in bench/README.md, section 2).
 TARGET_BLOCK_BYTES = 4 * 2**20
+#: one read at a time swaps Ray's sampling function (:func:`_sampling_in_process`)
+_PATCH_LOCK = threading.Lock()
 
 
 def configure_data_context(
@@ -133,9 +138,36 @@ def read_shards(path: str, **kwargs: Any) -> Dataset:
     default = ctx.use_datasource_v2
     ctx.use_datasource_v2 = default and is_uri(path)
     try:
-        return ray.data.read_parquet(path, columns=["image", "label", "index"], **kwargs)
+        with contextlib.nullcontext() if is_uri(path) else _sampling_in_process():
+            return ray.data.read_parquet(path, columns=["image", "label", "index"], **kwargs)
     finally:
         ctx.use_datasource_v2 = default
+
+
+@contextlib.contextmanager
+def _sampling_in_process() -> Iterator[bool]:
+    """Ray's V1 Parquet datasource reads the first rows of at least 2 files (1 %, 2 to 10) to estimate
+    their in-memory size, each in a Ray task, and ``read_parquet`` waits for them. In a run's driver those
+    tasks wait for Ray's pooled processes to boot: 2.7 s of the start-up's critical path on 2 CPUs for 2
+    footers and a few hundred rows of local files. Read here, in this process, the same function on the
+    same fragments takes milliseconds. Yields False (and Ray samples as usual) when a Ray upgrade renamed
+    the two private functions; ``tests/test_ray_data.py`` fails then."""
+    from ray.data._internal.datasource import parquet_datasource as pq
+
+    fetch_one, fetch_all = (getattr(pq, n, None) for n in ("_fetch_parquet_file_info", "_fetch_file_infos"))
+    if fetch_one is None or fetch_all is None:
+        yield False
+        return
+
+    def in_process(fragments: list[Any], *, columns: Any, schema: Any, local_scheduling: Any) -> list[Any]:
+        return [fetch_one(fragment, columns=columns, schema=schema) for fragment in fragments]
+
+    with _PATCH_LOCK:
+        pq._fetch_file_infos = in_process
+        try:
+            yield True
+        finally:
+            pq._fetch_file_infos = fetch_all
 
 
 def _map(ds: Dataset, cfg: DataConfig, fn_class: type, kwargs: dict[str, Any]) -> Dataset:

@@ -198,3 +198,29 @@ def test_the_per_epoch_stream_starts_early_only_on_a_clock_at_epoch_zero_leaving
     assert data.early is None and len(data.shard.asked) == 2  # handed over, not asked for again
     assert list(data.batches(1, 2, None)) == ["b0", "b1"] and len(data.shard.asked) == 3
     ray.kill(clock)
+
+
+def test_local_shards_are_size_sampled_in_this_process_not_in_ray_tasks(cfg, monkeypatch):
+    """``read_shards`` samples local files for Ray's size estimate in the calling process (no task, no
+    pooled process to wait for; the estimate is Ray's function on Ray's fragments), and every row is
+    read. Fails when a Ray upgrade renames the private functions the swap relies on."""
+    import os
+
+    from ray.data._internal.datasource import parquet_datasource as rpq
+
+    from data.pipeline import read_shards
+    from data.shards import split_path
+
+    real, calls = rpq._fetch_parquet_file_info, []
+
+    def counting(fragment, **kwargs):
+        calls.append(os.getpid())  # runs in a Ray task's process if sampling went there: not recorded here
+        return real(fragment, **kwargs)
+
+    monkeypatch.setattr(rpq, "_fetch_parquet_file_info", counting)
+    path = split_path(cfg.path, "train")
+    ds = read_shards(path)
+    assert calls and set(calls) == {os.getpid()}, calls  # 3 files: Ray samples 2, here, in this process
+    assert rpq._fetch_file_infos.__name__ == "_fetch_file_infos"  # Ray's own function is back
+    monkeypatch.setattr(rpq, "_fetch_parquet_file_info", real)
+    assert ds.count() == N_TRAIN

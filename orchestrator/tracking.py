@@ -375,6 +375,11 @@ class MetricLogger:
     ``flush_secs`` seconds, and on :meth:`flush`. ``(key, step)`` pairs at or below the high-water mark
     of a previous attempt are dropped, so a restart that recomputes an epoch does not log it twice.
     Non-finite values are dropped (MLflow stores NaN, but a NaN point in a loss chart hides the rest).
+
+    Nothing of MLflow is touched before the first flush: the client, its store and ``skip_upto`` (a
+    mapping, or a callable returning one, such as :func:`logged_high_water_marks`) are resolved then. A
+    worker creates its logger before its first step, and on a 2-CPU machine importing MLflow and opening
+    a SQLite store there (2 s of CPU) delayed that step; each value keeps the time it was logged at.
     """
 
     def __init__(
@@ -384,33 +389,45 @@ class MetricLogger:
         *,
         flush_every: int = 200,
         flush_secs: float = 15.0,
-        skip_upto: Mapping[str, int] | None = None,
+        skip_upto: Mapping[str, int] | Callable[[], Mapping[str, int]] | None = None,
     ):
         self.uri = uri
         self.run_id = run_id
         self.flush_every = flush_every
         self.flush_secs = flush_secs
-        self.skip_upto = dict(skip_upto or {})
-        self._buffer: list[Any] = []
+        self._skip_upto = skip_upto
+        self._buffer: list[tuple[str, float, int, int]] = []  # (key, value, ms timestamp, step)
         self._last_flush = time.monotonic()
-        self._client = client(uri)
+        self._mlflow_client: Any = None
         self.logged = 0
 
-    def log(self, metrics: Mapping[str, Any], step: int) -> None:
-        from mlflow.entities import Metric
+    @property
+    def skip_upto(self) -> dict[str, int]:
+        if self._skip_upto is None or callable(self._skip_upto):
+            self._skip_upto = dict(self._skip_upto() if callable(self._skip_upto) else {})
+        return self._skip_upto
 
+    @property
+    def _client(self) -> Any:
+        if self._mlflow_client is None:
+            self._mlflow_client = client(self.uri)
+        return self._mlflow_client
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
         ts = int(time.time() * 1000)
         for name, v in metrics.items():
-            k = mlflow_key(name)
-            if not _finite(v) or step <= self.skip_upto.get(k, -1):
-                continue
-            self._buffer.append(Metric(k, float(v), ts, int(step)))
+            if _finite(v):
+                self._buffer.append((mlflow_key(name), float(v), ts, int(step)))
         if len(self._buffer) >= self.flush_every or time.monotonic() - self._last_flush > self.flush_secs:
             self.flush()
 
     def flush(self) -> None:
+        from mlflow.entities import Metric
+
+        skip = self.skip_upto
+        self._buffer = [m for m in self._buffer if m[3] > skip.get(m[0], -1)]
         while self._buffer:
-            chunk = self._buffer[:METRICS_PER_BATCH]
+            chunk = [Metric(*m) for m in self._buffer[:METRICS_PER_BATCH]]
             with_retry(self._client.log_batch, self.run_id, metrics=chunk)
             del self._buffer[: len(chunk)]
             self.logged += len(chunk)

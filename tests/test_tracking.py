@@ -117,6 +117,36 @@ def test_restart_logs_every_step_once(tmp_path):
     assert [m.value for m in c.get_metric_history(run_id, "eval/knn_top1")] == [50.0] * 10
 
 
+def test_the_worker_logger_touches_mlflow_only_at_its_first_flush(tmp_path):
+    """The marks of a previous attempt are read, and the client opened, when the buffer is first sent
+    (after a worker's first step), not when the logger is made; values keep the time they were logged."""
+    uri = _uri(tmp_path)
+    run_id = tracking.create_run(uri, "exp", "r", {})
+    earlier = tracking.MetricLogger(uri, run_id)
+    earlier.log({"loss": 1.0}, step=3)
+    earlier.flush()
+    reads: list[dict[str, int]] = []
+
+    def marks() -> dict[str, int]:
+        reads.append(tracking.logged_high_water_marks(uri, run_id))
+        return reads[-1]
+
+    log = tracking.MetricLogger(uri, run_id, skip_upto=marks, flush_every=1000)
+    before = int(time.time() * 1000)
+    for step in range(2, 6):
+        log.log({"loss": 10.0 + step}, step=step)
+    assert reads == [] and log._mlflow_client is None  # nothing of MLflow yet
+    time.sleep(0.05)
+    log.flush()
+    log.log({"loss": 20.0}, step=6)
+    log.flush()
+    assert reads == [{"train/loss": 3}]  # read once, at the first flush
+    hist = sorted(tracking.client(uri).get_metric_history(run_id, "train/loss"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in hist] == [(3, 1.0), (4, 14.0), (5, 15.0), (6, 20.0)]
+    assert all(before <= m.timestamp < before + 50 for m in hist if m.step in (4, 5))  # logged, not sent
+    assert log.logged == 3
+
+
 def test_a_run_shorter_than_one_sampling_interval_still_gets_its_system_metrics(tmp_path):
     """MLflow's sampler drops the sample it holds when stopped inside its wait; stopping through bamray
     logs it, at once rather than after the interval."""

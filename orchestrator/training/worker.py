@@ -100,7 +100,9 @@ class _Worker:
         self.data.open(self.start_epoch, self.end_epoch, self.resumed[2] if self.resumed else None)
         self.policy = self._mid_epoch_policy()
         self.log = self._metric_logger()
-        self.system = self._start_system_metrics()
+        self.system: Any = (
+            None  # MLflow's system metrics: started after the first step, as the logger flushes
+        )
         self.evaluation = Evaluation(
             self.cfg, knn=plan.knn, prefetch=plan.knn_prefetch, rank=self.rank, world=self.world
         )
@@ -143,8 +145,9 @@ class _Worker:
         uri = self.plan.tracking_uri
         if self.rank != 0 or not self.run_id or not uri:
             return None
+        run_id = self.run_id  # the marks are read at the first flush, after the first step
         return tracking.MetricLogger(
-            uri, self.run_id, skip_upto=tracking.logged_high_water_marks(uri, self.run_id)
+            uri, run_id, skip_upto=lambda: tracking.logged_high_water_marks(uri, run_id)
         )
 
     def _start_system_metrics(self) -> Any:
@@ -254,6 +257,7 @@ class _Worker:
             if self.first_step_unix is None:  # launch -> here is start-up; the epoch's seconds so far are not
                 self.first_step_unix, self.first_step_s = time.time(), stats.seconds
                 self.evaluation.after_first_step()
+                self.system = self._start_system_metrics()  # imports MLflow: not before the first step
             self.progress.step(epoch, stats.steps, logs)
             self._checkpoint_inside(epoch, stats)
 

@@ -145,18 +145,18 @@ def read_shards(path: str, **kwargs: Any) -> Dataset:
 
 
 @contextlib.contextmanager
-def _sampling_in_process() -> Iterator[bool]:
+def _sampling_in_process() -> Iterator[None]:
     """Ray's V1 Parquet datasource reads the first rows of at least 2 files (1 %, 2 to 10) to estimate
     their in-memory size, each in a Ray task, and ``read_parquet`` waits for them. In a run's driver those
     tasks wait for Ray's pooled processes to boot: 2.7 s of the start-up's critical path on 2 CPUs for 2
     footers and a few hundred rows of local files. Read here, in this process, the same function on the
-    same fragments takes milliseconds. Yields False (and Ray samples as usual) when a Ray upgrade renamed
-    the two private functions; ``tests/test_ray_data.py`` fails then."""
+    same fragments takes milliseconds. Ray samples as usual when an upgrade renamed the two private
+    functions; ``tests/test_ray_data.py`` fails then."""
     from ray.data._internal.datasource import parquet_datasource as pq
 
     fetch_one, fetch_all = (getattr(pq, n, None) for n in ("_fetch_parquet_file_info", "_fetch_file_infos"))
     if fetch_one is None or fetch_all is None:
-        yield False
+        yield
         return
 
     def in_process(fragments: list[Any], *, columns: Any, schema: Any, local_scheduling: Any) -> list[Any]:
@@ -165,7 +165,7 @@ def _sampling_in_process() -> Iterator[bool]:
     with _PATCH_LOCK:
         pq._fetch_file_infos = in_process
         try:
-            yield True
+            yield
         finally:
             pq._fetch_file_infos = fetch_all
 

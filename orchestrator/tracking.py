@@ -395,7 +395,7 @@ class MetricLogger:
         self.run_id = run_id
         self.flush_every = flush_every
         self.flush_secs = flush_secs
-        self._skip_upto = skip_upto
+        self._skip_upto = skip_upto if callable(skip_upto) else dict(skip_upto or {})
         self._buffer: list[tuple[str, float, int, int]] = []  # (key, value, ms timestamp, step)
         self._last_flush = time.monotonic()
         self._mlflow_client: Any = None
@@ -403,8 +403,8 @@ class MetricLogger:
 
     @property
     def skip_upto(self) -> dict[str, int]:
-        if self._skip_upto is None or callable(self._skip_upto):
-            self._skip_upto = dict(self._skip_upto() if callable(self._skip_upto) else {})
+        if callable(self._skip_upto):  # read once, at the first flush
+            self._skip_upto = dict(self._skip_upto())
         return self._skip_upto
 
     @property

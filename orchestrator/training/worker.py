@@ -100,9 +100,8 @@ class _Worker:
         self.data.open(self.start_epoch, self.end_epoch, self.resumed[2] if self.resumed else None)
         self.policy = self._mid_epoch_policy()
         self.log = self._metric_logger()
-        self.system: Any = (
-            None  # MLflow's system metrics: started after the first step, as the logger flushes
-        )
+        # MLflow's system metrics: started after the first step (MLflow is not imported before it)
+        self.system: Any = None
         self.evaluation = Evaluation(
             self.cfg, knn=plan.knn, prefetch=plan.knn_prefetch, rank=self.rank, world=self.world
         )

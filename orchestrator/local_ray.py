@@ -1,8 +1,7 @@
 """The local Ray that ``bamray train`` / ``bamray sweep`` start when no cluster address is given.
 
-Kept free of heavy imports: :func:`quiet_dashboardless_warnings` runs at the start of every Ray worker
-process (``worker_process_setup_hook``), and this file runs as the watchdog script (``python -I
-local_ray.py``, see :func:`_watch`), so importing it must cost nothing.
+Kept free of heavy imports: this file runs as the watchdog script (``python -I local_ray.py``, see
+:func:`_watch`), so importing it must cost nothing.
 
 Two properties of a local Ray that plain ``ray.init()`` lacks:
 
@@ -20,7 +19,6 @@ Two properties of a local Ray that plain ``ray.init()`` lacks:
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import sys
@@ -28,37 +26,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-# Ray Train V2 starts a PlacementGroupCleaner actor per run that asks the dashboard's State API every
-# second whether the Train controller is alive. A local Ray without a dashboard cannot answer, so the
-# actor logs a warning every second for the whole run while it cannot clean anything anyway. Sweeps have
-# their own cleaner (orchestrator/reaper.py).
-_DASHBOARD_ONLY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
-
 #: The one address a local Ray binds to.
 LOOPBACK = "127.0.0.1"
 #: How often the watchdog checks that the driver is alive, and how long processes get between SIGTERM
 #: and SIGKILL once it is not.
 _WATCH_INTERVAL_S = 0.5
 _TERM_GRACE_S = 3.0
-
-
-def quiet_dashboardless_warnings() -> None:
-    """Ray worker set-up hook: keep only errors from the loggers that need the (absent) dashboard, and
-    point the worker's address look-ups at its own Ray.
-
-    Ray Train's placement-group cleaner (an actor) asks Ray's state API about the controller without an
-    address; with two local Rays on one machine (two `bamray train` at once, or a test beside a run) that
-    look-up finds both and raises "Found multiple active Ray instances", a traceback on the console. With
-    ``RAY_ADDRESS`` set to the worker's own GCS it finds the one it belongs to."""
-    import ray
-    from ray._private import worker
-
-    for name in _DASHBOARD_ONLY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    if worker.global_worker.mode != ray.WORKER_MODE:  # a driver keeps its environment (and its children)
-        return
-    with contextlib.suppress(Exception):  # a hook must never stop a worker from starting
-        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 @contextlib.contextmanager
@@ -85,11 +58,14 @@ PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 def start_local_ray(num_cpus: int, **kwargs: Any) -> Any:
     """``ray.init`` of a local, dashboard-less Ray (the dashboard is a server we do not need here) that
-    listens on 127.0.0.1 only, whose workers run :func:`quiet_dashboardless_warnings` and whose processes
-    a watchdog ends when this process dies without shutting Ray down. Returns ``ray.init``'s context."""
+    listens on 127.0.0.1 only and whose processes a watchdog ends when this process dies without shutting
+    Ray down. Returns ``ray.init``'s context.
+
+    No job-wide ``runtime_env``: Ray pre-starts idle worker processes when the first driver connects, and
+    only tasks and actors of the job's own runtime environment can use them; with one set, those processes boot for
+    nothing while Ray Data's and the run's helper actors each start another."""
     import ray
 
-    hook = f"{__name__}.{quiet_dashboardless_warnings.__name__}"
     kwargs.setdefault("_node_ip_address", LOOPBACK)
     # Ray Train's watcher of cloud preemption notices is one more actor process per run: one machine that
     # is preempted takes the whole local Ray with it, so there is nothing for it to watch here
@@ -98,7 +74,6 @@ def start_local_ray(num_cpus: int, **kwargs: Any) -> Any:
         context = ray.init(
             num_cpus=num_cpus,
             include_dashboard=False,
-            runtime_env={"worker_process_setup_hook": hook},
             **kwargs,
         )
     _start_watchdog(context.address_info["session_dir"])

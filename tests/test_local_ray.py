@@ -1,10 +1,9 @@
-"""The local Ray that `bamray train` / `bamray sweep` start: every worker, detached actors included, runs
-the set-up hook that quiets Ray Train's dashboard-only PlacementGroupCleaner (it warned once a second for
-a whole run without a dashboard)."""
+"""The local Ray that `bamray train` / `bamray sweep` start: no job-wide runtime environment, so the
+processes Ray pre-starts serve the run's first actors, and no dashboard, so bamray's trainer leaves out
+Ray Train's dashboard-only placement-group cleaner."""
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import subprocess
@@ -15,59 +14,76 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.local_ray import _DASHBOARD_ONLY_LOGGERS, quiet_dashboardless_warnings, session_processes
+from orchestrator.local_ray import session_processes
 
 REPO = Path(__file__).resolve().parents[1]
 
-CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
-
-def test_the_hook_quiets_only_the_dashboard_only_loggers():
-    assert CLEANER in _DASHBOARD_ONLY_LOGGERS
-    other = logging.getLogger("ray.train.v2._internal.execution.controller.controller")
-    before = other.level
-    address = os.environ.get("RAY_ADDRESS")
-    try:
-        quiet_dashboardless_warnings()
-        assert logging.getLogger(CLEANER).getEffectiveLevel() == logging.ERROR
-        assert other.level == before
-        # outside a Ray worker it leaves the environment alone: a driver's later `ray.init()` (or a child
-        # process's) must not be pointed at some cluster
-        assert os.environ.get("RAY_ADDRESS") == address
-    finally:
-        logging.getLogger(CLEANER).setLevel(logging.NOTSET)
-
-
-def test_local_ray_workers_and_detached_actors_run_the_hook(tmp_path):
-    # A fresh interpreter: the suite's own Ray (conftest) must not be the one under test.
-    script = textwrap.dedent(f"""
-        import logging, shutil, tempfile, ray
-        from orchestrator.local_ray import start_local_ray
+def test_a_local_rays_first_actors_take_the_processes_ray_prestarted(tmp_path):
+    """Ray pre-starts idle worker processes for the first driver; with a job-wide ``runtime_env`` (a worker
+    set-up hook, once) no actor could use them and each started a process of its own (about 0.9 s of
+    CPU each, twice, in a run's start-up). Without one, an actor created once they are up is one of them."""
+    script = textwrap.dedent("""
+        import os, shutil, tempfile, time, ray
+        from orchestrator.local_ray import session_processes, start_local_ray
         temp_dir = tempfile.mkdtemp(prefix="lr", dir="/tmp")  # short: Ray's socket paths
-        start_local_ray(2, _temp_dir=temp_dir, log_to_driver=False)
+        ctx = start_local_ray(2, _temp_dir=temp_dir, log_to_driver=False)
+        assert ray.get_runtime_context().get_runtime_env_string() == "{}"
 
-        @ray.remote
-        def level():
-            import os
-            assert os.environ["RAY_ADDRESS"] == ray.get_runtime_context().gcs_address  # its own Ray
-            return logging.getLogger({CLEANER!r}).getEffectiveLevel()
+        def idle():
+            found = set()
+            for pid in session_processes(ctx.address_info["session_dir"], frozenset({os.getpid()})):
+                try:
+                    if open(f"/proc/{pid}/cmdline", "rb").read().startswith(b"ray::IDLE"):
+                        found.add(pid)
+                except OSError:
+                    pass
+            return found
+
+        deadline = time.monotonic() + 60
+        while not idle() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        before = idle()
 
         @ray.remote(num_cpus=0)
         class Probe:
-            def level(self):
-                return logging.getLogger({CLEANER!r}).getEffectiveLevel()
+            def pid(self):
+                return os.getpid()
 
-        probe = Probe.options(lifetime="detached").remote()  # as Ray Train starts the cleaner
-        print("LEVELS", ray.get(level.remote()), ray.get(probe.level.remote()))
-        ray.kill(probe)
+        print("PRESTARTED", len(before), "ACTOR_IN_THEM", ray.get(Probe.remote().pid.remote()) in before)
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
     """)
     out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=tmp_path
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=REPO
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f"LEVELS {logging.ERROR} {logging.ERROR}" in out.stdout, out.stdout[-2000:]
+    assert "ACTOR_IN_THEM True" in out.stdout and "PRESTARTED 0" not in out.stdout, out.stdout[-2000:]
+
+
+def test_the_trainer_leaves_out_the_cleaner_only_without_a_dashboard(ray_local, monkeypatch):
+    """On a dashboard-less Ray (the suite's, as bamray's own) the trainer has Ray Train's default callbacks
+    minus ``PlacementGroupCleanerCallback``; the private names it relies on still exist in this Ray."""
+    from ray.train import RunConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from orchestrator.training.trainer import dashboard_url, torch_trainer
+
+    assert dashboard_url() is None
+    kwargs = {"run_config": RunConfig(name="cb", storage_path="/tmp")}
+    ours = torch_trainer(lambda: None, **kwargs)
+    plain = TorchTrainer(lambda: None, **kwargs)
+    assert isinstance(ours, TorchTrainer) and type(ours) is not TorchTrainer
+    theirs = [type(c) for c in plain._create_default_callbacks()]
+    mine = [type(c) for c in ours._create_default_callbacks()]
+    assert PlacementGroupCleanerCallback in theirs
+    assert mine == [c for c in theirs if c is not PlacementGroupCleanerCallback]
+    # where a dashboard answers, Ray Train's own trainer, cleaner included
+    from orchestrator.training import trainer
+
+    monkeypatch.setattr(trainer, "dashboard_url", lambda: "127.0.0.1:8265")
+    assert type(torch_trainer(lambda: None, **kwargs)) is TorchTrainer
 
 
 def test_another_process_joins_a_local_ray_by_its_address(tmp_path):

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
 
 # The driver: Ray as `bamray train` gets it, a task and an actor (so worker processes listen too), with
-# `train DIR` also a 2-worker TorchTrainer with bamray's torch config that holds after an all-reduce (so
+# `train DIR` also a 2-worker TorchTrainer built as bamray builds it that holds after an all-reduce (so
 # torch.distributed's rendezvous and gloo's connections are up); then wait to be killed or told to stop.
 DRIVER = textwrap.dedent("""
     import sys, threading, time
@@ -57,8 +57,7 @@ DRIVER = textwrap.dedent("""
     assert ray.get([task.remote(), actor.ping.remote()]) == [1, 2]
     if sys.argv[1:2] == ["train"]:
         from ray.train import RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
-        from orchestrator.training.loopback_ddp import torch_config
+        from orchestrator.training.trainer import torch_trainer
 
         work = Path(sys.argv[2])
 
@@ -70,12 +69,11 @@ DRIVER = textwrap.dedent("""
             while not Path(config["dir"], "stop").exists():
                 time.sleep(0.2)
 
-        trainer = TorchTrainer(
+        trainer = torch_trainer(
             loop,
             train_loop_config={"dir": str(work)},
             scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
             run_config=RunConfig(storage_path=str(work), name="lb"),
-            torch_config=torch_config(),
         )
         fit = threading.Thread(target=trainer.fit, daemon=True)
         fit.start()
@@ -235,7 +233,8 @@ def test_a_local_ray_listens_on_loopback_only(driver):
 def test_distributed_training_on_a_local_ray_listens_on_loopback_only():
     """Ray's own torch set-up has rank 0's rendezvous store listen on every interface (``::``) and gloo on
     the host name's address; bamray's torch config keeps a one-node group on a FileStore and loopback,
-    and leaves Ray Train's controller free of torch."""
+    and leaves Ray Train's controller free of torch. On this dashboard-less Ray the trainer starts no
+    placement-group cleaner (:mod:`orchestrator.training.trainer`)."""
     from orchestrator.training import loopback_ddp
 
     stores = set(Path(tempfile.gettempdir()).glob(f"{loopback_ddp.STORE_PREFIX}*"))
@@ -258,6 +257,11 @@ def test_distributed_training_on_a_local_ray_listens_on_loopback_only():
             for p, _, _ in sockets
             if "RayTrainWorker" in titles[p]
         )
+        # Ray Train's cleaner (a detached actor, "ray::PlacementGroupCleaner") was not started
+        actors = [_title(p) for p in pids if _title(p).startswith("ray::")]
+        assert any("TrainController" in t for t in actors) and not any(
+            "PlacementGroup" in t for t in actors
+        ), actors
     # Ray's private helpers the backend reuses are still there
     from ray.train.torch import config as ray_torch_config
 

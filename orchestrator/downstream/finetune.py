@@ -164,18 +164,16 @@ def run_mode(plan: FinetunePlan, workers: int, cpus_per_worker: float) -> dict[s
     """One mode as a ``TorchTrainer`` run (Ray must be initialised); its last report."""
     import ray
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from data.run_actors import on_this_node
-    from orchestrator.training import loopback_ddp
+    from orchestrator.training.trainer import torch_trainer
 
     box = ray.remote(num_cpus=0)(_Results).options(scheduling_strategy=on_this_node()).remote()
     plan = dataclasses.replace(plan, threads=max(1, int(cpus_per_worker)), results=box)
     with tempfile.TemporaryDirectory(prefix="bamray-ft-") as storage:
-        trainer = TorchTrainer(
+        trainer = torch_trainer(
             finetune_worker,
             train_loop_config={"plan": plan},
-            torch_config=loopback_ddp.torch_config(),
             scaling_config=ray.train.ScalingConfig(
                 num_workers=workers, resources_per_worker={"CPU": cpus_per_worker}
             ),

@@ -119,10 +119,9 @@ def build_trainer(
     workers' MLflow logging off.
     """
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from orchestrator.epoch_gate import GatedEpochs
-    from orchestrator.training import loopback_ddp  # imports Ray: not before the config is checked
+    from orchestrator.training.trainer import torch_trainer  # imports Ray: not before the config is checked
 
     cfg, meta = resolved_data(cfg)
     knn = knn_source(cfg, meta)
@@ -168,10 +167,9 @@ def build_trainer(
         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         callbacks=list(callbacks or []),
     )
-    return TorchTrainer(
+    return torch_trainer(
         train_loop_per_worker,
         train_loop_config={"plan": plan},
-        torch_config=loopback_ddp.torch_config(),
         scaling_config=_scaling(cfg),
         run_config=run_config,
         datasets=datasets,

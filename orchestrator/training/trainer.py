@@ -1,0 +1,72 @@
+"""The one way bamray builds a Ray Train ``TorchTrainer`` (training runs, sweep trials, fine-tuning).
+
+Two departures from a plain ``TorchTrainer(...)``:
+
+* the loopback DDP backend (:func:`orchestrator.training.loopback_ddp.torch_config`);
+* **no placement-group cleaner on a Ray without a dashboard.** Ray Train 2.60 starts a detached
+  ``PlacementGroupCleaner`` actor per run that asks the dashboard's State API once a second whether the
+  Train controller is still alive, to remove the workers' placement group should the controller die
+  while its job lives on. Without a dashboard (every local Ray that bamray starts) it cannot get an
+  answer: it warned once a second for a whole run, and where two local Rays ran on one machine its
+  look-up found both and raised. It is also one more process to boot before the first step (about 2.5 s
+  of CPU here, while the controller starts the worker on the same 2 cores). Where it cannot work it is
+  left out. The placement group is still removed: it belongs to the driver's job, which Ray cleans up
+  when the driver ends (a `bamray train` ends when its controller does), and a sweep's trials have
+  their own reaper (:mod:`orchestrator.reaper`).
+
+Leaving the cleaner out overrides ``TorchTrainer._create_default_callbacks``, private to Ray Train;
+when a Ray upgrade renames it or the callback, the trainer keeps Ray's defaults
+(``tests/test_loopback_ray.py`` fails first).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+
+def dashboard_url() -> str | None:
+    """The connected Ray cluster's dashboard URL (where its State API is served), None where it runs none.
+    Ray registers the URL once the dashboard's HTTP server is up; a Ray started without a dashboard
+    registers none (its address entry, which it writes anyway, points at a port nobody listens on)."""
+    from ray._private.services import get_webui_url_from_internal_kv
+
+    return get_webui_url_from_internal_kv() or None
+
+
+@functools.cache
+def _without_cleaner() -> type | None:
+    """``TorchTrainer`` without Ray Train's placement-group cleaner, None where Ray moved what it needs."""
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:  # pragma: no cover - depends on the Ray version
+        return None
+    if not hasattr(TorchTrainer, "_create_default_callbacks"):  # pragma: no cover - Ray version
+        return None
+
+    class DashboardlessTorchTrainer(TorchTrainer):  # type: ignore[misc, valid-type]
+        """Ray Train's defaults minus the cleaner (see the module's docstring)."""
+
+        def _create_default_callbacks(self) -> list[Any]:
+            return [
+                c
+                for c in super()._create_default_callbacks()
+                if not isinstance(c, PlacementGroupCleanerCallback)
+            ]
+
+    return DashboardlessTorchTrainer
+
+
+def torch_trainer(train_fn: Any, **kwargs: Any) -> Any:
+    """``TorchTrainer(train_fn, **kwargs)`` with the loopback DDP backend (unless ``torch_config`` is
+    given), and without the placement-group cleaner where the cluster has no dashboard. Ray must be
+    initialised."""
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.training import loopback_ddp
+
+    kwargs.setdefault("torch_config", loopback_ddp.torch_config())
+    cls = (_without_cleaner() if dashboard_url() is None else None) or TorchTrainer
+    return cls(train_fn, **kwargs)

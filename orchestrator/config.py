@@ -20,7 +20,7 @@ from orchestrator.fault_injection import DebugConfig
 from trainers.backbones import ModelConfig, check_backbone_name, crop_sizes, patch_size_for
 from trainers.evaluation import EvalConfig
 from trainers.methods import get_method
-from trainers.optim import OptimConfig
+from trainers.optim_config import OptimConfig
 from trainers.options import ConfigError, flatten, from_dict, opt, to_dict
 
 CONFIG_DIR = Path(__file__).parent / "configs"

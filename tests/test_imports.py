@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
         "import data.run_actors",
         "import data.run_stream",  # its map actor class ships by reference in the plan
         "import data.pipeline",  # the driver builds the run's datasets with it
+        "import orchestrator.training.plan",  # Ray Train's controller unpickles the workers' plan
         "from orchestrator.cli import build_parser; build_parser()",
     ],
 )
@@ -54,12 +55,39 @@ def test_the_sweep_package_still_exposes_run_sweep():
 )
 def test_the_run_config_does_not_import_timm(statement):
     """Ray Train's controller unpickles the run's ``WorkerPlan`` (its config inside) before it starts the
-    workers: importing timm and torchvision there cost about 1.2 s of CPU on the start-up's critical path.
-    The methods' option classes still bring torch (the controller imports it for ``TorchConfig`` anyway)."""
+    workers: importing timm and torchvision there cost about 1.2 s of CPU on the start-up's critical path
+    (torch itself: see the test below)."""
     code = f"import sys; {statement}; print(sorted(m for m in ('torchvision', 'timm', 'mlflow') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize("method", ["bam", "byol", "dino", "mae", "simclr"])
+def test_a_pickled_plan_unpickles_without_torch(method):
+    """What Ray Train's controller does with the workers' plan: unpickle it, config and the method's options
+    inside. It used to import torch for the options' classes (defined beside the ``nn.Module`` methods)
+    and for ``OptimConfig`` (beside the optimisers): about 2 s of CPU before the workers start."""
+    dump = (
+        "import pickle, sys; from orchestrator.config import load_config; "
+        "from orchestrator.training.plan import WorkerPlan; "
+        f"cfg = load_config(None, ['method.name={method}']); "
+        "plan = WorkerPlan(cfg=cfg, steps_per_epoch=2, num_classes=10, mlflow_run_id=None, tracking_uri='', "
+        "epoch_clock='c', corrupt_counter='k', run_dir=None, knn=True, knn_prefetch=True); "
+        "sys.stdout.buffer.write(pickle.dumps(plan))"
+    )
+    pickled = subprocess.run([sys.executable, "-c", dump], cwd=ROOT, capture_output=True, timeout=120)
+    assert pickled.returncode == 0, pickled.stderr.decode()[-2000:]
+    load = (
+        "import pickle, sys; plan = pickle.loads(sys.stdin.buffer.read()); "
+        "print(plan.cfg.method_name, type(plan.cfg.method).__name__, 'torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", load], cwd=ROOT, input=pickled.stdout, capture_output=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    name, options, torch_imported = out.stdout.decode().split()
+    assert name == method and options.lower() == f"{method}options" and torch_imported == "False"
 
 
 def test_a_method_lookup_imports_its_own_module_only():

@@ -24,7 +24,7 @@ from trainers.backbones import ModelConfig, build_backbone
 from trainers.build import build_engine, build_method
 from trainers.engine import Engine, crops_from_batch
 from trainers.methods import MethodContext, available_methods, get_method
-from trainers.optim import OptimConfig
+from trainers.optim_config import OptimConfig
 from trainers.options import ConfigError
 
 METHODS = available_methods()

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from trainers.methods.base import Method
-from trainers.optim import OptimConfig, build_optimizer
+from trainers.optim import build_optimizer
+from trainers.optim_config import OptimConfig
 from trainers.schedules import Schedules
 
 

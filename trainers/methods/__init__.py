@@ -5,27 +5,40 @@ only when that one does not define it, or for the list of names, registering eac
 with a ``name``; so nothing else has to be edited to add a method. Importing one module, not all: MAE's
 imports timm, torchvision and with them ``torch._dynamo``, about 4 s of a driver's start-up that a BAM run
 does not use.
+
+Importing this package costs nothing: the option sections live in the torch-free :mod:`.options` (a
+run's config is unpickled by Ray Train's controller, which must not import torch for it), and ``Method``
+/ ``MethodContext`` (torch) are imported when first asked for.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
+from typing import TYPE_CHECKING, Any
 
-from trainers.methods.base import Method, MethodContext
 from trainers.options import ConfigError
+
+if TYPE_CHECKING:
+    from trainers.methods.base import Method, MethodContext
 
 _REGISTRY: dict[str, type[Method]] = {}
 _IMPORTED: set[str] = set()
 
 
 def _modules() -> list[str]:
-    return [i.name for i in pkgutil.iter_modules(__path__) if not i.name.startswith("_") and i.name != "base"]
+    return [
+        i.name
+        for i in pkgutil.iter_modules(__path__)
+        if not i.name.startswith("_") and i.name not in ("base", "options")
+    ]
 
 
 def _register(module_name: str) -> None:
     if module_name in _IMPORTED:
         return
+    from trainers.methods.base import Method
+
     module = importlib.import_module(f"{__name__}.{module_name}")
     _IMPORTED.add(module_name)
     for obj in vars(module).values():
@@ -51,6 +64,14 @@ def get_method(name: str, path: str = "method.name") -> type[Method]:
     if name not in _REGISTRY:
         raise ConfigError(path, f"unknown method {name!r}; allowed: {available_methods()}")
     return _REGISTRY[name]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Method", "MethodContext"):
+        from trainers.methods import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["Method", "MethodContext", "available_methods", "get_method"]

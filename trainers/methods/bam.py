@@ -13,47 +13,14 @@ than the student can follow.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from trainers.heads import MLPHead
 from trainers.losses.bam import BAMLoss
 from trainers.methods.base import Method, MethodContext, forward_by_resolution, make_teacher
-from trainers.options import ConfigError, opt
+from trainers.methods.options import BAMOptions
+from trainers.options import ConfigError
 from trainers.schedules import reg_schedule
-
-
-@dataclasses.dataclass
-class BAMOptions:
-    reg: float = opt(0.05, gt=0.0, le=10.0, help="Sinkhorn entropy regularisation (smaller = sharper target)")
-    reg_final: float | None = opt(
-        None, gt=0.0, le=10.0, help="end of the linear reg warm-up (None = constant)"
-    )
-    reg_warmup_epochs: int = opt(30, ge=0, help="epochs of the reg warm-up (official: 30)")
-    temperature: float = opt(0.1, gt=0.0, le=10.0, help="softmax temperature of the source attention")
-    num_sink_iter: int = opt(3, ge=1, le=100)
-    top_k_sink: int = opt(
-        0, ge=0, help="keep the top-k target entries (0 = all); <= targets in the global batch"
-    )
-    positive_masking: bool = opt(True)
-    loss_block_images: int = opt(
-        -1,
-        ge=-1,
-        help="images per block of the loss (all their crops): -1 = automatic, 0 = the dense form; "
-        "the same loss and gradients, without a whole (rows x columns) matrix in memory",
-    )
-    num_target_crops: int = opt(2, ge=1, help="leading crops that form the attention columns")
-    teacher: bool = opt(True, help="targets from an EMA teacher (every published BAM run)")
-    momentum: float = opt(0.995, ge=0.0, le=1.0, help="teacher EMA momentum start (cosine to 1)")
-    proj_hidden_dim: int = opt(1024, ge=1, help="published: 4096")
-    proj_out_dim: int = opt(256, ge=1, help="published: 4096")
-    proj_layers: int = opt(3, ge=1)
-    proj_batch_norm: bool = opt(
-        False,
-        help="BatchNorm + ReLU in the projector's hidden layers (as BYOL/SimCLR; "
-        "official BAM: GELU, no BN, built for ViTs)",
-    )
 
 
 class BAM(Method):

@@ -8,25 +8,14 @@ encoder is the online one (the algorithm's output is ``f_theta``).
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 
 from trainers.heads import MLPHead
 from trainers.losses.byol import symmetric_byol_loss
 from trainers.methods.base import Method, MethodContext, forward_by_resolution, make_teacher
-from trainers.options import ConfigError, opt
-
-
-@dataclasses.dataclass
-class BYOLOptions:
-    momentum: float = opt(
-        0.99, ge=0.0, le=1.0, help="target EMA tau at step 0, cosine to 1 (paper: 0.996 at batch 4096)"
-    )
-    proj_hidden_dim: int = opt(1024, ge=1, help="paper: 4096")
-    proj_out_dim: int = opt(256, ge=1, help="paper: 256")
-    pred_hidden_dim: int = opt(1024, ge=1, help="paper: 4096")
+from trainers.methods.options import BYOLOptions
+from trainers.options import ConfigError
 
 
 class BYOL(Method):

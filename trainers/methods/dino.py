@@ -9,41 +9,15 @@ keeps the randomly initialised prototypes from chasing a still-random backbone.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 
 from trainers.heads import DINOHead
 from trainers.losses.dino import DINOLoss
 from trainers.methods.base import Method, MethodContext, forward_by_resolution, make_teacher
-from trainers.options import ConfigError, opt
+from trainers.methods.options import DINOOptions
+from trainers.options import ConfigError
 from trainers.schedules import teacher_temperature
-
-
-@dataclasses.dataclass
-class DINOOptions:
-    out_dim: int = opt(4096, ge=2, help="prototypes K (official: 65536)")
-    hidden_dim: int = opt(1024, ge=1, help="official: 2048")
-    bottleneck_dim: int = opt(256, ge=1, help="official: 256")
-    head_layers: int = opt(3, ge=1, le=8)
-    norm_last_layer: bool = opt(True, help="fix the prototype norms (stabler for ViTs)")
-    head_batch_norm: bool = opt(
-        False, help="BatchNorm in the head's hidden layers (official --use_bn_in_head, for ResNets)"
-    )
-    momentum: float = opt(0.996, ge=0.0, le=1.0, help="teacher EMA momentum at step 0, cosine to 1")
-    teacher_temp: float = opt(
-        0.04, gt=0.0, le=1.0, help="teacher temperature after the warm-up (official 0.04-0.07)"
-    )
-    warmup_teacher_temp: float = opt(0.04, gt=0.0, le=1.0, help="teacher temperature at step 0")
-    warmup_teacher_temp_epochs: float = opt(
-        0.0, ge=0.0, help="linear teacher-temperature warm-up (official: 30)"
-    )
-    student_temp: float = opt(0.1, gt=0.0, le=10.0)
-    center_momentum: float = opt(0.9, ge=0.0, le=1.0)
-    freeze_last_layer_epochs: float = opt(
-        1.0, ge=0.0, help="epochs with the prototype layer frozen (official: 1)"
-    )
 
 
 class DINO(Method):

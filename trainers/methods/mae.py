@@ -9,7 +9,6 @@ Only the first global crop is used (MAE's augmentation is a random resized crop 
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -20,21 +19,10 @@ from torch import nn
 
 from trainers.losses.mae import mae_loss, num_visible, patchify, random_masking
 from trainers.methods.base import Method, MethodContext
-from trainers.options import ConfigError, opt
+from trainers.methods.options import MAEOptions
+from trainers.options import ConfigError
 
 _VIT_PARTS = ("patch_embed", "_pos_embed", "blocks", "norm", "num_prefix_tokens")
-
-
-@dataclasses.dataclass
-class MAEOptions:
-    mask_ratio: float = opt(
-        0.75, gt=0.0, lt=1.0, help="fraction of patches hidden from the encoder (paper: 0.75)"
-    )
-    decoder_dim: int = opt(128, ge=8, help="paper: 512")
-    decoder_depth: int = opt(2, ge=1, le=32, help="paper: 8")
-    decoder_heads: int = opt(4, ge=1, help="must divide decoder_dim")
-    decoder_pos_embed: str = opt("fixed", choices=("fixed", "learned"), help="2-D sin-cos (paper) or learned")
-    norm_pix_loss: bool = opt(True, help="regress per-patch normalised pixels (paper default)")
 
 
 class MAE(Method):

@@ -6,27 +6,13 @@ Negatives are every other view in the batch, so the batch is the method's dictio
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from trainers.heads import MLPHead
 from trainers.losses.simclr import NTXentLoss
 from trainers.methods.base import Method, MethodContext, forward_by_resolution
-from trainers.options import ConfigError, opt
-
-
-@dataclasses.dataclass
-class SimCLROptions:
-    temperature: float = opt(
-        0.2, gt=0.0, le=10.0, help="NT-Xent temperature (paper: 0.1 at batch 4096; 0.2-0.5 for small batches)"
-    )
-    proj_hidden_dim: int = opt(1024, ge=1, help="paper: 2048")
-    proj_out_dim: int = opt(128, ge=1, help="paper: 128")
-    proj_layers: int = opt(2, ge=1, le=8, help="paper v1: 2, v2: 3")
-    gather_distributed: bool = opt(
-        True, help="negatives from all workers' batches (all-gather with gradients)"
-    )
+from trainers.methods.options import SimCLROptions
+from trainers.options import ConfigError
 
 
 class SimCLR(Method):

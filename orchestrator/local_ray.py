@@ -62,8 +62,8 @@ def start_local_ray(num_cpus: int, **kwargs: Any) -> Any:
     Ray down. Returns ``ray.init``'s context.
 
     No job-wide ``runtime_env``: Ray pre-starts idle worker processes when the first driver connects, and
-    only tasks and actors of the job's own runtime environment can use them; with one set, those processes boot for
-    nothing while Ray Data's and the run's helper actors each start another."""
+    only tasks and actors of the job's own runtime environment can use them; with one set, those
+    processes boot for nothing while Ray Data's and the run's helper actors each start another."""
     import ray
 
     kwargs.setdefault("_node_ip_address", LOOPBACK)

@@ -29,6 +29,7 @@ from orchestrator.training.data_prep import knn_source, prepare_data, resolved_d
 from orchestrator.training.interrupt import SignalGuard, stop_on_signals
 from orchestrator.training.online_eval import KNN_CACHE_BYTES, knn_cache_bytes
 from orchestrator.training.plan import WorkerPlan, knn_epochs
+from orchestrator.training.trainer import torch_trainer
 from orchestrator.training.worker import train_loop_per_worker
 from trainers.options import ConfigError
 
@@ -121,7 +122,6 @@ def build_trainer(
     import ray.train
 
     from orchestrator.epoch_gate import GatedEpochs
-    from orchestrator.training.trainer import torch_trainer  # imports Ray: not before the config is checked
 
     cfg, meta = resolved_data(cfg)
     knn = knn_source(cfg, meta)

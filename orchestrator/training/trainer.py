@@ -15,8 +15,9 @@ Two departures from a plain ``TorchTrainer(...)``:
   their own reaper (:mod:`orchestrator.reaper`).
 
 Leaving the cleaner out overrides ``TorchTrainer._create_default_callbacks``, private to Ray Train;
-when a Ray upgrade renames it or the callback, the trainer keeps Ray's defaults
-(``tests/test_loopback_ray.py`` fails first).
+when a Ray upgrade renames it or the callback, the trainer keeps Ray's defaults and
+``tests/test_local_ray.py`` fails. Importing this module imports nothing of Ray (the CLI refuses a bad
+config before Ray is imported).
 """
 
 from __future__ import annotations

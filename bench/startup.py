@@ -71,12 +71,14 @@ def keep_local_ray(env: dict[str, str]) -> subprocess.Popen:
     """A process holding a local Ray (bamray's: loopback only) until a line reaches its stdin; it prints
     ``GCS <address>`` once Ray is up."""
     script = (
-        "import sys, tempfile, ray\n"
+        "import shutil, sys, tempfile, ray\n"
         "from orchestrator.local_ray import start_local_ray\n"
-        "c = start_local_ray(4, _temp_dir=tempfile.mkdtemp(prefix='bk', dir='/tmp'), log_to_driver=False)\n"
+        "d = tempfile.mkdtemp(prefix='bk', dir='/tmp')\n"
+        "c = start_local_ray(4, _temp_dir=d, log_to_driver=False)\n"
         "print('GCS', c.address_info['gcs_address'], flush=True)\n"
         "sys.stdin.readline()\n"
         "ray.shutdown()\n"
+        "shutil.rmtree(d, ignore_errors=True)\n"
     )
     return subprocess.Popen(
         [sys.executable, "-c", script],

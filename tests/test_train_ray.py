@@ -363,6 +363,8 @@ def test_worker_failure_resumes_inside_the_epoch_from_a_step_checkpoint(
         assert sorted(samples.tolist()) == list(range(N_TRAIN))
     else:  # plans rows before decoding: 2 x 128 of the 257 rows (the corrupt one stood in for if met)
         assert len(set(samples.tolist())) == len(samples) == N_TRAIN and max(samples) <= N_TRAIN
+    # no checkpoint scratch dir outlives its process (a killed rank's is removed by the next checkpoint)
+    assert not list(Path(tempfile.gettempdir()).glob("bamray-ckpt-*.owner"))
 
 
 def test_nan_loss_fails_the_run_and_keeps_the_last_good_checkpoint(ray_local, shards, storage, tmp_path):

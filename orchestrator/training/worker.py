@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import tempfile
 import time
 from typing import Any
 
@@ -34,7 +33,12 @@ from orchestrator.training import console, midepoch, ranks
 from orchestrator.training.epoch_data import EpochData
 from orchestrator.training.online_eval import Evaluation
 from orchestrator.training.plan import WorkerPlan, knn_epochs, plan_epochs, with_epochs
+from orchestrator.training.scratch import scratch_dir
 from trainers.loop import EpochStats, train_one_epoch
+
+#: where a worker stages a checkpoint for ``ray.train.report`` (in the node's temp dir; a killed worker's is
+#: removed by the next one, :mod:`orchestrator.training.scratch`)
+CHECKPOINT_SCRATCH = "bamray-ckpt-"
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -285,7 +289,7 @@ class _Worker:
             return
         self._log_notice(reason)
         metrics = {"epoch": epoch + stats.steps / spe, "step": step, "mid_epoch": 1.0, ckpt.SCORE_KEY: -1.0}
-        with tempfile.TemporaryDirectory(prefix="bamray-ckpt-") as tmp:
+        with scratch_dir(CHECKPOINT_SCRATCH) as tmp:
             self._save_checkpoint(tmp, epoch, progress=stats)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         self.policy.checkpointed()
@@ -402,7 +406,7 @@ class _Worker:
         if (epoch + 1) % self.cfg.train.checkpoint_freq == 0 or last or noticed:
             if noticed:
                 self._log_notice(midepoch.NOTICE_REASON)
-            with tempfile.TemporaryDirectory(prefix="bamray-ckpt-") as tmp:
+            with scratch_dir(CHECKPOINT_SCRATCH) as tmp:
                 self._save_checkpoint(tmp, epoch + 1)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             self.policy.checkpointed()

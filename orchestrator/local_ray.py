@@ -55,6 +55,19 @@ def _loopback_node() -> Iterator[None]:
 #: Ray Train 2.60's switch for its PreemptionWatcher actor (ray.train.v2._internal.constants)
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
+#: How long a node's raylet keeps an idle worker process beyond its soft limit before ending it (Ray's
+#: ``idle_worker_killing_time_threshold_ms``, 1 s by default; set per node through this variable, or for a
+#: whole cluster in the head's system config). The soft limit is the node's *unallocated* CPUs, so on a node
+#: whose CPUs are all held (training workers asking the node's CPUs, or trials packed onto it) Ray ends every
+#: Ray Data map task's process a second after the task: the next task starts a new process that imports
+#: torch again. Measured on a 3-node local cluster (2 CPUs a node, a 1.5-CPU training worker on each, as in
+#: ``tests/test_nodes_ray.py``): a tiny 2-epoch run took 185 s, its first k-NN evaluation 61 s and its second
+#: epoch's first batch 35 s, with 14 processes started one after another; keeping them 60 s: 51-58 s,
+#: 1.9-3.1 s and 0.4-0.5 s. The cluster files set it on every node; a minute bounds what idle processes
+#: hold, and covers the gaps between a stream's tasks and between an epoch's stream and its k-NN sets.
+IDLE_WORKER_KEEP_ENV = "RAY_idle_worker_killing_time_threshold_ms"
+IDLE_WORKER_KEEP_MS = 60_000
+
 
 def start_local_ray(num_cpus: int, **kwargs: Any) -> Any:
     """``ray.init`` of a local, dashboard-less Ray (the dashboard is a server we do not need here) that

@@ -17,6 +17,7 @@ import yaml
 
 from orchestrator import submit
 from orchestrator.cluster import __path__ as _cluster_path  # namespace package: orchestrator/cluster/
+from orchestrator.local_ray import IDLE_WORKER_KEEP_ENV, IDLE_WORKER_KEEP_MS
 
 CLUSTER_DIR = _cluster_path[0]
 RAY_VERSION = "2.60.0"
@@ -157,6 +158,26 @@ def check_rayjob(doc: dict) -> None:
             f"{where}.rayStartParams"
         )
         check_pod_template(g["template"], where)
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_every_node_keeps_idle_worker_processes(name):
+    """Head and workers start their raylet with Ray's idle-worker threshold raised (see
+    ``IDLE_WORKER_KEEP_MS``): set on one side only, a node whose CPUs are all held restarts a process per
+    Ray Data task."""
+    cfg = load(name)
+    setting = f"export {IDLE_WORKER_KEEP_ENV}={IDLE_WORKER_KEEP_MS};"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in cfg[key] if "ray start" in c]
+        assert setting in start and start.index(setting) < start.index("ray start"), (key, start)
+
+
+def test_rayjob_pods_keep_idle_worker_processes():
+    rc = load("rayjob.yaml")["spec"]["rayClusterSpec"]
+    pods = [rc["headGroupSpec"], *rc["workerGroupSpecs"]]
+    for pod in pods:
+        for c in pod["template"]["spec"]["containers"]:
+            assert {"name": IDLE_WORKER_KEEP_ENV, "value": str(IDLE_WORKER_KEEP_MS)} in c["env"], c["name"]
 
 
 def test_rayjob_manifest_matches_the_crd_essentials():

@@ -14,7 +14,7 @@ import pytest
 from orchestrator import console
 from orchestrator.console import LINE_MARK, PROGRESS_MARK, Console, progress_line, progress_text
 from orchestrator.training import console as worker_console
-from orchestrator.training.summary import summary_lines, wall_split
+from orchestrator.training.summary import summary_lines, wall_split, what_line
 
 #: a batch of forwarded lines as Ray's log thread hands it over (one process), from a real `make run`
 RAY_BATCH = {
@@ -195,6 +195,16 @@ def test_summary_table():
         split=None, ui="bamray ui", run_url="u", checkpoints=None, log_path=None,
     )  # fmt: skip
     assert failed[0] == "Run abc: FAILED (boom)" and failed[-1].endswith("bamray train --resume abc`")
+
+
+def test_what_line_counts_in_words():
+    from orchestrator.config import load_config
+
+    cfg = load_config("bam_fmnist", ["data.dataset=fashion-mnist", "train.workers=1", "optim.batch_size=32"])
+    assert what_line(cfg, epochs=1).endswith(", 1 epoch, 1 worker x batch 32")
+    assert what_line(cfg, epochs=3).endswith(", 3 epochs, 1 worker x batch 32")
+    two = load_config("bam_fmnist", ["train.workers=2", "optim.epochs=2"])
+    assert what_line(two).endswith(", 2 epochs, 2 workers x batch 64"), what_line(two)
 
 
 def test_log_path_sits_beside_the_sqlite_store(tmp_path):

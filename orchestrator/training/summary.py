@@ -68,10 +68,16 @@ def what_line(cfg: Any, epochs: int | None = None) -> str:
     import os
 
     data = cfg.data.dataset or os.path.basename(cfg.data.path.rstrip("/"))
+    epochs = epochs or cfg.optim.epochs
     return (
-        f"{cfg.method_name} on {data}, {cfg.model.backbone}, {epochs or cfg.optim.epochs} epochs, "
-        f"{cfg.train.workers} workers x batch {cfg.optim.batch_size}"
+        f"{cfg.method_name} on {data}, {cfg.model.backbone}, {_count(epochs, 'epoch')}, "
+        f"{_count(cfg.train.workers, 'worker')} x batch {cfg.optim.batch_size}"
     )
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 worker``, ``2 workers``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def summary_lines(

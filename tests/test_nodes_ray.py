@@ -32,6 +32,8 @@ from orchestrator.config import load_config
 from orchestrator.local_ray import IDLE_WORKER_KEEP_MS
 from orchestrator.metric_names import mlflow_key
 from orchestrator.training.driver import run_training
+from orchestrator.training.scratch import OWNER_SUFFIX
+from orchestrator.training.worker import CHECKPOINT_SCRATCH
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -173,4 +175,4 @@ def test_losing_a_node_mid_epoch_resumes_on_a_new_node_with_each_metric_once(
     # every metric is there once
     _assert_each_metric_once(uri, out)
     # no checkpoint scratch dir outlives its process (a killed rank's is removed by the next checkpoint)
-    assert not list(Path(tempfile.gettempdir()).glob("bamray-ckpt-*.owner"))
+    assert not list(Path(tempfile.gettempdir()).glob(f"{CHECKPOINT_SCRATCH}*{OWNER_SUFFIX}"))

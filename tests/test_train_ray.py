@@ -27,6 +27,8 @@ from orchestrator.config import load_config
 from orchestrator.metric_names import mlflow_key
 from orchestrator.training import midepoch
 from orchestrator.training.driver import run_training
+from orchestrator.training.scratch import OWNER_SUFFIX
+from orchestrator.training.worker import CHECKPOINT_SCRATCH
 from trainers.options import flatten
 
 pytestmark = pytest.mark.ray
@@ -364,7 +366,7 @@ def test_worker_failure_resumes_inside_the_epoch_from_a_step_checkpoint(
     else:  # plans rows before decoding: 2 x 128 of the 257 rows (the corrupt one stood in for if met)
         assert len(set(samples.tolist())) == len(samples) == N_TRAIN and max(samples) <= N_TRAIN
     # no checkpoint scratch dir outlives its process (a killed rank's is removed by the next checkpoint)
-    assert not list(Path(tempfile.gettempdir()).glob("bamray-ckpt-*.owner"))
+    assert not list(Path(tempfile.gettempdir()).glob(f"{CHECKPOINT_SCRATCH}*{OWNER_SUFFIX}"))
 
 
 def test_nan_loss_fails_the_run_and_keeps_the_last_good_checkpoint(ray_local, shards, storage, tmp_path):

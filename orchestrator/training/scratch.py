@@ -25,6 +25,10 @@ from collections.abc import Iterator
 OWNER_SUFFIX = ".owner"
 
 
+def _dir_of(owner: str) -> str:
+    return owner[: -len(OWNER_SUFFIX)]
+
+
 def _remove(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
     with contextlib.suppress(OSError):
@@ -54,7 +58,7 @@ def sweep_abandoned(prefix: str, parent: str | None = None) -> list[str]:
             os.close(fd)
             continue
         try:
-            path = owner[: -len(OWNER_SUFFIX)]
+            path = _dir_of(owner)
             _remove(path)
             removed.append(path)
         finally:
@@ -82,7 +86,7 @@ def scratch_dir(prefix: str, parent: str | None = None) -> Iterator[str]:
     parent = parent or tempfile.gettempdir()
     sweep_abandoned(prefix, parent)
     fd, owner = _owned(prefix, parent)
-    path = owner[: -len(OWNER_SUFFIX)]
+    path = _dir_of(owner)
     try:
         os.mkdir(path, 0o700)
         yield path

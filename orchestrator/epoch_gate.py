@@ -8,10 +8,11 @@ compute thrown away on a cluster.
 
 The trial's driver reports each epoch to Tune itself (``ray.tune.report`` returns only once Tune has
 asked for the next result, i.e. once the scheduler said CONTINUE) and then opens the gate up to that
-epoch; the workers wait on the gate after reporting a decision epoch (ASHA's rungs). When Tune stops the
-trial, the gate's owner (the trial actor) dies, the gate with it, and the workers' wait fails as they are
-torn down anyway. The wait costs one Tune round trip per rung (0.4 s measured on a local Ray), never on
-other epochs.
+epoch; the workers wait on the gate after reporting a decision epoch (ASHA's rungs, and the epochs
+where the collapse watch may stop the trial: :func:`orchestrator.sweep.collapse.decision_epochs`). When
+Tune stops the trial, the gate's owner (the trial actor) dies, the gate with it, and the workers' wait
+fails as they are torn down anyway. The wait costs one Tune round trip per decision epoch (0.4 s measured
+on a local Ray), never on other epochs.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from conftest import FMNIST_DIR, write_unlabelled_tree
 from data.config import DataConfig, with_dataset_stats
 from orchestrator.config import load_config
 from orchestrator.sweep import report
-from orchestrator.sweep.collapse import CollapseWatch, check_metric, logged_metrics
+from orchestrator.sweep.collapse import CollapseWatch, check_metric, decision_epochs, logged_metrics
 from orchestrator.training.data_prep import knn_source, prepare_data
 from trainers.options import ConfigError
 
@@ -191,6 +191,23 @@ def test_collapse_needs_the_signal_low_for_patience_evaluations_in_a_row():
     reason = watch.see({"epoch": 5, "std_norm": 0.001})
     assert reason is not None and "std_norm 0.001 < 0.05 for 2 evaluations" in reason and "epoch 5" in reason
     assert CollapseWatch("std_norm", 0.0, 1).see({"std_norm": 0.0}) is None  # threshold 0: never
+
+
+def test_workers_wait_for_the_verdict_only_where_the_watch_can_stop_the_trial():
+    """The watch fires at the patience-th low evaluation at the earliest; the last epoch trains nothing
+    after it, so it needs no wait; no signals or no watch: no waits at all."""
+    watch = ("std_norm", 0.05, 2)
+    every = load_config("bam_fmnist", ["optim.epochs=5", "eval.knn_freq=1"])
+    assert decision_epochs(every, watch) == {2, 3, 4}
+    assert decision_epochs(every, ("std_norm", 0.05, 1)) == {1, 2, 3, 4}
+    assert decision_epochs(every, ("std_norm", 0.05, 5)) == set()  # only the last can fire
+    every_2 = load_config("bam_fmnist", ["optim.epochs=7", "eval.knn_freq=2"])  # evaluated at 2, 4, 6, 7
+    assert decision_epochs(every_2, watch) == {4, 6}
+    assert decision_epochs(every, None) == set() and decision_epochs(every, ("std_norm", 0.0, 2)) == set()
+    assert (
+        decision_epochs(load_config("bam_fmnist", ["optim.epochs=5", "eval.signal_samples=0"]), watch)
+        == set()
+    )
 
 
 def test_spearman_by_hand():

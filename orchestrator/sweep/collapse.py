@@ -7,6 +7,12 @@ point), falls towards 0, and no later epoch brings it back. The trial's driver w
 in a row it tags the trial's MLflow run ``stopped: collapse`` with the figures, then marks the report, and
 :func:`collapse_stopper` (a Tune ``Stopper``) stops the trial on it. The tag is written before Tune acts,
 so the reason survives the trial's teardown.
+
+Tune stops a trial asynchronously: its Train workers do not wait for the verdict, and on short epochs a
+collapsed trial trained (and logged to MLflow) another epoch before it was killed. So the workers hold at
+the epochs where the watch can fire (:func:`decision_epochs`, through the trial's epoch gate,
+:mod:`orchestrator.epoch_gate`): a stopped trial trains no further than the epoch it was judged on, as with
+ASHA's rungs.
 """
 
 from __future__ import annotations
@@ -47,6 +53,20 @@ class CollapseWatch:
             f"collapse: {self.metric} {float(value):.4g} < {self.threshold:g} for {self.streak} "
             f"evaluations in a row (epoch {metrics.get('epoch')})"
         )
+
+
+def decision_epochs(cfg: Any, collapse: tuple[str, float, int] | None) -> set[int]:
+    """1-based epochs after which a trial's workers wait for Tune's verdict because the collapse watch
+    ``collapse`` = ``(metric, threshold, patience)`` may stop the trial there: its evaluation epochs from the
+    ``patience``-th on, not the last (nothing trains after it). None when the watch is off, or when the runs
+    compute no signals (``eval.signal_samples`` 0): no round trip then. A time budget that shortens the run
+    only drops some of these epochs (the workers hold at reached ones only)."""
+    from orchestrator.training.plan import knn_epochs
+
+    if collapse is None or collapse[1] <= 0 or cfg.eval.signal_samples <= 0:
+        return set()
+    evaluated = sorted(knn_epochs(cfg))
+    return set(evaluated[max(collapse[2], 1) - 1 :]) - {cfg.optim.epochs}
 
 
 def collapse_stopper() -> Any:

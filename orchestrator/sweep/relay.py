@@ -11,7 +11,13 @@ from typing import Any
 
 from orchestrator import tracking
 from orchestrator.config import ExperimentConfig
-from orchestrator.sweep.collapse import STOP_FLAG, TAG_STOP_REASON, TAG_STOPPED, CollapseWatch
+from orchestrator.sweep.collapse import (
+    STOP_FLAG,
+    TAG_STOP_REASON,
+    TAG_STOPPED,
+    CollapseWatch,
+    decision_epochs,
+)
 from orchestrator.sweep.plan import TrialPlan
 from orchestrator.sweep.settings import TIME_ATTR
 
@@ -51,9 +57,9 @@ def fit_reporting_to_tune(
     """``trainer.fit()`` in a thread while this (the trial's) thread reports every relayed epoch to Tune:
     ``ray.tune.report`` must run in the trial's own thread, and it returns only once Tune asks for the
     next result, i.e. once the scheduler decided to go on, which must not stall training. Except at the
-    plan's ``gate_epochs`` (ASHA's rungs): there the workers wait for that return
-    (:mod:`orchestrator.epoch_gate`), so a trial the scheduler stops trains no further than the epoch it
-    was judged on."""
+    plan's ``gate_epochs`` (ASHA's rungs) and the epochs where the collapse watch may stop the trial: there
+    the workers wait for that return (:mod:`orchestrator.epoch_gate`), so a trial the scheduler or the
+    watch stops trains no further than the epoch it was judged on."""
     from ray import tune
     from ray.exceptions import RayActorError
     from ray.util.queue import Queue
@@ -64,7 +70,8 @@ def fit_reporting_to_tune(
     from orchestrator.training.driver import build_trainer
 
     queue = Queue(actor_options={"num_cpus": 0})
-    gate = EpochGate.options(scheduling_strategy=on_this_node()).remote() if plan.gate_epochs else None
+    gated = frozenset(plan.gate_epochs) | decision_epochs(cfg, plan.collapse)
+    gate = EpochGate.options(scheduling_strategy=on_this_node()).remote() if gated else None
     trainer = build_trainer(
         cfg,
         run_name=train_name,
@@ -75,7 +82,7 @@ def fit_reporting_to_tune(
         init_checkpoint=init,
         stop_after_epoch=stop_after_epoch,
         pg_watch=watch_current_actor(plan.reaper_name),
-        epoch_gate=GatedEpochs(gate, frozenset(plan.gate_epochs)) if gate is not None else None,
+        epoch_gate=GatedEpochs(gate, gated) if gate is not None else None,
         label=train_name.removeprefix("train-"),
     )
     box: dict[str, Any] = {}

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).parent / "results"
-SECTIONS = ("loss", "data", "step", "startup", "sweep", "embed")
+SECTIONS = ("loss", "data", "step", "startup", "sweep", "embed", "pictures")
 
 
 @dataclasses.dataclass

@@ -38,6 +38,7 @@ MODULES = {
     "startup": "bench.startup",
     "sweep": "bench.sweep",
     "embed": "bench.embed",
+    "pictures": "bench.pictures",
 }
 
 #: Seconds a section may take before it is stopped and recorded as an error (full, quick): a hung
@@ -50,6 +51,7 @@ TIME_LIMITS = {
     "startup": (1200, 600),
     "sweep": (1200, 300),
     "embed": (900, 300),
+    "pictures": (600, 300),
 }
 
 

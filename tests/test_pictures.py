@@ -102,6 +102,67 @@ def test_umap_projection_separates_two_far_clusters():
     assert np.linalg.norm(ca - cb) > 3 * spread
 
 
+UMAP_IN_A_PROCESS = """
+import json, sys
+import numpy as np
+from numba.core.dispatcher import Dispatcher
+from orchestrator import pictures
+
+def jitted():
+    for name, module in list(sys.modules.items()):
+        if module is not None and name.split(".", 1)[0] in pictures.NUMBA_CACHED:
+            for key, fn in vars(module).items():
+                if isinstance(fn, Dispatcher) and fn.signatures:
+                    yield f"{name}.{key}", fn
+
+import umap  # noqa: E402  its functions with a signature in the decorator compile here, uncached
+at_import = {name for name, _ in jitted()}
+x = np.random.default_rng(0).normal(size=(150, 24)).astype(np.float32)
+points, how = pictures.project_2d(x, "umap")
+np.save(sys.argv[1], points)
+compiled = {
+    name: [sum(fn.stats.cache_hits.values()), sum(fn.stats.cache_misses.values())]
+    for name, fn in jitted()
+    if name not in at_import
+}
+print(json.dumps({"how": how, "compiled": compiled}))
+"""
+
+
+def test_a_new_process_loads_umaps_compiled_code_instead_of_compiling_it(tmp_path):
+    """umap-learn's numba functions are not cached by umap itself: each process compiled them at its first
+    fit (~20 s). With :func:`pictures.cache_numba_functions` a second process finds every function the fit
+    compiles in numba's cache (no miss, i.e. nothing compiled; a few tiny ones with a signature in their
+    decorator compile at import, before anything can be cached), and the cached code gives the same points
+    bit for bit as the first process's (which compiled them, on a fresh install)."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("umap")
+    runs = []
+    for i in range(2):
+        proc = subprocess.run(
+            [sys.executable, "-c", UMAP_IN_A_PROCESS, str(tmp_path / f"{i}.npy")],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    second = runs[1]["compiled"]
+    assert runs[1]["how"] == "UMAP"
+    # the layout's epochs, the distance, the exact neighbours (under 4096 points), the fuzzy graph
+    for fn in (
+        "layouts._nb_optimize_layout_euclidean_single_epoch",
+        "distances.cosine",
+        "umap_.fast_knn_indices",
+    ):
+        assert f"umap.{fn}" in second, sorted(second)
+    assert {name: c for name, c in second.items() if c[1] or not c[0]} == {}  # every one a cache hit
+    assert np.array_equal(np.load(tmp_path / "0.npy"), np.load(tmp_path / "1.npy"))
+
+
 def test_each_picture_is_a_real_image():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, size=(4, 1, 16, 16), dtype=np.uint8)

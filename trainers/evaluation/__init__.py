@@ -41,8 +41,8 @@ class EvalConfig:
     embedding_map: str = opt(
         "umap",
         choices=("umap", "pca"),
-        help="2-D projection of the embedding map: UMAP (umap-learn; its first fit in a process compiles "
-        "for about 20 s) or PCA",
+        help="2-D projection of the embedding map: UMAP (umap-learn; its first fit on a machine compiles "
+        "for about 20 s, later processes load the compiled code) or PCA",
     )
     map_samples: int = opt(
         1000, ge=10, le=20000, help="validation images of the embedding map (rank 0's share)"

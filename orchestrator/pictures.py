@@ -171,12 +171,13 @@ def cache_numba_functions(packages: tuple[str, ...] = NUMBA_CACHED) -> int:
 
 def _umap() -> Any:
     """``umap`` (umap-learn), with its numba functions cached on disk (:func:`cache_numba_functions`;
-    best effort: a numba without those internals compiles as before)."""
+    best effort: with a numba without those internals, or no writable cache location (numba raises
+    RuntimeError), it compiles as before)."""
     import umap
 
     try:
         cache_numba_functions()
-    except (ImportError, AttributeError):
+    except (ImportError, AttributeError, RuntimeError, OSError):
         pass
     return umap
 

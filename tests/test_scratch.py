@@ -1,5 +1,6 @@
 """Checkpoint scratch directories: removed on exit, kept while their process lives, removed by the next one
-when their process was killed (as Ray kills every rank of a failed group, mid-``report``)."""
+when their process was killed (as Ray kills every rank of a failed group, mid-``report``). The same for a
+claimed file (the DDP rendezvous FileStore)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.training.scratch import OWNER_SUFFIX, scratch_dir, sweep_abandoned
+from orchestrator.training.scratch import OWNER_SUFFIX, claim, release, scratch_dir, sweep_abandoned
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "bamray-test-scratch-"
@@ -78,3 +79,53 @@ def test_the_worker_stages_its_checkpoints_in_scratch_dirs():
     src = (REPO / "orchestrator" / "training" / "worker.py").read_text()
     assert src.count("scratch_dir(CHECKPOINT_SCRATCH)") == 2
     assert "TemporaryDirectory" not in src and "mkdtemp" not in src
+
+
+FILE_HOLDER = """
+import sys, time
+from orchestrator.training import scratch
+fd, path = scratch.claim(sys.argv[1], sys.argv[2])
+open(path, "wb").write(b"store")  # what torch's FileStore writes there
+print(path, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_claimed_file_is_removed_on_release_and_after_its_owner_is_killed(tmp_path):
+    """A claim names a path without creating it (torch creates the FileStore); a killed claimant's file is
+    removed by the next claim, a released one at once, a live one's never."""
+    fd, path = claim(PREFIX, str(tmp_path))
+    assert not Path(path).exists() and Path(path + OWNER_SUFFIX).is_file()
+    Path(path).write_bytes(b"store")
+    release(fd, path)
+    assert list(tmp_path.iterdir()) == []
+
+    holders = [
+        subprocess.Popen(
+            [sys.executable, "-c", FILE_HOLDER, PREFIX, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        for _ in range(2)
+    ]
+    (dead, dead_path), (live, live_path) = [(h, Path(h.stdout.readline().strip())) for h in holders]
+    try:
+        dead.send_signal(signal.SIGKILL)
+        dead.wait(timeout=30)
+        assert dead_path.read_bytes() == b"store"  # what used to stay in /tmp for good
+        fd, path = claim(PREFIX, str(tmp_path))
+        assert not dead_path.exists() and not Path(str(dead_path) + OWNER_SUFFIX).exists()
+        assert live_path.read_bytes() == b"store"
+        release(fd, path)
+    finally:
+        live.kill()
+        live.wait(timeout=30)
+    assert sweep_abandoned(PREFIX, str(tmp_path)) == [str(live_path)] and list(tmp_path.iterdir()) == []
+
+
+def test_the_ddp_store_is_claimed_by_rank_0_and_released_at_shutdown():
+    """Source check of the wiring (the runs' leftovers are asserted in tests/test_train_ray.py)."""
+    src = (REPO / "orchestrator" / "training" / "loopback_ddp.py").read_text()
+    assert "execute_single(0, _claim_store)" in src and "execute_single(0, _release_store, self.store)" in src
+    assert "uuid" not in src and "tempfile" not in src

@@ -27,6 +27,7 @@ from orchestrator.config import load_config
 from orchestrator.metric_names import mlflow_key
 from orchestrator.training import midepoch
 from orchestrator.training.driver import run_training
+from orchestrator.training.loopback_ddp import STORE_PREFIX
 from orchestrator.training.scratch import OWNER_SUFFIX
 from orchestrator.training.worker import CHECKPOINT_SCRATCH
 from trainers.options import flatten
@@ -343,6 +344,7 @@ def test_worker_failure_resumes_inside_the_epoch_from_a_step_checkpoint(
         "train.preemption_notice": str(notice),
         "data.stream": stream,
     }
+    ddp_stores = set(Path(tempfile.gettempdir()).glob(f"{STORE_PREFIX}*"))
     out = run_training(load_config("bam_fmnist", _overrides(shards, storage, uri, **settings)))
     assert out["status"] == "FINISHED", out.get("reason")
     assert (Path(out["ray_run_dir"]) / ".fail_at_step.fired").read_text().startswith("fired at step 7")
@@ -365,8 +367,10 @@ def test_worker_failure_resumes_inside_the_epoch_from_a_step_checkpoint(
         assert sorted(samples.tolist()) == list(range(N_TRAIN))
     else:  # plans rows before decoding: 2 x 128 of the 257 rows (the corrupt one stood in for if met)
         assert len(set(samples.tolist())) == len(samples) == N_TRAIN and max(samples) <= N_TRAIN
-    # no checkpoint scratch dir outlives its process (a killed rank's is removed by the next checkpoint)
+    # no checkpoint scratch dir outlives its process (a killed rank's is removed by the next checkpoint),
+    # nor the killed group's DDP FileStore (removed by the restarted group's rank 0)
     assert not list(Path(tempfile.gettempdir()).glob(f"{CHECKPOINT_SCRATCH}*{OWNER_SUFFIX}"))
+    assert not set(Path(tempfile.gettempdir()).glob(f"{STORE_PREFIX}*")) - ddp_stores
 
 
 def test_nan_loss_fails_the_run_and_keeps_the_last_good_checkpoint(ray_local, shards, storage, tmp_path):

@@ -6,7 +6,8 @@ listen on the address the host name resolves to, usually a routable one. On a si
 needless exposure, which a local ``bamray train`` otherwise avoids (:mod:`orchestrator.local_ray`).
 
 So when every worker of the group is on one node, :class:`LoopbackTorchConfig`'s backend rendezvouses
-through a ``FileStore`` in that node's temp directory (no listening socket at all) and points gloo and
+through a ``FileStore`` in that node's temp directory (no listening socket at all; owned by rank 0, so that
+a killed group's file is removed by the next group on the node) and points gloo and
 NCCL at the loopback interface (``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME``, unless already set). A
 group spread over several nodes gets Ray's own set-up unchanged. The decision is taken at every group
 start, so a group restarted on other nodes after a failure is set up for where it now runs.
@@ -23,12 +24,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import tempfile
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from ray.train.backend import Backend, BackendConfig
+
+from orchestrator.training import scratch
 
 STORE_PREFIX = "bamray-ddp-"
 
@@ -51,11 +52,23 @@ def _use_loopback() -> None:
     os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)
 
 
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+#: the FileStore paths this process (a group's rank 0) holds, with their owner locks (see _claim_store)
+_CLAIMED: dict[str, int] = {}
+
+
+def _claim_store() -> str:
+    """Rank 0: a FileStore path in this node's temp dir, owned by this process (:mod:`.scratch`): torch
+    removes the file when the group closes normally, but a group Ray kills leaves it behind; the next
+    group's rank 0 on the node removes those whose owner is gone."""
+    fd, path = scratch.claim(STORE_PREFIX)
+    _CLAIMED[path] = fd
+    return path
+
+
+def _release_store(path: str) -> None:
+    fd = _CLAIMED.pop(path, None)
+    if fd is not None:
+        scratch.release(fd, path)
 
 
 def _set_env_vars() -> None:
@@ -116,7 +129,7 @@ class LoopbackTorchBackend(Backend):
 
             self.ray_backend = _TorchBackend()
             return self.ray_backend.on_start(worker_group, backend_config)
-        self.store = os.path.join(tempfile.gettempdir(), f"{STORE_PREFIX}{uuid.uuid4().hex}")
+        self.store = worker_group.execute_single(0, _claim_store)
         worker_group.execute(_use_loopback)
         worker_group.execute(_set_env_vars)
         ray.get(
@@ -156,7 +169,7 @@ class LoopbackTorchBackend(Backend):
         finally:
             if self.store is not None:
                 try:
-                    worker_group.execute_single(0, _remove, self.store)
+                    worker_group.execute_single(0, _release_store, self.store)
                 except Exception:  # noqa: BLE001 - a worker already gone leaves a file in /tmp, nothing more
                     pass
 

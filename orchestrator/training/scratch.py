@@ -11,6 +11,9 @@ So each directory has an owner file beside it (``<dir>.owner``, outside the dire
 whole), exclusively ``flock``-ed by the process using it. The kernel drops the lock when that process dies
 however it dies, so the next :func:`scratch_dir` on the node removes every directory whose owner file it
 can lock. No pids or ages are guessed: a directory in use, by any process on the node, stays.
+
+The same for a single file: :func:`claim` names a path and owns it, e.g. the DDP rendezvous ``FileStore``
+of :mod:`orchestrator.training.loopback_ddp`, which torch removes only when the group closes normally.
 """
 
 from __future__ import annotations
@@ -30,7 +33,11 @@ def _dir_of(owner: str) -> str:
 
 
 def _remove(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
     with contextlib.suppress(OSError):
         os.unlink(path + OWNER_SUFFIX)
 
@@ -79,17 +86,32 @@ def _owned(prefix: str, parent: str) -> tuple[int, str]:
         os.close(fd)
 
 
+def claim(prefix: str, parent: str | None = None) -> tuple[int, str]:
+    """``(lock fd, path)``: a new name ``<parent>/<prefix>XXXXXXXX`` (``parent``: the temp dir; nothing is
+    created at ``path``) owned by this process until :func:`release`; if the process dies first, a later
+    claim or :func:`scratch_dir` of the same prefix on this node removes whatever was made there, a file
+    or a directory. Removes abandoned ones first."""
+    parent = parent or tempfile.gettempdir()
+    sweep_abandoned(prefix, parent)
+    fd, owner = _owned(prefix, parent)
+    return fd, _dir_of(owner)
+
+
+def release(fd: int, path: str) -> None:
+    """Remove ``path`` (file or directory) and its owner file, and drop the claim."""
+    try:
+        _remove(path)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def scratch_dir(prefix: str, parent: str | None = None) -> Iterator[str]:
     """A new empty directory ``<parent>/<prefix>XXXXXXXX`` (``parent``: the temp dir), removed on exit, and
     by a later call on this node if this process is killed before that. Removes abandoned ones first."""
-    parent = parent or tempfile.gettempdir()
-    sweep_abandoned(prefix, parent)
-    fd, owner = _owned(prefix, parent)
-    path = _dir_of(owner)
+    fd, path = claim(prefix, parent)
     try:
         os.mkdir(path, 0o700)
         yield path
     finally:
-        _remove(path)
-        os.close(fd)
+        release(fd, path)

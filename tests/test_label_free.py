@@ -194,8 +194,9 @@ def test_collapse_needs_the_signal_low_for_patience_evaluations_in_a_row():
 
 
 def test_workers_wait_for_the_verdict_only_where_the_watch_can_stop_the_trial():
-    """The watch fires at the patience-th low evaluation at the earliest; the last epoch trains nothing
-    after it, so it needs no wait; no signals or no watch: no waits at all."""
+    """The watch fires at the patience-th low report of its metric at the earliest (evaluation epochs for
+    an evaluation metric, every epoch for the loss); the last epoch trains nothing after it, so it needs no
+    wait; a metric the runs never log, or no watch: no waits at all."""
     watch = ("std_norm", 0.05, 2)
     every = load_config("bam_fmnist", ["optim.epochs=5", "eval.knn_freq=1"])
     assert decision_epochs(every, watch) == {2, 3, 4}
@@ -204,10 +205,25 @@ def test_workers_wait_for_the_verdict_only_where_the_watch_can_stop_the_trial():
     every_2 = load_config("bam_fmnist", ["optim.epochs=7", "eval.knn_freq=2"])  # evaluated at 2, 4, 6, 7
     assert decision_epochs(every_2, watch) == {4, 6}
     assert decision_epochs(every, None) == set() and decision_epochs(every, ("std_norm", 0.0, 2)) == set()
+    assert decision_epochs(every_2, ("loss", 0.05, 2)) == {2, 3, 4, 5, 6}  # reported every epoch
+    no_signals = load_config("bam_fmnist", ["optim.epochs=5", "eval.signal_samples=0"])
+    assert decision_epochs(no_signals, watch) == set()  # never logged: the watch cannot fire
+    assert decision_epochs(no_signals, ("knn_top1", 0.05, 2)) == {2, 3, 4}
+
+
+def test_an_epoch_reported_again_after_a_restart_does_not_count_twice():
+    """A worker group restarted from epoch 1's checkpoint reports epoch 2 again: the streak is that of
+    epochs 1-2, not three low reports."""
+    watch = CollapseWatch("std_norm", 0.05, 3)
+    assert watch.see({"epoch": 1, "std_norm": 0.01}) is None
+    assert watch.see({"epoch": 2, "std_norm": 0.01}) is None
+    assert watch.see({"epoch": 2, "std_norm": 0.01}) is None and watch.streak == 2  # the repeat
+    assert watch.see({"epoch": 3, "std_norm": 0.01}) is not None  # the third low epoch
+    again = CollapseWatch("std_norm", 0.05, 2)
     assert (
-        decision_epochs(load_config("bam_fmnist", ["optim.epochs=5", "eval.signal_samples=0"]), watch)
-        == set()
+        again.see({"epoch": 1, "std_norm": 0.01}) is None and again.see({"epoch": 2, "std_norm": 0.9}) is None
     )
+    assert again.see({"epoch": 2, "std_norm": 0.01}) is not None  # the repeat replaced the healthy report
 
 
 def test_spearman_by_hand():

@@ -34,19 +34,29 @@ PAIR_SIGNALS = ("align", "uniform")  # need two views per image (data.global_cro
 @dataclasses.dataclass
 class CollapseWatch:
     """Counts evaluations in a row whose ``metric`` is below ``threshold``; epochs without the metric
-    (no evaluation) neither extend nor break the streak."""
+    (no evaluation) neither extend nor break the streak. An epoch reported again (a worker group restarted
+    from an earlier checkpoint trains it again) replaces its first report and forgets the later ones, so a
+    repeat never counts twice."""
 
     metric: str = "std_norm"
     threshold: float = 0.05
     patience: int = 2
     streak: int = 0
+    low: dict[int, bool] = dataclasses.field(default_factory=dict)  #: epoch -> below the threshold
 
     def see(self, metrics: dict[str, Any]) -> str | None:
         """The stop reason once the streak reaches ``patience``, else None."""
         value = metrics.get(self.metric)
         if value is None or self.threshold <= 0:
             return None
-        self.streak = self.streak + 1 if float(value) < self.threshold else 0
+        epoch = int(metrics.get("epoch") or max(self.low, default=0) + 1)
+        self.low = {e: v for e, v in self.low.items() if e < epoch}
+        self.low[epoch] = float(value) < self.threshold
+        self.streak = 0
+        for e in sorted(self.low, reverse=True):
+            if not self.low[e]:
+                break
+            self.streak += 1
         if self.streak < self.patience:
             return None
         return (
@@ -56,17 +66,23 @@ class CollapseWatch:
 
 
 def decision_epochs(cfg: Any, collapse: tuple[str, float, int] | None) -> set[int]:
-    """1-based epochs after which a trial's workers wait for Tune's verdict because the collapse watch
-    ``collapse`` = ``(metric, threshold, patience)`` may stop the trial there: its evaluation epochs from the
-    ``patience``-th on, not the last (nothing trains after it). None when the watch is off, or when the runs
-    compute no signals (``eval.signal_samples`` 0): no round trip then. A time budget that shortens the run
-    only drops some of these epochs (the workers hold at reached ones only)."""
+    """1-based epochs after which a trial's workers wait because the collapse watch ``collapse`` =
+    ``(metric, threshold, patience)`` may stop the trial there: the epochs that report the metric
+    (evaluation epochs for an evaluation metric, else every epoch) from the ``patience``-th on, not the last
+    (nothing trains after it). None when the watch is off or the runs never log the metric. A time budget
+    that shortens the run only drops some of these epochs (the workers hold at reached ones only)."""
     from orchestrator.training.plan import knn_epochs
 
-    if collapse is None or collapse[1] <= 0 or cfg.eval.signal_samples <= 0:
+    if collapse is None or collapse[1] <= 0:
         return set()
-    evaluated = sorted(knn_epochs(cfg))
-    return set(evaluated[max(collapse[2], 1) - 1 :]) - {cfg.optim.epochs}
+    metric, patience = collapse[0], max(collapse[2], 1)
+    if metric in evaluation_metrics(cfg, labelled=True):
+        reporting = sorted(knn_epochs(cfg))
+    elif metric in logged_metrics(cfg, labelled=True):
+        reporting = list(range(1, cfg.optim.epochs + 1))
+    else:
+        return set()
+    return set(reporting[patience - 1 :]) - {cfg.optim.epochs}
 
 
 def collapse_stopper() -> Any:

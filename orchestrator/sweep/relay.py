@@ -58,8 +58,10 @@ def fit_reporting_to_tune(
     ``ray.tune.report`` must run in the trial's own thread, and it returns only once Tune asks for the
     next result, i.e. once the scheduler decided to go on, which must not stall training. Except at the
     plan's ``gate_epochs`` (ASHA's rungs) and the epochs where the collapse watch may stop the trial: there
-    the workers wait for that return (:mod:`orchestrator.epoch_gate`), so a trial the scheduler or the
-    watch stops trains no further than the epoch it was judged on."""
+    the workers wait (:mod:`orchestrator.epoch_gate`), so a trial the scheduler or the watch stops trains
+    no further than the epoch it was judged on. At a rung they wait for that return; at a watch's epoch
+    only for this thread to see the report, and for Tune only when the watch fired (the stop is then
+    certain, the wait ends with the trial), so a healthy trial pays no Tune round trip there."""
     from ray import tune
     from ray.exceptions import RayActorError
     from ray.util.queue import Queue
@@ -108,9 +110,12 @@ def fit_reporting_to_tune(
             tracking.log_tags(plan.tracking_uri, run_id, {TAG_STOPPED: "collapse", TAG_STOP_REASON: reason})
             print(f"[bamray] stopping trial: {reason}", flush=True)
             metrics = {**metrics, STOP_FLAG: 1.0}
+        epoch = int(metrics.get(TIME_ATTR) or 0)
+        if gate is not None and reason is None and epoch not in plan.gate_epochs:
+            gate.release.remote(epoch)  # the watch held them here and did not fire: no need to wait for Tune
         tune.report(metrics, checkpoint=checkpoint)
         if gate is not None:
-            gate.release.remote(int(metrics.get(TIME_ATTR) or 0))
+            gate.release.remote(epoch)
     thread.join()
     if "error" in box:
         raise box["error"]

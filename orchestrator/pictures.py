@@ -165,8 +165,22 @@ def cache_numba_functions(packages: tuple[str, ...] = NUMBA_CACHED) -> int:
         for value in list(vars(module).values()):
             if isinstance(value, Dispatcher) and isinstance(value._cache, NullCache):
                 value.enable_caching()
+                _CACHING.append(value)
                 enabled += 1
     return enabled
+
+
+#: the dispatchers :func:`cache_numba_functions` turned caching on for
+_CACHING: list[Any] = []
+
+
+def _stop_caching() -> None:
+    """Back to compiling in memory only: numba raises the OSError of a cache it cannot write (a full disk,
+    a directory that turned read-only) out of the compile, which would cost the picture."""
+    from numba.core.caching import NullCache
+
+    while _CACHING:
+        _CACHING.pop()._cache = NullCache()
 
 
 def _umap() -> Any:
@@ -192,8 +206,16 @@ def project_2d(features: np.ndarray, how: str, seed: int = 0) -> tuple[np.ndarra
         except ImportError:
             how = "pca"
         else:
-            reducer = umap.UMAP(n_neighbors=15, metric="cosine", random_state=seed, n_jobs=1)
-            return np.asarray(reducer.fit_transform(x)), "UMAP"
+
+            def fit() -> np.ndarray:
+                reducer = umap.UMAP(n_neighbors=15, metric="cosine", random_state=seed, n_jobs=1)
+                return np.asarray(reducer.fit_transform(x))
+
+            try:
+                return fit(), "UMAP"
+            except OSError:  # numba could not write its cache: compile in memory, as before the cache
+                _stop_caching()
+                return fit(), "UMAP"
     centred = x - x.mean(axis=0, keepdims=True)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
     return centred @ vt[:2].T, "PCA"

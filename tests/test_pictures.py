@@ -163,6 +163,41 @@ def test_a_new_process_loads_umaps_compiled_code_instead_of_compiling_it(tmp_pat
     assert np.array_equal(np.load(tmp_path / "0.npy"), np.load(tmp_path / "1.npy"))
 
 
+def test_a_cache_numba_cannot_write_costs_the_cache_not_the_picture(monkeypatch, tmp_path):
+    """numba raises a failed cache write (a full disk, a read-only cache dir) out of the compile on Linux:
+    the map is drawn again with the cache off, and the dispatchers are back to in-memory compiling."""
+    import types
+
+    from numba.core.caching import NullCache
+
+    calls = []
+
+    class UMAP:  # stands in for umap.UMAP: the first fit fails as numba's save does
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+        def fit_transform(self, x):
+            calls.append(self.kwargs)
+            if len(calls) == 1:
+                raise PermissionError(13, "Permission denied", str(tmp_path / "index.nbi"))
+            return x[:, :2] * 2
+
+    numba = pytest.importorskip("numba")
+
+    @numba.njit
+    def plus_one(v):
+        return v + 1
+
+    plus_one.enable_caching()
+    monkeypatch.setattr(pictures, "_CACHING", [plus_one])
+    monkeypatch.setattr(pictures, "_umap", lambda: types.SimpleNamespace(UMAP=UMAP))
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    points, how = pictures.project_2d(x, "umap", seed=3)
+    assert how == "UMAP" and np.array_equal(points, x[:, :2] * 2) and len(calls) == 2
+    assert calls[0] == calls[1] == {"n_neighbors": 15, "metric": "cosine", "random_state": 3, "n_jobs": 1}
+    assert isinstance(plus_one._cache, NullCache) and pictures._CACHING == []
+
+
 def test_each_picture_is_a_real_image():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, size=(4, 1, 16, 16), dtype=np.uint8)

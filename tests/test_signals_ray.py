@@ -27,6 +27,7 @@ from conftest import tiny_train_settings
 from orchestrator import checkpointing as ckpt
 from orchestrator import tracking
 from orchestrator.local_ray import session_processes
+from orchestrator.training.loopback_ddp import STORE_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -192,6 +193,7 @@ def test_ray_killed_under_the_run_fails_it_in_one_message_and_it_resumes(tiny_sh
     )
     try:
         assert other.stdout is not None and other.stdout.readline().strip() == "up"
+        ddp_stores = set(Path(tempfile.gettempdir()).glob(f"{STORE_PREFIX}*"))
         driver = Driver(tiny_shards, work, epochs=3)
         driver.wait_for("epoch 1/3: ", timeout=150)
         mine = frozenset({os.getpid(), driver.proc.pid, other.pid})
@@ -218,6 +220,9 @@ def test_ray_killed_under_the_run_fails_it_in_one_message_and_it_resumes(tiny_sh
         assert resumed.finish(timeout=240) == 0, resumed.output[-4000:]
         assert "multiple active Ray instances" not in resumed.output, resumed.output[-4000:]
         assert tracking.client(driver.uri).get_run(run_id).info.status == "FINISHED"
+        # the killed group's DDP FileStore (its owner file unlocked by the kill) was removed by the resumed
+        # run's rank 0, which removed its own at the end
+        assert not set(Path(tempfile.gettempdir()).glob(f"{STORE_PREFIX}*")) - ddp_stores
     finally:
         os.killpg(other.pid, signal.SIGINT)
         other.wait(timeout=60)

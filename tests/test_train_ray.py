@@ -368,7 +368,7 @@ def test_worker_failure_resumes_inside_the_epoch_from_a_step_checkpoint(
     else:  # plans rows before decoding: 2 x 128 of the 257 rows (the corrupt one stood in for if met)
         assert len(set(samples.tolist())) == len(samples) == N_TRAIN and max(samples) <= N_TRAIN
     # no checkpoint scratch dir outlives its process (a killed rank's is removed by the next checkpoint),
-    # nor the killed group's DDP FileStore (removed by the restarted group's rank 0)
+    # and no DDP FileStore stays (a killed group's: tests/test_signals_ray.py)
     assert not list(Path(tempfile.gettempdir()).glob(f"{CHECKPOINT_SCRATCH}*{OWNER_SUFFIX}"))
     assert not set(Path(tempfile.gettempdir()).glob(f"{STORE_PREFIX}*")) - ddp_stores
 

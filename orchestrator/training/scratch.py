@@ -33,13 +33,16 @@ def _dir_of(owner: str) -> str:
 
 
 def _remove(path: str) -> None:
+    """``path`` (file or directory), then its owner file, which stays while ``path`` could not be removed:
+    a later sweep tries again."""
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
     else:
         with contextlib.suppress(OSError):
             os.unlink(path)
-    with contextlib.suppress(OSError):
-        os.unlink(path + OWNER_SUFFIX)
+    if not os.path.lexists(path):
+        with contextlib.suppress(OSError):
+            os.unlink(path + OWNER_SUFFIX)
 
 
 def sweep_abandoned(prefix: str, parent: str | None = None) -> list[str]:

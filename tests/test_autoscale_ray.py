@@ -13,8 +13,10 @@ worker group start-up times out. A real cloud provider reports the instance gone
 with ``ray.cluster_utils.Cluster`` instead (``tests/test_nodes_ray.py``).
 
 Ray 2.60 turns token authentication on for a cluster started with ``ray start``; the harness's fake
-nodes do not carry the token, so this cluster runs with ``RAY_AUTH_MODE=disabled`` (loopback only, for
-the length of the test).
+nodes do not carry the token, so this cluster runs with ``RAY_AUTH_MODE=disabled`` for the length of the
+test. It is not loopback-only: ``ray start`` on Linux binds the host's routable address whatever
+``--node-ip-address`` says (``orchestrator/local_ray.py`` explains the switch bamray's own local Ray uses,
+which a multi-node ``ray start`` refuses), so for those minutes its GCS is open on the host's network.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ asked for the next result, i.e. once the scheduler said CONTINUE) and then opens
 epoch; the workers wait on the gate after reporting a decision epoch (ASHA's rungs, and the epochs
 where the collapse watch may stop the trial: :func:`orchestrator.sweep.collapse.decision_epochs`). When
 Tune stops the trial, the gate's owner (the trial actor) dies, the gate with it, and the workers' wait
-fails as they are torn down anyway. The wait costs one Tune round trip per decision epoch (0.4 s measured
-on a local Ray), never on other epochs.
+fails as they are torn down anyway. A rung's wait costs one Tune round trip (0.4 s measured on a local
+Ray); at a collapse-watch epoch the driver opens the gate as soon as it has the report, and waits for Tune
+only when the watch fired (:func:`orchestrator.sweep.relay.fit_reporting_to_tune`). Other epochs never wait.
 """
 
 from __future__ import annotations

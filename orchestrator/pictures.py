@@ -7,7 +7,7 @@ scales, flips and colour jitter look as intended, which no loss curve tells.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -144,6 +144,24 @@ def embedding_map(points: np.ndarray, labels: np.ndarray, title: str):
 #: packages whose numba functions :func:`_umap` has compiled to numba's on-disk cache
 NUMBA_CACHED = ("umap", "pynndescent")
 
+#: the dispatchers :func:`cache_numba_functions` turned caching on for
+_CACHING: list[Any] = []
+
+
+def numba_functions(packages: tuple[str, ...] = NUMBA_CACHED) -> Iterator[tuple[str, Any]]:
+    """``(module.name, dispatcher)`` of every numba-jitted function the imported modules of ``packages``
+    hold (a function imported into several modules comes once per module)."""
+    import sys
+
+    from numba.core.dispatcher import Dispatcher
+
+    for name, module in list(sys.modules.items()):
+        if module is None or name.split(".", 1)[0] not in packages:
+            continue
+        for key, value in list(vars(module).items()):
+            if isinstance(value, Dispatcher):
+                yield f"{name}.{key}", value
+
 
 def cache_numba_functions(packages: tuple[str, ...] = NUMBA_CACHED) -> int:
     """Turn on numba's on-disk cache for the jitted functions of ``packages`` that were decorated without
@@ -153,25 +171,15 @@ def cache_numba_functions(packages: tuple[str, ...] = NUMBA_CACHED) -> int:
     first evaluation epoch, in the training worker, once per run, resume and sweep trial. numba keeps the
     cache beside the package (``__pycache__``), or in its user-wide cache directory when that is read-only,
     and recompiles on its own when a source file changes."""
-    import sys
-
     from numba.core.caching import NullCache
-    from numba.core.dispatcher import Dispatcher
 
     enabled = 0
-    for name, module in list(sys.modules.items()):
-        if module is None or name.split(".", 1)[0] not in packages:
-            continue
-        for value in list(vars(module).values()):
-            if isinstance(value, Dispatcher) and isinstance(value._cache, NullCache):
-                value.enable_caching()
-                _CACHING.append(value)
-                enabled += 1
+    for _, fn in numba_functions(packages):
+        if isinstance(fn._cache, NullCache):
+            fn.enable_caching()
+            _CACHING.append(fn)
+            enabled += 1
     return enabled
-
-
-#: the dispatchers :func:`cache_numba_functions` turned caching on for
-_CACHING: list[Any] = []
 
 
 def _stop_caching() -> None:

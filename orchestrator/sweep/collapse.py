@@ -41,8 +41,17 @@ class CollapseWatch:
     metric: str = "std_norm"
     threshold: float = 0.05
     patience: int = 2
-    streak: int = 0
     low: dict[int, bool] = dataclasses.field(default_factory=dict)  #: epoch -> below the threshold
+
+    @property
+    def streak(self) -> int:
+        """Low reports in a row, back from the latest epoch."""
+        streak = 0
+        for epoch in sorted(self.low, reverse=True):
+            if not self.low[epoch]:
+                break
+            streak += 1
+        return streak
 
     def see(self, metrics: dict[str, Any]) -> str | None:
         """The stop reason once the streak reaches ``patience``, else None."""
@@ -52,11 +61,6 @@ class CollapseWatch:
         epoch = int(metrics.get("epoch") or max(self.low, default=0) + 1)
         self.low = {e: v for e, v in self.low.items() if e < epoch}
         self.low[epoch] = float(value) < self.threshold
-        self.streak = 0
-        for e in sorted(self.low, reverse=True):
-            if not self.low[e]:
-                break
-            self.streak += 1
         if self.streak < self.patience:
             return None
         return (

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 OWNER_SUFFIX = ".owner"
 
 
-def _dir_of(owner: str) -> str:
+def _path_of(owner: str) -> str:
     return owner[: -len(OWNER_SUFFIX)]
 
 
@@ -68,7 +68,7 @@ def sweep_abandoned(prefix: str, parent: str | None = None) -> list[str]:
             os.close(fd)
             continue
         try:
-            path = _dir_of(owner)
+            path = _path_of(owner)
             _remove(path)
             removed.append(path)
         finally:
@@ -97,7 +97,7 @@ def claim(prefix: str, parent: str | None = None) -> tuple[int, str]:
     parent = parent or tempfile.gettempdir()
     sweep_abandoned(prefix, parent)
     fd, owner = _owned(prefix, parent)
-    return fd, _dir_of(owner)
+    return fd, _path_of(owner)
 
 
 def release(fd: int, path: str) -> None:

@@ -203,3 +203,26 @@ def warm_task_workers(
     handed to them. The tasks ask no CPU, so they never hold back the workers' placement."""
     task = _import_modules.options(runtime_env=runtime_env) if runtime_env else _import_modules
     return [task.remote(tuple(modules)) for _ in range(max(int(count), 0))]
+
+
+@ray.remote(num_cpus=0)
+def _warm_from_here(count: int, modules: Sequence[str], runtime_env: dict[str, Any]) -> list[int]:
+    return ray.get(warm_task_workers(count, modules, runtime_env))
+
+
+def warm_task_workers_for_a_worker(
+    count: int, runtime_env: dict[str, Any], modules: Sequence[str] = MAP_TASK_MODULES
+) -> Any:
+    """:func:`warm_task_workers` for the tasks that a Ray Train worker submits itself (a one-worker run's
+    map tasks, :mod:`orchestrator.training.shards`); a ref to the warmed processes' pids, not waited for.
+
+    Ray matches a pooled process by its runtime environment *as serialised text*. A task submitted by a
+    process that has a runtime environment of its own (a Train worker) inherits it in the form Ray's core
+    writes when it merges two environments (compact JSON, ``{"env_vars":{...}}``), while a task that the
+    driver, which has none, submits with the same environment carries Python's form (``{"env_vars":
+    {...}}``, with spaces): equal environments, different text, never matched. So the warming tasks are
+    submitted from a task that runs under ``runtime_env`` and give it again: Ray's core merges the two
+    and writes the worker's form. ``runtime_env`` must be the worker's (see
+    :func:`orchestrator.training.warm_start.train_runtime_env`)."""
+    task = _warm_from_here.options(runtime_env=runtime_env)
+    return task.remote(max(int(count), 0), tuple(modules), runtime_env)

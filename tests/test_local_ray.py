@@ -61,29 +61,43 @@ def test_a_local_rays_first_actors_take_the_processes_ray_prestarted(tmp_path):
     assert "ACTOR_IN_THEM True" in out.stdout and "PRESTARTED 0" not in out.stdout, out.stdout[-2000:]
 
 
-def test_the_trainer_leaves_out_the_cleaner_only_without_a_dashboard(ray_local, monkeypatch):
+def test_the_trainer_leaves_out_the_cleaner_without_a_dashboard_and_the_datasets_callback_without_datasets(
+    ray_local, monkeypatch
+):
     """On a dashboard-less Ray (the suite's, as bamray's own) the trainer has Ray Train's default callbacks
-    minus ``PlacementGroupCleanerCallback``; the private names it relies on still exist in this Ray."""
+    minus ``PlacementGroupCleanerCallback``, and minus ``DatasetsCallback`` (whose ``DatasetManager`` actor
+    would boot for nothing) when it is given no datasets; the private names it relies on still exist in
+    this Ray."""
+    import ray.data
     from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
     from orchestrator.training.trainer import dashboard_url, torch_trainer
 
     assert dashboard_url() is None
     kwargs = {"run_config": RunConfig(name="cb", storage_path="/tmp")}
+    with_data = dict(kwargs, datasets={"train": ray.data.range(4)})
+
+    def kinds(trainer: TorchTrainer) -> list[type]:
+        return [type(c) for c in trainer._create_default_callbacks()]
+
+    theirs = kinds(TorchTrainer(lambda: None, **kwargs))
+    assert PlacementGroupCleanerCallback in theirs and DatasetsCallback in theirs
     ours = torch_trainer(lambda: None, **kwargs)
-    plain = TorchTrainer(lambda: None, **kwargs)
     assert isinstance(ours, TorchTrainer) and type(ours) is not TorchTrainer
-    theirs = [type(c) for c in plain._create_default_callbacks()]
-    mine = [type(c) for c in ours._create_default_callbacks()]
-    assert PlacementGroupCleanerCallback in theirs
-    assert mine == [c for c in theirs if c is not PlacementGroupCleanerCallback]
-    # where a dashboard answers, Ray Train's own trainer, cleaner included
+    skip = {PlacementGroupCleanerCallback, DatasetsCallback}
+    assert kinds(ours) == [c for c in theirs if c not in skip]
+    assert kinds(torch_trainer(lambda: None, **with_data)) == [
+        c for c in theirs if c is not PlacementGroupCleanerCallback
+    ]
+    # where a dashboard answers, the cleaner stays: Ray Train's own trainer when there are datasets
     from orchestrator.training import trainer
 
     monkeypatch.setattr(trainer, "dashboard_url", lambda: "127.0.0.1:8265")
-    assert type(torch_trainer(lambda: None, **kwargs)) is TorchTrainer
+    assert type(torch_trainer(lambda: None, **with_data)) is TorchTrainer
+    assert kinds(torch_trainer(lambda: None, **kwargs)) == [c for c in theirs if c is not DatasetsCallback]
 
 
 def test_another_process_joins_a_local_ray_by_its_address(tmp_path):

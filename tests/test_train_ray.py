@@ -527,6 +527,13 @@ def test_resume_of_a_finished_run_does_nothing(finished_run):
     assert c.get_run(out["run_id"]).info.status == "FINISHED"
 
 
+def _actor_classes() -> dict[str, str]:
+    """Every actor the connected Ray has had, by id: its class name (from the GCS; no dashboard needed)."""
+    import ray._private.state
+
+    return {a: info["ActorClassName"] for a, info in ray._private.state.actors().items()}
+
+
 def test_init_from_starts_a_new_run_from_exported_weights(ray_local, finished_run, shards, tmp_path):
     """`--init-from`: a new run (new MLflow run, new schedule) whose backbone starts from exported weights
     (here the finished run's, moved well off the init). At an lr of 1e-9 its own export equals them; the
@@ -552,8 +559,13 @@ def test_init_from_starts_a_new_run_from_exported_weights(ray_local, finished_ru
             p.add_(0.05 * torch.randn_like(p))
     save_model(source, str(Path(local) / ckpt.BACKBONE_FILE))
 
+    before = set(_actor_classes())
     new = run_training(load_config("bam_fmnist", [*overrides, f"model.init_from={local}"]))
     assert new["status"] == "FINISHED" and new["run_id"] != out["run_id"]
+    # one worker iterates its training and k-NN datasets itself: Ray Train's dataset actors never start
+    started_classes = [c for a, c in _actor_classes().items() if a not in before]
+    assert "RayTrainWorker" in started_classes and "TrainController" in started_classes, started_classes
+    assert not {"DatasetManager", "SplitCoordinator"} & set(started_classes), started_classes
     assert tracking.client(uri).get_run(new["run_id"]).data.params["model.init_from"] == local
     started, _ = ckpt.load_backbone(
         mlflow.artifacts.download_artifacts(

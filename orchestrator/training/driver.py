@@ -24,7 +24,7 @@ from orchestrator import console, fault_injection, preflight, tracking
 from orchestrator.config import ExperimentConfig
 from orchestrator.downstream.init_from import init_weights
 from orchestrator.local_ray import connect_or_start
-from orchestrator.training import mlflow_run, summary, warm_start
+from orchestrator.training import mlflow_run, shards, summary, warm_start
 from orchestrator.training.data_prep import knn_source, prepare_data, resolved_data, steps_per_epoch
 from orchestrator.training.interrupt import SignalGuard, stop_on_signals
 from orchestrator.training.online_eval import KNN_CACHE_BYTES, knn_cache_bytes
@@ -156,6 +156,10 @@ def build_trainer(
         progress_interval_s=progress_interval_s,
         label=label,
     )
+    if shards.in_worker(workers):  # its one worker runs the executions itself: no DatasetManager to boot
+        from ray.data import DataContext
+
+        plan.datasets, plan.data_context, datasets = datasets, DataContext.get_current().copy(), {}
     run_config = ray.train.RunConfig(
         name=run_name,
         storage_path=storage_path,

@@ -1,6 +1,7 @@
 """Where a worker's epochs come from: the two data streams of ``data.stream``.
 
-- ``epoch``: Ray Train's split of the driver's dataset, one Ray Data execution per epoch. The map tasks
+- ``epoch``: Ray Train's split of the driver's dataset (a one-worker run: the dataset itself, executed in
+  the worker, :mod:`orchestrator.training.shards`), one Ray Data execution per epoch. The map tasks
   seed the augmentation with the epoch they read from the run's epoch clock, which rank 0 moves before
   anyone pulls the epoch's first batch.
 - ``run``: this worker's own stream of every epoch still to come (:mod:`data.run_stream`), one execution
@@ -26,14 +27,13 @@ import numpy as np
 
 from orchestrator.training import ranks
 from orchestrator.training.plan import WorkerPlan
+from orchestrator.training.shards import Shards
 
 
 class EpochData:
     """One worker's batches, epoch by epoch, from the stream its run's config names."""
 
-    def __init__(self, plan: WorkerPlan, rank: int, world: int) -> None:
-        import ray.train
-
+    def __init__(self, plan: WorkerPlan, rank: int, world: int, shards: Shards) -> None:
         self.plan, self.cfg, self.rank, self.world = plan, plan.cfg, rank, world
         self.clock: Any = None  # data.stream "epoch": the epoch clock its map tasks read
         self.shard: Any = None  # data.stream "epoch": this worker's split of the driver's dataset
@@ -42,7 +42,7 @@ class EpochData:
         self.end_epoch: int | None = None  # ... and the end of the epochs it was opened for
         self.early: FirstBatch | None = None  # data.stream "epoch": epoch 0's iterator, started early
         if self.cfg.data.stream == "epoch":
-            self.shard = ray.train.get_dataset_shard("train")
+            self.shard = shards("train")
             if plan.epoch_clock:
                 from data.run_actors import get_epoch_clock
 

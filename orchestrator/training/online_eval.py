@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from orchestrator.config import ExperimentConfig
+from orchestrator.training.shards import Shards
 from trainers.loop import embed
 
 KNN_BATCH = 256
@@ -84,6 +85,7 @@ def online_knn(
     num_classes: int,
     device: torch.device,
     cache: EvalCache,
+    shards: Shards,
     with_pixels: bool = False,
     keep: dict[str, Any] | None = None,
 ) -> dict[str, float]:
@@ -92,15 +94,13 @@ def online_knn(
     ``with_pixels``: also ``knn_pixels_top1``, the same k-NN on the raw pixels of the very same bank and
     queries (pixels / 255, flattened): the floor a learned feature must beat to mean anything.
     ``keep``: gets this worker's validation features and labels (``val``) and its first validation batch
-    of images (``images``, uint8), for the run's pictures."""
-    import ray.train
-
+    of images (``images``, uint8), for the run's pictures. ``shards`` gives this worker's iterators."""
     from trainers.evaluation.knn import knn_evaluate
 
     def knn(model: torch.nn.Module, pixels: bool) -> dict[str, float]:
         feats = {}
         for name in SHARDS:
-            batches = cache.batches(name, ray.train.get_dataset_shard(name))
+            batches = cache.batches(name, shards(name))
             if keep is not None and not pixels and name == "knn_val":
                 batches = _keep_first(batches, keep)
             feats[name] = embed(
@@ -241,8 +241,11 @@ class Evaluation:
     """One worker's evaluations: the k-NN (its eval images cached, the raw-pixel floor measured once) and
     the label-free signals on the fixed sample."""
 
-    def __init__(self, cfg: ExperimentConfig, *, knn: bool, prefetch: bool, rank: int, world: int) -> None:
+    def __init__(
+        self, cfg: ExperimentConfig, *, knn: bool, prefetch: bool, rank: int, world: int, shards: Shards
+    ) -> None:
         self.knn = knn
+        self.shards = shards
         self.cache = EvalCache()
         self._prefetch = knn and prefetch
         self.sample = SignalSample(cfg, rank, world) if cfg.eval.signal_samples > 0 else None
@@ -256,10 +259,8 @@ class Evaluation:
         compete with the training pipeline for the CPUs before that step. Without it, start-up on 2 CPUs
         paid for booting all three pipelines at once."""
         if self._prefetch:
-            import ray.train
-
             self._prefetch = False
-            self.cache.prefetch({n: ray.train.get_dataset_shard(n) for n in SHARDS})
+            self.cache.prefetch({n: self.shards(n) for n in SHARDS})
 
     def run(
         self, method: Any, cfg: ExperimentConfig, num_classes: int, device: torch.device
@@ -275,6 +276,7 @@ class Evaluation:
                     num_classes,
                     device,
                     self.cache,
+                    self.shards,
                     with_pixels=self.pixels_knn is None,
                     keep=self.kept,
                 )

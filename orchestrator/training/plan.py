@@ -54,6 +54,10 @@ class WorkerPlan:
     progress_interval_s: float = 0.0
     #: prefix of the workers' console lines (a sweep's trial id; empty for a single run)
     label: str = ""
+    #: the run's Ray datasets by name where its one worker iterates them itself, with the driver's Ray Data
+    #: context (None: they were given to Ray Train; :mod:`orchestrator.training.shards`)
+    datasets: dict[str, Any] | None = None
+    data_context: Any = None
 
 
 def knn_epochs(cfg: ExperimentConfig) -> set[int]:

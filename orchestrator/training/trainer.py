@@ -1,6 +1,6 @@
 """The one way bamray builds a Ray Train ``TorchTrainer`` (training runs, sweep trials, fine-tuning).
 
-Two departures from a plain ``TorchTrainer(...)``:
+Three departures from a plain ``TorchTrainer(...)``:
 
 * the loopback DDP backend (:func:`orchestrator.training.loopback_ddp.torch_config`);
 * **no placement-group cleaner on a Ray without a dashboard.** Ray Train 2.60 starts a detached
@@ -14,8 +14,13 @@ Two departures from a plain ``TorchTrainer(...)``:
   when the driver ends (a `bamray train` ends when its controller does), and a sweep's trials have
   their own reaper (:mod:`orchestrator.reaper`).
 
-Leaving the cleaner out overrides ``TorchTrainer._create_default_callbacks``, private to Ray Train;
-when a Ray upgrade renames it or the callback, the trainer keeps Ray's defaults and
+* **no datasets callback for a trainer given no datasets.** Ray Train's ``DatasetsCallback`` starts a
+  ``DatasetManager`` actor for every worker group even when there is no dataset to hand out: a process
+  booting beside the worker for nothing. A one-worker training run iterates its datasets in the worker
+  (:mod:`orchestrator.training.shards`) and fine-tuning reads its own data, so both leave it out.
+
+Leaving them out overrides ``TorchTrainer._create_default_callbacks``, private to Ray Train;
+when a Ray upgrade renames it or the callbacks, the trainer keeps Ray's defaults and
 ``tests/test_local_ray.py`` fails. Importing this module imports nothing of Ray (the CLI refuses a bad
 config before Ray is imported).
 """
@@ -36,38 +41,42 @@ def dashboard_url() -> str | None:
 
 
 @functools.cache
-def _without_cleaner() -> type | None:
-    """``TorchTrainer`` without Ray Train's placement-group cleaner, None where Ray moved what it needs."""
+def _lean_trainer(cleaner: bool) -> type | None:
+    """``TorchTrainer`` without Ray Train's placement-group cleaner (unless ``cleaner``) and, for a trainer
+    given no datasets, without its datasets callback; None where Ray moved what it needs."""
     from ray.train.torch import TorchTrainer
 
     try:
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     except ImportError:  # pragma: no cover - depends on the Ray version
         return None
     if not hasattr(TorchTrainer, "_create_default_callbacks"):  # pragma: no cover - Ray version
         return None
 
-    class DashboardlessTorchTrainer(TorchTrainer):  # type: ignore[misc, valid-type]
-        """Ray Train's defaults minus the cleaner (see the module's docstring)."""
+    class LeanTorchTrainer(TorchTrainer):  # type: ignore[misc, valid-type]
+        """Ray Train's defaults minus what the run cannot use (see the module's docstring)."""
 
         def _create_default_callbacks(self) -> list[Any]:
-            return [
-                c
-                for c in super()._create_default_callbacks()
-                if not isinstance(c, PlacementGroupCleanerCallback)
-            ]
+            return [c for c in super()._create_default_callbacks() if self._keeps(c)]
 
-    return DashboardlessTorchTrainer
+        def _keeps(self, callback: Any) -> bool:
+            if isinstance(callback, PlacementGroupCleanerCallback):
+                return cleaner
+            return bool(self.datasets) or not isinstance(callback, DatasetsCallback)
+
+    return LeanTorchTrainer
 
 
 def torch_trainer(train_fn: Any, **kwargs: Any) -> Any:
     """``TorchTrainer(train_fn, **kwargs)`` with the loopback DDP backend (unless ``torch_config`` is
-    given), and without the placement-group cleaner where the cluster has no dashboard. Ray must be
-    initialised."""
+    given), without the placement-group cleaner where the cluster has no dashboard, and without the
+    datasets callback where ``datasets`` is empty. Ray must be initialised."""
     from ray.train.torch import TorchTrainer
 
     from orchestrator.training import loopback_ddp
 
     kwargs.setdefault("torch_config", loopback_ddp.torch_config())
-    cls = (_without_cleaner() if dashboard_url() is None else None) or TorchTrainer
-    return cls(train_fn, **kwargs)
+    cleaner = dashboard_url() is not None
+    lean = None if cleaner and kwargs.get("datasets") else _lean_trainer(cleaner)
+    return (lean or TorchTrainer)(train_fn, **kwargs)

@@ -3,8 +3,10 @@
 Ray hands a task an idle pooled process of the same job and the same runtime environment (matched as
 serialised text), the most recently used first, and keeps it across tasks; an actor always gets a new
 process. The per-epoch stream's map tasks are started by Ray Train's split coordinator under the
-controller's runtime environment, so a process warmed under exactly that environment while Train starts
-is the one the first map task is handed, with torch and torchvision already imported. Torch-free, like
+controller's runtime environment (in a one-worker run by the worker itself, under the same environment
+written in another form, :func:`data.run_actors.warm_task_workers_for_a_worker`), so a process warmed
+under exactly that environment while Train starts is the one the first map task is handed, with torch and
+torchvision already imported. Torch-free, like
 the rest of what the driver imports before Ray Train takes the run (``tests/test_imports.py``).
 """
 
@@ -41,6 +43,10 @@ def warm_map_workers(cfg: ExperimentConfig) -> None:
     env = train_runtime_env()
     if env is None or cfg.data.stream != "epoch" or cfg.data.map_compute != "tasks":
         return
-    from data.run_actors import warm_task_workers
+    from data.run_actors import warm_task_workers, warm_task_workers_for_a_worker
+    from orchestrator.training.shards import in_worker
 
-    warm_task_workers(cfg.data.map_workers, runtime_env=env)
+    if in_worker(cfg.train.workers):  # the worker submits the map tasks: they inherit its environment
+        warm_task_workers_for_a_worker(cfg.data.map_workers, env)
+    else:  # the split coordinator does, under the controller's
+        warm_task_workers(cfg.data.map_workers, runtime_env=env)

@@ -1,8 +1,9 @@
 """The Ray Data map callables: PNG rows -> multi-crop training batches or clean evaluation views.
 
 Kept apart from :mod:`data.pipeline`, and importing torch only inside the calls, because Ray ships them by
-reference inside the dataset plan: every process that unpickles a plan (Ray Train's controller and dataset
-manager, one split coordinator per data set) imports this module, and none of those processes runs a batch.
+reference inside the dataset plan: every process that unpickles a plan (Ray Train's controller; with several
+workers its dataset manager and one split coordinator per data set) imports this module, and none of those
+processes runs a batch.
 With torch and torchvision at the top, each of them paid about 3 s of CPU for the import.
 """
 

@@ -61,13 +61,14 @@ def test_a_local_rays_first_actors_take_the_processes_ray_prestarted(tmp_path):
     assert "ACTOR_IN_THEM True" in out.stdout and "PRESTARTED 0" not in out.stdout, out.stdout[-2000:]
 
 
-def test_the_trainer_leaves_out_the_cleaner_without_a_dashboard_and_the_datasets_callback_without_datasets(
+def test_the_trainer_leaves_out_the_cleaner_without_a_dashboard_and_the_datasets_callback_when_told(
     ray_local, monkeypatch
 ):
     """On a dashboard-less Ray (the suite's, as bamray's own) the trainer has Ray Train's default callbacks
-    minus ``PlacementGroupCleanerCallback``, and minus ``DatasetsCallback`` (whose ``DatasetManager`` actor
-    would boot for nothing) when it is given no datasets; the private names it relies on still exist in
-    this Ray."""
+    minus ``PlacementGroupCleanerCallback``; minus ``DatasetsCallback`` too (its ``DatasetManager`` would
+    boot for nothing) only when the caller says its workers need no Ray Data context from it, since it also
+    sets the driver's context in workers that get no datasets (a multi-worker ``data.stream: run`` run
+    without k-NN sets). The private names it relies on still exist in this Ray."""
     import ray.data
     from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
@@ -87,17 +88,21 @@ def test_the_trainer_leaves_out_the_cleaner_without_a_dashboard_and_the_datasets
     assert PlacementGroupCleanerCallback in theirs and DatasetsCallback in theirs
     ours = torch_trainer(lambda: None, **kwargs)
     assert isinstance(ours, TorchTrainer) and type(ours) is not TorchTrainer
-    skip = {PlacementGroupCleanerCallback, DatasetsCallback}
-    assert kinds(ours) == [c for c in theirs if c not in skip]
-    assert kinds(torch_trainer(lambda: None, **with_data)) == [
-        c for c in theirs if c is not PlacementGroupCleanerCallback
-    ]
-    # where a dashboard answers, the cleaner stays: Ray Train's own trainer when there are datasets
+    no_cleaner = [c for c in theirs if c is not PlacementGroupCleanerCallback]
+    assert kinds(ours) == no_cleaner
+    assert kinds(torch_trainer(lambda: None, **with_data)) == no_cleaner
+    told = torch_trainer(lambda: None, datasets_callback=False, **kwargs)
+    assert kinds(told) == [c for c in no_cleaner if c is not DatasetsCallback]
+    with pytest.raises(ValueError, match="datasets callback"):
+        torch_trainer(lambda: None, datasets_callback=False, **with_data)
+    # where a dashboard answers, the cleaner stays: Ray Train's own trainer unless told otherwise
     from orchestrator.training import trainer
 
     monkeypatch.setattr(trainer, "dashboard_url", lambda: "127.0.0.1:8265")
     assert type(torch_trainer(lambda: None, **with_data)) is TorchTrainer
-    assert kinds(torch_trainer(lambda: None, **kwargs)) == [c for c in theirs if c is not DatasetsCallback]
+    assert type(torch_trainer(lambda: None, **kwargs)) is TorchTrainer
+    told = torch_trainer(lambda: None, datasets_callback=False, **kwargs)
+    assert kinds(told) == [c for c in theirs if c is not DatasetsCallback]
 
 
 def test_another_process_joins_a_local_ray_by_its_address(tmp_path):

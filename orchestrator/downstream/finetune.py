@@ -173,6 +173,7 @@ def run_mode(plan: FinetunePlan, workers: int, cpus_per_worker: float) -> dict[s
     with tempfile.TemporaryDirectory(prefix="bamray-ft-") as storage:
         trainer = torch_trainer(
             finetune_worker,
+            datasets_callback=False,  # its workers read no Ray Data
             train_loop_config={"plan": plan},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=workers, resources_per_worker={"CPU": cpus_per_worker}

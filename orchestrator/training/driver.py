@@ -56,7 +56,8 @@ def _data_cpus(train_cpus: float) -> float:
 def _datasets(cfg: ExperimentConfig, knn_data: Any, clock: str, counter: str) -> tuple[dict[str, Any], Any]:
     """``train`` (the multi-crop stream; absent with ``data.stream: run``, where every worker builds its
     own) and, for the online k-NN on ``knn_data`` (a labelled set's data config, or None), ``knn_train`` /
-    ``knn_val`` (clean centre crops); Ray Train splits each across the workers. Also returns the run's
+    ``knn_val`` (clean centre crops), each named by its key; Ray Train splits each across the workers
+    (one worker iterates them whole, :mod:`orchestrator.training.shards`). Also returns the run's
     corrupt-row counter (its handle: keep it for as long as the run)."""
     from data.pipeline import build_eval_datasets, build_train_dataset, configure_data_context
     from data.run_actors import get_corrupt_counter
@@ -79,6 +80,9 @@ def _datasets(cfg: ExperimentConfig, knn_data: Any, clock: str, counter: str) ->
             corrupt_counter=counter,
         )
         datasets.update({"knn_train": knn_train, "knn_val": knn_val})
+    for name, ds in datasets.items():  # as Ray Train's DataConfig names them: Ray Data's logs and metrics
+        if ds.name is None:
+            ds.set_name(name)
     return datasets, handle
 
 
@@ -156,7 +160,8 @@ def build_trainer(
         progress_interval_s=progress_interval_s,
         label=label,
     )
-    if shards.in_worker(workers):  # its one worker runs the executions itself: no DatasetManager to boot
+    in_worker = shards.in_worker(workers)
+    if in_worker:  # its one worker runs the executions itself: no DatasetManager to boot
         from ray.data import DataContext
 
         plan.datasets, plan.data_context, datasets = datasets, DataContext.get_current().copy(), {}
@@ -177,6 +182,7 @@ def build_trainer(
         scaling_config=_scaling(cfg),
         run_config=run_config,
         datasets=datasets,
+        datasets_callback=not in_worker,
     )
 
 

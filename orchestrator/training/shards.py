@@ -10,9 +10,11 @@ which then runs the Ray Data execution and hands its blocks on. Timed from Ray's
 `bamray train`: the worker ready at 16.7 s after launch, the first step at 28.1 s, 7 s of it in that
 chain. With one worker there is nothing to split, so the plan carries the datasets and the worker runs
 each execution itself (``Dataset.iterator()``, what Ray Train gives a worker for a dataset it does not
-split): the batches are the same rows in the same order, seeded by ``(seed, epoch, index)`` as
-everywhere. The trainer then leaves out Ray Train's datasets callback, whose ``DatasetManager`` would
-otherwise boot for nothing (:func:`orchestrator.training.trainer.torch_trainer`).
+split): the same rows, their views seeded by ``(seed, epoch, index)`` as everywhere (the order of the
+blocks is Ray Data's, unordered on either path). The trainer then leaves out Ray Train's datasets
+callback, whose ``DatasetManager`` would otherwise boot for nothing, and the plan carries the driver's Ray
+Data context, which that callback would have set in the worker
+(:func:`orchestrator.training.trainer.torch_trainer`).
 
 Several workers keep Ray Train's path: the split coordinator is what deals one execution's blocks to the
 ranks in equal shares, and Ray Train builds a new one for every worker group, which is what a group that

@@ -14,10 +14,13 @@ Three departures from a plain ``TorchTrainer(...)``:
   when the driver ends (a `bamray train` ends when its controller does), and a sweep's trials have
   their own reaper (:mod:`orchestrator.reaper`).
 
-* **no datasets callback for a trainer given no datasets.** Ray Train's ``DatasetsCallback`` starts a
-  ``DatasetManager`` actor for every worker group even when there is no dataset to hand out: a process
-  booting beside the worker for nothing. A one-worker training run iterates its datasets in the worker
-  (:mod:`orchestrator.training.shards`) and fine-tuning reads its own data, so both leave it out.
+* **no datasets callback where the caller says its workers need none** (``datasets_callback=False``).
+  Ray Train's ``DatasetsCallback`` starts a ``DatasetManager`` actor for every worker group even when
+  there is no dataset to hand out, a process booting beside the worker for nothing, and sets the
+  driver's Ray Data context in the workers. A one-worker training run carries its datasets and that
+  context in its plan (:mod:`orchestrator.training.shards`) and fine-tuning reads no Ray Data, so both
+  leave it out; a multi-worker ``data.stream: run`` run without k-NN sets has no datasets either, but its
+  workers build their streams under the driver's context, so it keeps the callback.
 
 Leaving them out overrides ``TorchTrainer._create_default_callbacks``, private to Ray Train;
 when a Ray upgrade renames it or the callbacks, the trainer keeps Ray's defaults and
@@ -41,9 +44,9 @@ def dashboard_url() -> str | None:
 
 
 @functools.cache
-def _lean_trainer(cleaner: bool) -> type | None:
-    """``TorchTrainer`` without Ray Train's placement-group cleaner (unless ``cleaner``) and, for a trainer
-    given no datasets, without its datasets callback; None where Ray moved what it needs."""
+def _lean_trainer(cleaner: bool, datasets_callback: bool) -> type | None:
+    """``TorchTrainer`` without Ray Train's placement-group cleaner (unless ``cleaner``) and without its
+    datasets callback (unless ``datasets_callback``); None where Ray moved what it needs."""
     from ray.train.torch import TorchTrainer
 
     try:
@@ -63,20 +66,28 @@ def _lean_trainer(cleaner: bool) -> type | None:
         def _keeps(self, callback: Any) -> bool:
             if isinstance(callback, PlacementGroupCleanerCallback):
                 return cleaner
-            return bool(self.datasets) or not isinstance(callback, DatasetsCallback)
+            return datasets_callback or not isinstance(callback, DatasetsCallback)
 
     return LeanTorchTrainer
 
 
-def torch_trainer(train_fn: Any, **kwargs: Any) -> Any:
+def torch_trainer(train_fn: Any, *, datasets_callback: bool = True, **kwargs: Any) -> Any:
     """``TorchTrainer(train_fn, **kwargs)`` with the loopback DDP backend (unless ``torch_config`` is
-    given), without the placement-group cleaner where the cluster has no dashboard, and without the
-    datasets callback where ``datasets`` is empty. Ray must be initialised."""
+    given) and without the placement-group cleaner where the cluster has no dashboard. Ray must be
+    initialised.
+
+    ``datasets_callback=False`` (only with no ``datasets``): also without Ray Train's datasets callback, for
+    workers that take no Ray Data context from the driver through it (they read no Ray Data, or, as a
+    one-worker run's, get the datasets and the context in their plan). Besides starting the
+    ``DatasetManager`` it sets the driver's ``DataContext`` in every worker, which a worker that builds
+    its own stream (``data.stream: run``) relies on."""
     from ray.train.torch import TorchTrainer
 
     from orchestrator.training import loopback_ddp
 
+    if not datasets_callback and kwargs.get("datasets"):
+        raise ValueError("a trainer given datasets needs Ray Train's datasets callback")
     kwargs.setdefault("torch_config", loopback_ddp.torch_config())
     cleaner = dashboard_url() is not None
-    lean = None if cleaner and kwargs.get("datasets") else _lean_trainer(cleaner)
+    lean = None if cleaner and datasets_callback else _lean_trainer(cleaner, datasets_callback)
     return (lean or TorchTrainer)(train_fn, **kwargs)

@@ -38,8 +38,8 @@ def train_runtime_env() -> dict[str, Any] | None:
 
 def warm_map_workers(cfg: ExperimentConfig) -> None:
     """Pre-import the augmentation in the pooled processes that the per-epoch stream's map tasks will be
-    handed (:func:`data.run_actors.warm_task_workers`, one per ``data.map_workers``; no CPU asked, no
-    wait). The one-execution stream and an actor pool start their own processes: nothing is warmed."""
+    handed (:func:`data.run_actors.warm_task_workers`, or ``warm_task_workers_for_a_worker`` where the one
+    worker submits them, one per ``data.map_workers``; no CPU asked, no wait). The one-execution stream and an actor pool start their own processes: nothing is warmed."""
     env = train_runtime_env()
     if env is None or cfg.data.stream != "epoch" or cfg.data.map_compute != "tasks":
         return

@@ -36,9 +36,8 @@ class EpochData:
     def __init__(self, plan: WorkerPlan, rank: int, world: int, shards: Shards) -> None:
         self.plan, self.cfg, self.rank, self.world = plan, plan.cfg, rank, world
         self.clock: Any = None  # data.stream "epoch": the epoch clock its map tasks read
-        self.shard: Any = (
-            None  # data.stream "epoch": this worker's split of the driver's dataset (or all of it)
-        )
+        # data.stream "epoch": this worker's split of the driver's dataset (a one-worker run: all of it)
+        self.shard: Any = None
         self.stream: Any = None  # data.stream "run": data.run_stream.epoch_batches of the epochs to come
         self.opened_for: int | None = None  # the epoch (with its resume skip) the stream was opened for
         self.end_epoch: int | None = None  # ... and the end of the epochs it was opened for

@@ -6,8 +6,8 @@ process. The per-epoch stream's map tasks are started by Ray Train's split coord
 controller's runtime environment (in a one-worker run by the worker itself, under the same environment
 written in another form, :func:`data.run_actors.warm_task_workers_for_a_worker`), so a process warmed
 under exactly that environment while Train starts is the one the first map task is handed, with torch and
-torchvision already imported. Torch-free, like
-the rest of what the driver imports before Ray Train takes the run (``tests/test_imports.py``).
+torchvision already imported. Torch-free, like the rest of what the driver imports before Ray Train takes
+the run (``tests/test_imports.py``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def train_runtime_env() -> dict[str, Any] | None:
 def warm_map_workers(cfg: ExperimentConfig) -> None:
     """Pre-import the augmentation in the pooled processes that the per-epoch stream's map tasks will be
     handed (:func:`data.run_actors.warm_task_workers`, or ``warm_task_workers_for_a_worker`` where the one
-    worker submits them, one per ``data.map_workers``; no CPU asked, no wait). The one-execution stream and an actor pool start their own processes: nothing is warmed."""
+    worker submits them, one per ``data.map_workers``; no CPU asked, no wait). The one-execution stream
+    and an actor pool start their own processes: nothing is warmed."""
     env = train_runtime_env()
     if env is None or cfg.data.stream != "epoch" or cfg.data.map_compute != "tasks":
         return

@@ -330,9 +330,7 @@ class _Worker:
             self.fixed_batch is None and self.log is not None and self.cfg.eval.pictures
         ):  # BAM's picture batch
             self.fixed_batch = {k: batch[k][:32].cpu().clone() for k in ("global", "local") if k in batch}
-        if (
-            self.log is not None and self.engine.step == 0
-        ):  # logged after the step (MLflow is not imported before)
+        if self.log is not None and self.engine.step == 0:  # sent after the step: _log_first_grid
             self.first_grid = crop_grid({k: v.cpu().numpy() for k, v in batch.items()})
         self.plan.faults.before_step(self.engine.step, self.rank, self.plan.run_dir)
 

@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
         "import data.pipeline",  # the driver builds the run's datasets with it
         "import orchestrator.training.plan",  # Ray Train's controller unpickles the workers' plan
         "from orchestrator.cli import build_parser; build_parser()",
+        # it imports torch in a thread while Ray starts (driver._run_modules), not before
+        "import orchestrator.training.driver",
     ],
 )
 def test_light_modules_do_not_import_torch(statement):
@@ -105,10 +107,13 @@ def test_a_method_lookup_imports_its_own_module_only():
 
 def test_a_config_with_a_known_backbone_name_loads_without_timm(tmp_path):
     """The first load asks timm and keeps its model names for that timm version; the next ones do not
-    import timm, torchvision or torch._dynamo (about 4 s of the driver's start-up)."""
+    import timm, torchvision or torch._dynamo (about 4 s of the driver's start-up), nor torch: the driver
+    validates the config before it starts Ray and imports torch while Ray starts, about 2 s earlier. Every
+    shipped recipe, so every method's option checks (``trainers.methods.options``)."""
+    configs = ["bam_fmnist", "byol_fmnist", "dino_fmnist", "mae_fmnist", "simclr_fmnist"]
     code = (
-        "import sys; from orchestrator.config import load_config; load_config('bam_fmnist'); "
-        "print(sorted(m for m in ('timm', 'torchvision', 'torch._dynamo') if m in sys.modules))"
+        f"import sys; from orchestrator.config import load_config; [load_config(c) for c in {configs!r}]; "
+        "print(sorted(m for m in ('timm', 'torchvision', 'torch._dynamo', 'torch') if m in sys.modules))"
     )
     env = dict(os.environ, BAMRAY_CACHE_DIR=str(tmp_path))
     runs = [

@@ -23,7 +23,8 @@ from orchestrator.config import load_config
 from trainers.backbones import ModelConfig, build_backbone
 from trainers.build import build_engine, build_method
 from trainers.engine import Engine, crops_from_batch
-from trainers.methods import MethodContext, available_methods, get_method
+from trainers.methods import MethodContext, available_methods, get_method, get_options
+from trainers.methods.options import BY_METHOD
 from trainers.optim_config import OptimConfig
 from trainers.options import ConfigError
 
@@ -105,6 +106,16 @@ def test_registry_has_the_baselines():
         assert cls.name == name
         assert cls.crop_usage in ("multi", "global", "single")
         assert dataclasses.is_dataclass(cls.Options)
+
+
+def test_the_options_table_names_each_methods_own_section():
+    """The config finds a shipped method's section in ``options.BY_METHOD`` without importing the method:
+    a method renamed, added or given another section there must agree with its class."""
+    assert set(BY_METHOD) == set(METHODS)
+    for name in METHODS:
+        assert get_options(name) is get_method(name).Options, name
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        get_options("nope")
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -16,21 +16,15 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from data.sources import is_uri
-from orchestrator import checkpointing as ckpt
 from orchestrator import console, fault_injection, preflight, tracking
 from orchestrator.config import ExperimentConfig
-from orchestrator.downstream.init_from import init_weights
 from orchestrator.local_ray import connect_or_start
 from orchestrator.training import mlflow_run, shards, summary, warm_start
 from orchestrator.training.data_prep import knn_source, prepare_data, resolved_data, steps_per_epoch
 from orchestrator.training.interrupt import SignalGuard, stop_on_signals
-from orchestrator.training.online_eval import KNN_CACHE_BYTES, knn_cache_bytes
 from orchestrator.training.plan import WorkerPlan, knn_epochs
 from orchestrator.training.trainer import torch_trainer
-from orchestrator.training.worker import train_loop_per_worker
 from trainers.options import ConfigError
 
 if TYPE_CHECKING:
@@ -125,7 +119,13 @@ def build_trainer(
     """
     import ray.train
 
+    # torch and the training code: imported here, not with this module, which the driver imports
+    # before it starts Ray (:func:`_run_modules` imports torch while Ray starts)
+    from orchestrator import checkpointing as ckpt
+    from orchestrator.downstream.init_from import init_weights
     from orchestrator.epoch_gate import GatedEpochs
+    from orchestrator.training.online_eval import KNN_CACHE_BYTES, knn_cache_bytes
+    from orchestrator.training.worker import train_loop_per_worker
 
     cfg, meta = resolved_data(cfg)
     knn = knn_source(cfg, meta)
@@ -206,7 +206,11 @@ def connect_ray(cfg: ExperimentConfig) -> bool:
     started or connected Ray (the caller shuts it down). A cluster that refuses the connection is the
     address's fault: a ConfigError naming it."""
     train_cpus = max(cfg.train.workers, 1) * cfg.train.cpus_per_worker + preflight.stream_cpus(cfg)
-    gpus = torch.cuda.device_count() if cfg.train.gpus_per_worker > 0 and torch.cuda.is_available() else None
+    gpus = None
+    if cfg.train.gpus_per_worker > 0:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else None
     try:
         return connect_or_start(cfg.train.address, max(4, math.ceil(train_cpus) + 2), gpus)
     except ConnectionError as err:
@@ -253,11 +257,9 @@ def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[st
         log_path = console.get().log_path or console.get().open_log(console.default_log_path("train", uri))
         storage = mlflow_run.storage(cfg, previous)
         preflight.check_job(cfg, uri, storage)
-        from ray.train import TrainingFailedError  # noqa: F401 - seconds to import: before Ray starts
-
         guard.check()
         started, run_id = False, None
-        _import_in_background(_mlflow_modules(uri))  # while Ray starts, which mostly waits on its processes
+        _import_in_background(_run_modules(uri))  # while Ray starts, which mostly waits on its processes
         try:
             with guard.deferred("Ray has started"):  # a half-started Ray could not be shut down
                 started = connect_ray(cfg)
@@ -290,10 +292,22 @@ def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[st
     return out
 
 
-def _mlflow_modules(uri: str) -> tuple[str, ...]:
-    """What creating the run's MLflow run imports: MLflow, and for a database store its SQLAlchemy store."""
+def _run_modules(uri: str) -> tuple[str, ...]:
+    """What the driver imports once Ray is up, in the order it needs them: Ray Data (the helper actors),
+    MLflow (the run; for a database store its SQLAlchemy store), Ray Train and torch (its ``TorchTrainer``
+    imports it), the worker's module. Torch and Ray Train were imported before ``ray.init`` (3-4 s of CPU
+    in a row, with a core idle); here they take the CPU that Ray's start leaves while the driver waits for
+    its processes."""
     db = uri.split(":", 1)[0].split("+", 1)[0] in {"sqlite", "postgresql", "mysql", "mssql"}
-    return ("mlflow", "mlflow.store.tracking.sqlalchemy_store") if db else ("mlflow",)
+    store = ("mlflow.store.tracking.sqlalchemy_store",) if db else ()
+    return (
+        "ray.data",
+        "mlflow",
+        *store,
+        "ray.train",
+        "torch",  # Ray Train's TorchTrainer imports it
+        "orchestrator.training.worker",  # build_trainer pickles its function by reference
+    )
 
 
 def _import_in_background(modules: tuple[str, ...]) -> None:

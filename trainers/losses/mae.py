@@ -13,6 +13,8 @@ import dataclasses
 
 import torch
 
+from trainers.methods.options import num_visible  # the config's check counts with the same rule
+
 
 @dataclasses.dataclass
 class Masking:
@@ -22,11 +24,6 @@ class Masking:
     ids_keep: torch.Tensor
     mask: torch.Tensor
     ids_restore: torch.Tensor
-
-
-def num_visible(num_patches: int, mask_ratio: float) -> int:
-    """Visible patches per image (the official ``int(N * (1 - ratio))``)."""
-    return int(num_patches * (1.0 - mask_ratio))
 
 
 def random_masking(

@@ -6,9 +6,10 @@ with a ``name``; so nothing else has to be edited to add a method. Importing one
 imports timm, torchvision and with them ``torch._dynamo``, about 4 s of a driver's start-up that a BAM run
 does not use.
 
-Importing this package costs nothing: the option sections live in the torch-free :mod:`.options` (a
-run's config is unpickled by Ray Train's controller, which must not import torch for it), and ``Method``
-/ ``MethodContext`` (torch) are imported when first asked for.
+Importing this package costs nothing: the option sections and their checks live in the torch-free
+:mod:`.options` (a run's config is unpickled by Ray Train's controller, and validated by ``bamray`` before
+Ray starts, neither of which should import torch: :func:`get_options`), and ``Method`` /
+``MethodContext`` (torch) are imported when first asked for.
 """
 
 from __future__ import annotations
@@ -64,6 +65,14 @@ def get_method(name: str, path: str = "method.name") -> type[Method]:
     if name not in _REGISTRY:
         raise ConfigError(path, f"unknown method {name!r}; allowed: {available_methods()}")
     return _REGISTRY[name]
+
+
+def get_options(name: str, path: str = "method.name") -> type:
+    """The option section of method ``name`` (its ``method.*`` fields and their ``check``) without
+    importing the method (torch) when it is one of :data:`.options.BY_METHOD`."""
+    from trainers.methods.options import BY_METHOD
+
+    return BY_METHOD[name] if name in BY_METHOD else get_method(name, path).Options
 
 
 def __getattr__(name: str) -> Any:

@@ -19,7 +19,6 @@ from trainers.heads import MLPHead
 from trainers.losses.bam import BAMLoss
 from trainers.methods.base import Method, MethodContext, forward_by_resolution, make_teacher
 from trainers.methods.options import BAMOptions
-from trainers.options import ConfigError
 from trainers.schedules import reg_schedule
 
 
@@ -102,19 +101,3 @@ class BAM(Method):
 
     def eval_backbone(self):
         return self.teacher_backbone if self.options.teacher else self.backbone
-
-    @classmethod
-    def check(cls, options: BAMOptions, ctx: dict[str, int]) -> None:
-        num_crops = ctx["num_global_crops"] + ctx["num_local_crops"]
-        if options.num_target_crops > num_crops:
-            raise ConfigError(
-                "method.num_target_crops",
-                f"got {options.num_target_crops}; must be in [1, {num_crops}] (global + local crops)",
-            )
-        targets = options.num_target_crops * ctx["batch_size"] * ctx["world_size"]
-        if options.top_k_sink > targets:
-            raise ConfigError(
-                "method.top_k_sink",
-                f"got {options.top_k_sink}; must be in [0, {targets}] (num_target_crops x batch_size"
-                f" x workers = targets in the global batch)",
-            )

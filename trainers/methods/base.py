@@ -126,11 +126,6 @@ class Method(nn.Module):
                 return head
         return None
 
-    @classmethod
-    def check(cls, options: Any, ctx: dict[str, Any]) -> None:
-        """Cross-field validation before launch (ctx: batch_size, world_size, num_global_crops,
-        num_local_crops, image_size, patch_size, backbone_kwargs). Raise ``trainers.options.ConfigError``."""
-
 
 def make_teacher(module: nn.Module) -> nn.Module:
     """A frozen deep copy (the EMA target)."""

@@ -15,7 +15,6 @@ from trainers.heads import MLPHead
 from trainers.losses.byol import symmetric_byol_loss
 from trainers.methods.base import Method, MethodContext, forward_by_resolution, make_teacher
 from trainers.methods.options import BYOLOptions
-from trainers.options import ConfigError
 
 
 class BYOL(Method):
@@ -48,11 +47,3 @@ class BYOL(Method):
 
     def signal_head(self) -> nn.Module:
         return self.projector  # the online twin, as eval_backbone
-
-    @classmethod
-    def check(cls, options: BYOLOptions, ctx: dict[str, int]) -> None:
-        if ctx["num_global_crops"] != 2:
-            raise ConfigError(
-                "data.global_crops",
-                f"got {ctx['num_global_crops']}; BYOL uses exactly 2 global views (t and t')",
-            )

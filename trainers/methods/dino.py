@@ -16,7 +16,6 @@ from trainers.heads import DINOHead
 from trainers.losses.dino import DINOLoss
 from trainers.methods.base import Method, MethodContext, forward_by_resolution, make_teacher
 from trainers.methods.options import DINOOptions
-from trainers.options import ConfigError
 from trainers.schedules import teacher_temperature
 
 
@@ -63,10 +62,3 @@ class DINO(Method):
 
     def eval_backbone(self) -> nn.Module:
         return self.teacher_backbone
-
-    @classmethod
-    def check(cls, options: DINOOptions, ctx: dict[str, int]) -> None:
-        if ctx["num_global_crops"] + ctx["num_local_crops"] < 2:
-            raise ConfigError(
-                "data.local_crops", "DINO needs >= 2 crops in total (global + local) to compare views"
-            )

@@ -9,15 +9,13 @@ Only the first global crop is used (MAE's augmentation is a random resized crop 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from timm.layers import resample_abs_pos_embed
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from trainers.losses.mae import mae_loss, num_visible, patchify, random_masking
+from trainers.losses.mae import mae_loss, patchify, random_masking
 from trainers.methods.base import Method, MethodContext
 from trainers.methods.options import MAEOptions
 from trainers.options import ConfigError
@@ -92,34 +90,6 @@ class MAE(Method):
         pred = self.decoder_pred(x[:, npt:])
         loss = mae_loss(pred, patchify(images, self.patch_size), m.mask, self.options.norm_pix_loss)
         return loss, {}
-
-    @classmethod
-    def check(cls, options: MAEOptions, ctx: dict[str, Any]) -> None:
-        if options.decoder_dim % options.decoder_heads:
-            raise ConfigError(
-                "method.decoder_heads",
-                f"got {options.decoder_heads}; must divide method.decoder_dim ({options.decoder_dim})",
-            )
-        kwargs = ctx.get("backbone_kwargs") or {}
-        # timm's ViT moves its final norm to ``fc_norm`` (applied after pooling) when global_pool is avg/max
-        # and fc_norm is not given: MAE's encoder runs on tokens and never pools, so that norm would get no
-        # gradient (DDP fails on unused parameters) and would stay untrained.
-        pooled_norm = kwargs.get("fc_norm") is not False and kwargs.get("final_norm") is not False
-        if kwargs.get("global_pool") in ("avg", "avgmax", "max") and pooled_norm:
-            raise ConfigError(
-                "model.backbone_kwargs",
-                f"global_pool={kwargs['global_pool']!r} needs fc_norm: false (a trained per-token final norm) or "
-                "final_norm: false (none) with MAE: timm otherwise puts the final norm after the pooling, "
-                "which MAE's encoder never runs",
-            )
-        if ctx.get("patch_size"):
-            n = (ctx["image_size"] // ctx["patch_size"]) ** 2
-            if num_visible(n, options.mask_ratio) < 1:
-                raise ConfigError(
-                    "method.mask_ratio",
-                    f"got {options.mask_ratio}; leaves no visible patch of {n} "
-                    f"(need mask_ratio <= {1 - 1 / n:.4f})",
-                )
 
 
 def _xavier(m: nn.Module) -> None:

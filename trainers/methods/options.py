@@ -5,13 +5,24 @@ unpickling an options object imports the module that defines its class. Defined 
 (which is a ``torch.nn.Module``), every Ray Train controller imported torch, about 2 s of CPU on the
 start-up's critical path (``tests/test_imports.py``). A new method may define its ``Options`` in its own
 module; it then pays that cost.
+
+Each section's ``check(ctx)`` is the method's cross-field validation (crops, batch, patches: the ``ctx``
+of :func:`orchestrator.config.validate_cross_fields`), here for the same reason: ``bamray`` validates a
+config before it starts anything, and a check that imported the method imported torch there, about 2 s
+before Ray could start (:data:`BY_METHOD` finds a method's section without importing the method).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
-from trainers.options import opt
+from trainers.options import ConfigError, opt
+
+
+def num_visible(num_patches: int, mask_ratio: float) -> int:
+    """MAE's visible patches per image (the official ``int(N * (1 - ratio))``)."""
+    return int(num_patches * (1.0 - mask_ratio))
 
 
 @dataclasses.dataclass
@@ -45,6 +56,21 @@ class BAMOptions:
         "official BAM: GELU, no BN, built for ViTs)",
     )
 
+    def check(self, ctx: dict[str, Any]) -> None:
+        num_crops = ctx["num_global_crops"] + ctx["num_local_crops"]
+        if self.num_target_crops > num_crops:
+            raise ConfigError(
+                "method.num_target_crops",
+                f"got {self.num_target_crops}; must be in [1, {num_crops}] (global + local crops)",
+            )
+        targets = self.num_target_crops * ctx["batch_size"] * ctx["world_size"]
+        if self.top_k_sink > targets:
+            raise ConfigError(
+                "method.top_k_sink",
+                f"got {self.top_k_sink}; must be in [0, {targets}] (num_target_crops x batch_size"
+                f" x workers = targets in the global batch)",
+            )
+
 
 @dataclasses.dataclass
 class BYOLOptions:
@@ -54,6 +80,13 @@ class BYOLOptions:
     proj_hidden_dim: int = opt(1024, ge=1, help="paper: 4096")
     proj_out_dim: int = opt(256, ge=1, help="paper: 256")
     pred_hidden_dim: int = opt(1024, ge=1, help="paper: 4096")
+
+    def check(self, ctx: dict[str, Any]) -> None:
+        if ctx["num_global_crops"] != 2:
+            raise ConfigError(
+                "data.global_crops",
+                f"got {ctx['num_global_crops']}; BYOL uses exactly 2 global views (t and t')",
+            )
 
 
 @dataclasses.dataclass
@@ -80,6 +113,12 @@ class DINOOptions:
         1.0, ge=0.0, help="epochs with the prototype layer frozen (official: 1)"
     )
 
+    def check(self, ctx: dict[str, Any]) -> None:
+        if ctx["num_global_crops"] + ctx["num_local_crops"] < 2:
+            raise ConfigError(
+                "data.local_crops", "DINO needs >= 2 crops in total (global + local) to compare views"
+            )
+
 
 @dataclasses.dataclass
 class MAEOptions:
@@ -91,6 +130,33 @@ class MAEOptions:
     decoder_heads: int = opt(4, ge=1, help="must divide decoder_dim")
     decoder_pos_embed: str = opt("fixed", choices=("fixed", "learned"), help="2-D sin-cos (paper) or learned")
     norm_pix_loss: bool = opt(True, help="regress per-patch normalised pixels (paper default)")
+
+    def check(self, ctx: dict[str, Any]) -> None:
+        if self.decoder_dim % self.decoder_heads:
+            raise ConfigError(
+                "method.decoder_heads",
+                f"got {self.decoder_heads}; must divide method.decoder_dim ({self.decoder_dim})",
+            )
+        kwargs = ctx.get("backbone_kwargs") or {}
+        # timm's ViT moves its final norm to ``fc_norm`` (applied after pooling) when global_pool is avg/max
+        # and fc_norm is not given: MAE's encoder runs on tokens and never pools, so that norm would get no
+        # gradient (DDP fails on unused parameters) and would stay untrained.
+        pooled_norm = kwargs.get("fc_norm") is not False and kwargs.get("final_norm") is not False
+        if kwargs.get("global_pool") in ("avg", "avgmax", "max") and pooled_norm:
+            raise ConfigError(
+                "model.backbone_kwargs",
+                f"global_pool={kwargs['global_pool']!r} needs fc_norm: false (a trained per-token final norm) or "
+                "final_norm: false (none) with MAE: timm otherwise puts the final norm after the pooling, "
+                "which MAE's encoder never runs",
+            )
+        if ctx.get("patch_size"):
+            n = (ctx["image_size"] // ctx["patch_size"]) ** 2
+            if num_visible(n, self.mask_ratio) < 1:
+                raise ConfigError(
+                    "method.mask_ratio",
+                    f"got {self.mask_ratio}; leaves no visible patch of {n} "
+                    f"(need mask_ratio <= {1 - 1 / n:.4f})",
+                )
 
 
 @dataclasses.dataclass
@@ -104,3 +170,25 @@ class SimCLROptions:
     gather_distributed: bool = opt(
         True, help="negatives from all workers' batches (all-gather with gradients)"
     )
+
+    def check(self, ctx: dict[str, Any]) -> None:
+        if ctx["num_global_crops"] != 2:
+            raise ConfigError(
+                "data.global_crops", f"got {ctx['num_global_crops']}; SimCLR uses exactly 2 global views"
+            )
+        if ctx["batch_size"] * ctx["world_size"] < 2:
+            raise ConfigError(
+                "optim.batch_size", "NT-Xent needs >= 2 images in the (global) batch for negatives"
+            )
+
+
+#: Each shipped method's option section by ``method.name``; a method whose ``Options`` live elsewhere is
+#: found through the registry (:func:`trainers.methods.get_options`; ``tests/test_methods.py`` checks
+#: that this table and the methods' own ``Options`` agree).
+BY_METHOD: dict[str, type] = {
+    "bam": BAMOptions,
+    "byol": BYOLOptions,
+    "dino": DINOOptions,
+    "mae": MAEOptions,
+    "simclr": SimCLROptions,
+}

@@ -12,7 +12,6 @@ from trainers.heads import MLPHead
 from trainers.losses.simclr import NTXentLoss
 from trainers.methods.base import Method, MethodContext, forward_by_resolution
 from trainers.methods.options import SimCLROptions
-from trainers.options import ConfigError
 
 
 class SimCLR(Method):
@@ -37,14 +36,3 @@ class SimCLR(Method):
     def training_step(self, crops: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         z1, z2 = self.projector(forward_by_resolution(self.backbone, crops[:2])).chunk(2)
         return self.criterion(z1, z2), {}
-
-    @classmethod
-    def check(cls, options: SimCLROptions, ctx: dict[str, int]) -> None:
-        if ctx["num_global_crops"] != 2:
-            raise ConfigError(
-                "data.global_crops", f"got {ctx['num_global_crops']}; SimCLR uses exactly 2 global views"
-            )
-        if ctx["batch_size"] * ctx["world_size"] < 2:
-            raise ConfigError(
-                "optim.batch_size", "NT-Xent needs >= 2 images in the (global) batch for negatives"
-            )

@@ -17,7 +17,7 @@ Keys are dotted config fields (the same keys ``--set`` takes). Types: ``uniform`
 Why validate here: a sweep launches many Ray jobs, and a range endpoint outside a field's declared
 range would only surface as errored trials minutes later. :func:`load_space` runs the check it is handed
 (the orchestrator builds the experiment config through ``config_from_dict``) once per range endpoint /
-choice value, so the field's own ``opt()`` range and the cross-field rules (``Method.check``) decide, and
+choice value, so the field's own ``opt()`` range and the cross-field rules (each option section's ``check``) decide, and
 raises ``ConfigError`` naming the space parameter and the allowed range before anything starts. The check
 is handed in rather than imported: this package sits below the orchestrator.
 

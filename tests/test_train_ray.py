@@ -566,6 +566,8 @@ def test_init_from_starts_a_new_run_from_exported_weights(ray_local, finished_ru
     started_classes = [c for a, c in _actor_classes().items() if a not in before]
     assert "RayTrainWorker" in started_classes and "TrainController" in started_classes, started_classes
     assert not {"DatasetManager", "SplitCoordinator"} & set(started_classes), started_classes
+    # its corrupt-row counter and epoch clock are one actor process
+    assert started_classes.count("RunLedger") == 1, started_classes
     assert tracking.client(uri).get_run(new["run_id"]).data.params["model.init_from"] == local
     started, _ = ckpt.load_backbone(
         mlflow.artifacts.download_artifacts(

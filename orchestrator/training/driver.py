@@ -134,7 +134,8 @@ def build_trainer(
             f"k-NN skipped: the data set {meta.get('name', cfg.data.dataset)!r} has no labels (give a labelled "
             "one with --set eval.dataset=<name>); the label-free signals are logged instead"
         )
-    clock, counter = _actor_name("epoch", run_name), _actor_name("corrupt", run_name)
+    # the run's corrupt-row counter and epoch clock are one actor (data.run_actors.RunLedger)
+    clock = counter = _actor_name("ledger", run_name)
     datasets, counter_handle = _datasets(cfg, knn[0] if knn else None, clock, counter)
     storage_path = tracking.absolute_path(storage_path)
     workers = cfg.train.workers

@@ -2,8 +2,8 @@
 
 They live apart from :mod:`data.pipeline` on purpose: Ray ships an actor class by reference, so each actor
 process imports the class's module. ``data.pipeline`` pulls in torch and Ray Data (about 4 s of CPU per
-process); this module only numpy and Ray, so a run's helper actor (:class:`RunLedger`: its counter and its clock) starts
-in a fraction of that.
+process); this module only numpy and Ray, so a run's helper actor (:class:`RunLedger`: its counter and its
+clock) starts in a fraction of that.
 """
 
 from __future__ import annotations

@@ -17,9 +17,9 @@ Keys are dotted config fields (the same keys ``--set`` takes). Types: ``uniform`
 Why validate here: a sweep launches many Ray jobs, and a range endpoint outside a field's declared
 range would only surface as errored trials minutes later. :func:`load_space` runs the check it is handed
 (the orchestrator builds the experiment config through ``config_from_dict``) once per range endpoint /
-choice value, so the field's own ``opt()`` range and the cross-field rules (each option section's ``check``) decide, and
-raises ``ConfigError`` naming the space parameter and the allowed range before anything starts. The check
-is handed in rather than imported: this package sits below the orchestrator.
+choice value, so the field's own ``opt()`` range and the cross-field rules (each option section's
+``check``) decide, and raises ``ConfigError`` naming the space parameter and the allowed range before
+anything starts. The check is handed in rather than imported: this package sits below the orchestrator.
 
 ``clip`` names a rule whose limit depends on the run (e.g. ``bam_targets``: BAM's ``top_k_sink``
 must not exceed ``num_target_crops x batch_size x workers``, the targets in the global batch): the

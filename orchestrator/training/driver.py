@@ -47,23 +47,24 @@ def _data_cpus(train_cpus: float) -> float:
     return max(total - train_cpus, 1.0)
 
 
-def _datasets(cfg: ExperimentConfig, knn_data: Any, clock: str, counter: str) -> tuple[dict[str, Any], Any]:
+def _datasets(cfg: ExperimentConfig, knn_data: Any, ledger: str) -> tuple[dict[str, Any], Any]:
     """``train`` (the multi-crop stream; absent with ``data.stream: run``, where every worker builds its
     own) and, for the online k-NN on ``knn_data`` (a labelled set's data config, or None), ``knn_train`` /
     ``knn_val`` (clean centre crops), each named by its key; Ray Train splits each across the workers
-    (one worker iterates them whole, :mod:`orchestrator.training.shards`). Also returns the run's
-    corrupt-row counter (its handle: keep it for as long as the run)."""
+    (one worker iterates them whole, :mod:`orchestrator.training.shards`). ``ledger`` names the run's
+    :class:`data.run_actors.RunLedger`, its corrupt-row counter and its epoch clock in one actor; returns
+    its handle too (keep it for as long as the run)."""
     from data.pipeline import build_eval_datasets, build_train_dataset, configure_data_context
     from data.run_actors import get_corrupt_counter
 
     configure_data_context(_data_cpus(max(cfg.train.workers, 1) * cfg.train.cpus_per_worker))
-    # one counter for the run's training and k-NN rows (an actor process fewer to start), owned by the
-    # driver so that it outlives any worker
-    handle = get_corrupt_counter(counter)  # its process starts while the rest is built
+    # one actor for the run's training and k-NN rows and its epochs (processes fewer to start), owned by
+    # the driver so that it outlives any worker
+    handle = get_corrupt_counter(ledger)  # its process starts while the rest is built
     datasets = {}
     if cfg.data.stream == "epoch":  # "run": each worker builds its own stream (data.run_stream)
         datasets["train"] = build_train_dataset(
-            cfg.data, seed=cfg.seed, epoch_clock=clock, corrupt_counter=counter
+            cfg.data, seed=cfg.seed, epoch_clock=ledger, corrupt_counter=ledger
         )
     if knn_data is not None and knn_epochs(cfg):
         knn_train, knn_val = build_eval_datasets(
@@ -71,7 +72,7 @@ def _datasets(cfg: ExperimentConfig, knn_data: Any, clock: str, counter: str) ->
             cfg.eval.knn_train_fraction,
             cfg.eval.knn_eval_fraction,
             cfg.seed,
-            corrupt_counter=counter,
+            corrupt_counter=ledger,
         )
         datasets.update({"knn_train": knn_train, "knn_val": knn_val})
     for name, ds in datasets.items():  # as Ray Train's DataConfig names them: Ray Data's logs and metrics
@@ -134,9 +135,8 @@ def build_trainer(
             f"k-NN skipped: the data set {meta.get('name', cfg.data.dataset)!r} has no labels (give a labelled "
             "one with --set eval.dataset=<name>); the label-free signals are logged instead"
         )
-    # the run's corrupt-row counter and epoch clock are one actor (data.run_actors.RunLedger)
-    clock = counter = _actor_name("ledger", run_name)
-    datasets, counter_handle = _datasets(cfg, knn[0] if knn else None, clock, counter)
+    ledger = _actor_name("ledger", run_name)
+    datasets, ledger_handle = _datasets(cfg, knn[0] if knn else None, ledger)
     storage_path = tracking.absolute_path(storage_path)
     workers = cfg.train.workers
     plan = WorkerPlan(
@@ -145,9 +145,9 @@ def build_trainer(
         num_classes=int(knn[1]["num_classes"]) if knn else 0,
         mlflow_run_id=mlflow_run_id,
         tracking_uri=tracking_uri,
-        epoch_clock=clock if cfg.data.stream == "epoch" else "",  # a per-worker stream plans its own epochs
-        corrupt_counter=counter,
-        corrupt_counter_handle=counter_handle,
+        epoch_clock=ledger if cfg.data.stream == "epoch" else "",  # a per-worker stream plans its own epochs
+        corrupt_counter=ledger,
+        corrupt_counter_handle=ledger_handle,
         run_dir=None if is_uri(storage_path) else os.path.join(storage_path, run_name),
         knn="knn_train" in datasets,
         knn_prefetch=knn is not None and knn_cache_bytes(cfg, *knn) <= KNN_CACHE_BYTES,

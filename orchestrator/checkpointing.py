@@ -38,9 +38,7 @@ EPOCH_FILE = "epoch.json"
 BACKBONE_FILE = "backbone.safetensors"
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_FORMAT = 1
-#: Ray Train ranks checkpoints by this metric (k-NN top-1 when evaluated, -1 otherwise): the latest
-#: checkpoint is always kept for resume, the best one for the "best_knn" artifact.
-SCORE_KEY = "checkpoint_score"
+from orchestrator.metric_names import SCORE_KEY  # noqa: F401,E402 - re-exported: the workers' reports carry it
 
 
 def rng_file(rank: int) -> str:

@@ -17,6 +17,11 @@ and :func:`~orchestrator.tracking.log_metrics`), and every reader asks it for th
 
 from __future__ import annotations
 
+#: Ray Train ranks checkpoints by this metric of every report (k-NN top-1 when evaluated, -1 otherwise):
+#: the latest checkpoint is always kept for resume, the best one for the "best_knn" artifact. Here, not with
+#: the checkpoint code (torch), because the driver names it to Ray Train without importing torch.
+SCORE_KEY = "checkpoint_score"
+
 EVAL = ("knn_top1", "knn_top5", "knn_pixels_top1", "best_knn_top1", "linear_top1", "linear_val_top1")
 TRAIN = (
     "loss",

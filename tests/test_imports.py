@@ -26,8 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
         "import data.pipeline",  # the driver builds the run's datasets with it
         "import orchestrator.training.plan",  # Ray Train's controller unpickles the workers' plan
         "from orchestrator.cli import build_parser; build_parser()",
-        # it imports torch in a thread while Ray starts (driver._run_modules), not before
-        "import orchestrator.training.driver",
+        "import orchestrator.training.driver",  # only the workers import torch (the last test here)
     ],
 )
 def test_light_modules_do_not_import_torch(statement):
@@ -108,7 +107,7 @@ def test_a_method_lookup_imports_its_own_module_only():
 def test_a_config_with_a_known_backbone_name_loads_without_timm(tmp_path):
     """The first load asks timm and keeps its model names for that timm version; the next ones do not
     import timm, torchvision or torch._dynamo (about 4 s of the driver's start-up), nor torch: the driver
-    validates the config before it starts Ray and imports torch while Ray starts, about 2 s earlier. Every
+    validates the config before it starts Ray and hands the run to Ray Train without torch. Every
     shipped recipe, so every method's option checks (``trainers.methods.options``)."""
     configs = ["bam_fmnist", "byol_fmnist", "dino_fmnist", "mae_fmnist", "simclr_fmnist"]
     code = (
@@ -127,3 +126,27 @@ def test_a_config_with_a_known_backbone_name_loads_without_timm(tmp_path):
     assert runs[1].stdout.strip() == "[]", runs[1].stdout
     (cache,) = tmp_path.glob("timm-*-models.json")
     assert "resnet18" in cache.read_text()
+
+
+def test_the_driver_hands_ray_train_the_run_without_torch(tmp_path):
+    """The trainer class (Ray Train 2.60's ``TorchTrainer`` built torch-free) and the workers' function (by
+    reference, from the torch-free plan module): building the trainer and pickling what Ray ships to the
+    controller imports no torch in the driver. Its backend is the one ``TorchTrainer`` would pick (gloo,
+    nccl for GPU workers), and its local mode (0 workers) gets Ray's torch controller."""
+    code = (
+        "import sys; import ray.cloudpickle as cp; from ray.train import RunConfig, ScalingConfig; "
+        "from orchestrator.training.plan import train_loop_per_worker; "
+        "from orchestrator.training.trainer import trainer_class; "
+        "make = lambda **s: trainer_class()(train_loop_per_worker, train_loop_config={}, "
+        f"scaling_config=ScalingConfig(**s), run_config=RunConfig(name='t', storage_path={str(tmp_path)!r})); "
+        "cpu, gpu = make(num_workers=2), make(num_workers=2, use_gpu=True); "
+        "fn = cp.loads(cp.dumps(cpu.train_loop_per_worker)); "
+        "print(cpu.backend_config.backend, gpu.backend_config.backend, type(cpu.backend_config).__name__, "
+        "fn is train_loop_per_worker, 'torch' in sys.modules); "
+        "print(type(make(num_workers=0)._get_local_controller()).__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    first, second = out.stdout.strip().splitlines()[-2:]
+    assert first == "gloo nccl LoopbackTorchConfig True False", out.stdout
+    assert second == "LocalTorchController", out.stdout

@@ -96,7 +96,8 @@ def build_trainer(
     progress_interval_s: float = 0.0,
     label: str = "",
 ):
-    """A ``ray.train.torch.TorchTrainer`` for ``cfg`` (Ray must be initialised).
+    """A Ray Train ``TorchTrainer`` for ``cfg`` (:mod:`orchestrator.training.trainer`; Ray must be
+    initialised).
 
     ``init_checkpoint`` (a ``ray.train.Checkpoint``, e.g. PBT's donor): the workers start from its
     weights, optimiser and epoch when the run has no checkpoint of its own; the MLflow run and every
@@ -120,13 +121,11 @@ def build_trainer(
     """
     import ray.train
 
-    # torch and the training code: imported here, not with this module, which the driver imports
-    # before it starts Ray (:func:`_run_modules` imports torch while Ray starts)
-    from orchestrator import checkpointing as ckpt
-    from orchestrator.downstream.init_from import init_weights
+    # no torch here: only the workers use it (orchestrator.training.trainer), and the driver's import of
+    # it held back the run's submission (tests/test_imports.py)
     from orchestrator.epoch_gate import GatedEpochs
-    from orchestrator.training.online_eval import KNN_CACHE_BYTES, knn_cache_bytes
-    from orchestrator.training.worker import train_loop_per_worker
+    from orchestrator.metric_names import SCORE_KEY
+    from orchestrator.training.plan import KNN_CACHE_BYTES, knn_cache_bytes, train_loop_per_worker
 
     cfg, meta = resolved_data(cfg)
     knn = knn_source(cfg, meta)
@@ -152,7 +151,7 @@ def build_trainer(
         knn="knn_train" in datasets,
         knn_prefetch=knn is not None and knn_cache_bytes(cfg, *knn) <= KNN_CACHE_BYTES,
         init_checkpoint=init_checkpoint,
-        init_weights=init_weights(cfg),
+        init_weights=_init_weights(cfg),
         stop_after_epoch=stop_after_epoch,
         pg_watch=pg_watch if workers > 0 else None,
         # Train local mode (0 workers) forwards no report to callbacks, so nothing would ever open the gate
@@ -171,7 +170,7 @@ def build_trainer(
         storage_path=storage_path,
         checkpoint_config=ray.train.CheckpointConfig(
             num_to_keep=cfg.train.keep_checkpoints,
-            checkpoint_score_attribute=ckpt.SCORE_KEY,
+            checkpoint_score_attribute=SCORE_KEY,
             checkpoint_score_order="max",
         ),
         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
@@ -185,6 +184,15 @@ def build_trainer(
         datasets=datasets,
         datasets_callback=not in_worker,
     )
+
+
+def _init_weights(cfg: ExperimentConfig) -> Any:
+    """``model.init_from``'s backbone weights for the plan (None when unset: torch stays unimported)."""
+    if not cfg.model.init_from:
+        return None
+    from orchestrator.downstream.init_from import init_weights
+
+    return init_weights(cfg)
 
 
 def _scaling(cfg: ExperimentConfig) -> Any:
@@ -295,20 +303,12 @@ def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[st
 
 def _run_modules(uri: str) -> tuple[str, ...]:
     """What the driver imports once Ray is up, in the order it needs them: Ray Data (the helper actors),
-    MLflow (the run; for a database store its SQLAlchemy store), Ray Train and torch (its ``TorchTrainer``
-    imports it), the worker's module. Torch and Ray Train were imported before ``ray.init`` (3-4 s of CPU
-    in a row, with a core idle); here they take the CPU that Ray's start leaves while the driver waits for
-    its processes."""
+    MLflow (the run; for a database store its SQLAlchemy store), Ray Train. Ray Train was imported before
+    ``ray.init`` (seconds of CPU in a row, with a core idle); here it takes the CPU that Ray's start leaves
+    while the driver waits for its processes. No torch: the driver does not use it."""
     db = uri.split(":", 1)[0].split("+", 1)[0] in {"sqlite", "postgresql", "mysql", "mssql"}
     store = ("mlflow.store.tracking.sqlalchemy_store",) if db else ()
-    return (
-        "ray.data",
-        "mlflow",
-        *store,
-        "ray.train",
-        "torch",  # Ray Train's TorchTrainer imports it
-        "orchestrator.training.worker",  # build_trainer pickles its function by reference
-    )
+    return ("ray.data", "mlflow", *store, "ray.train", "ray.train.v2.api.data_parallel_trainer")
 
 
 def _import_in_background(modules: tuple[str, ...]) -> None:

@@ -5,13 +5,12 @@ k-NN: every worker embeds its share of the clean bank and queries, ``knn_evaluat
 bank, so every rank gets the global figure.
 
 The clean views never change, so a worker loads its share once (:class:`EvalCache`, in a background
-thread that starts with training) when the driver's estimate fits :data:`KNN_CACHE_BYTES`; otherwise
-every evaluation streams its shards again.
+thread that starts with training) when the driver's estimate fits
+:data:`orchestrator.training.plan.KNN_CACHE_BYTES`; otherwise every evaluation streams its shards again.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -25,19 +24,9 @@ from trainers.loop import embed
 
 KNN_BATCH = 256
 #: Per-worker host memory for caching the clean k-NN images between evaluations (uint8 bytes).
-KNN_CACHE_BYTES = int(os.environ.get("BAMRAY_KNN_CACHE_BYTES", str(512 * 2**20)))
 SHARDS = ("knn_train", "knn_val")
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
-
-
-def knn_cache_bytes(cfg: ExperimentConfig, knn_data: Any, meta: dict[str, Any]) -> int:
-    """Estimated uint8 bytes of one worker's k-NN bank + validation shard (``knn_data``: the data config
-    of the labelled set the k-NN runs on, ``meta`` its meta)."""
-    train = min(meta["counts"]["train"], knn_data.train_limit or meta["counts"]["train"])
-    test = min(meta["counts"]["test"], knn_data.val_limit or meta["counts"]["test"])
-    rows = train * cfg.eval.knn_train_fraction + test * cfg.eval.knn_eval_fraction
-    return int(rows / cfg.world_size * cfg.data.channels * cfg.data.global_crop_size**2)
 
 
 class EvalCache:

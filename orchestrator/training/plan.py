@@ -10,6 +10,7 @@ loss as the same field it was in YAML. Ray Train wants a dict for ``train_loop_c
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import ExperimentConfig
@@ -58,6 +59,29 @@ class WorkerPlan:
     #: context (None: they were given to Ray Train; :mod:`orchestrator.training.shards`)
     datasets: dict[str, Any] | None = None
     data_context: Any = None
+
+
+#: the most bytes a worker's share of the k-NN sets may take to be cached in its memory
+#: (:class:`orchestrator.training.online_eval.EvalCache`); beyond it every evaluation streams them again
+KNN_CACHE_BYTES = int(os.environ.get("BAMRAY_KNN_CACHE_BYTES", str(512 * 2**20)))
+
+
+def knn_cache_bytes(cfg: ExperimentConfig, knn_data: Any, meta: dict[str, Any]) -> int:
+    """Estimated uint8 bytes of one worker's k-NN bank + validation shard (``knn_data``: the data config
+    of the labelled set the k-NN runs on, ``meta`` its meta)."""
+    train = min(meta["counts"]["train"], knn_data.train_limit or meta["counts"]["train"])
+    test = min(meta["counts"]["test"], knn_data.val_limit or meta["counts"]["test"])
+    rows = train * cfg.eval.knn_train_fraction + test * cfg.eval.knn_eval_fraction
+    return int(rows / cfg.world_size * cfg.data.channels * cfg.data.global_crop_size**2)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's per-worker function (:func:`orchestrator.training.worker.train_loop_per_worker`), named
+    from this torch-free module: Ray pickles a function by its module and name, so the driver hands it
+    over without importing the worker's module, which imports torch."""
+    from orchestrator.training.worker import train_loop_per_worker as run
+
+    return run(config)
 
 
 def knn_epochs(cfg: ExperimentConfig) -> set[int]:

@@ -1,7 +1,14 @@
 """The one way bamray builds a Ray Train ``TorchTrainer`` (training runs, sweep trials, fine-tuning).
 
-Three departures from a plain ``TorchTrainer(...)``:
+Four departures from a plain ``TorchTrainer(...)``:
 
+* **no torch in the driver.** ``ray.train.torch`` imports torch (about 2.7 s of CPU here), and
+  ``TorchTrainer.__init__`` imports it for its default config even when given one. Ray Train 2.60's
+  ``TorchTrainer`` is its ``DataParallelTrainer`` plus a default torch backend and a torch controller for
+  local mode (0 workers): :func:`trainer_class` is the same three things built torch-free, so the driver of
+  a run (and a sweep's trial) hands Ray Train the run without importing torch, which only the workers
+  use. Measured: the driver was blocked on that import for about a second before submitting the run, and
+  its CPU competed with Ray's start and the controller's on 2 cores;
 * the loopback DDP backend (:func:`orchestrator.training.loopback_ddp.torch_config`);
 * **no placement-group cleaner on a Ray without a dashboard.** Ray Train 2.60 starts a detached
   ``PlacementGroupCleaner`` actor per run that asks the dashboard's State API once a second whether the
@@ -44,10 +51,44 @@ def dashboard_url() -> str | None:
 
 
 @functools.cache
+def trainer_class() -> type:
+    """Ray Train's ``TorchTrainer`` as its ``DataParallelTrainer`` with a torch backend config (by default
+    the loopback one; ``backend`` gloo, nccl where the workers have GPUs, as ``TorchTrainer`` sets it) and
+    local mode's torch controller, without importing torch (see the module docstring). Where Ray Train v2
+    is off, Ray's own ``TorchTrainer``."""
+    from ray.train.v2._internal.constants import is_v2_enabled
+
+    if not is_v2_enabled():  # pragma: no cover - Train v1 (RAY_TRAIN_V2_ENABLED=0)
+        from ray.train.torch import TorchTrainer
+
+        return TorchTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from orchestrator.training import loopback_ddp
+
+    class BamrayTorchTrainer(DataParallelTrainer):  # type: ignore[misc, valid-type]
+        """``TorchTrainer`` of Ray Train 2.60, torch-free where it is built."""
+
+        def __init__(self, train_loop_per_worker: Any, *, torch_config: Any = None, **kwargs: Any) -> None:
+            config = torch_config or loopback_ddp.torch_config()
+            if not config.backend:
+                scaling = kwargs.get("scaling_config")
+                config.backend = "nccl" if scaling is not None and scaling.use_gpu else "gloo"
+            super().__init__(train_loop_per_worker, backend_config=config, **kwargs)
+
+        def _get_local_controller(self) -> Any:
+            from ray.train.v2._internal.execution.local_mode.torch import LocalTorchController
+
+            return LocalTorchController(experiment_name=self.run_config.name, datasets=self.datasets)
+
+    return BamrayTorchTrainer
+
+
+@functools.cache
 def _lean_trainer(cleaner: bool, datasets_callback: bool) -> type | None:
-    """``TorchTrainer`` without Ray Train's placement-group cleaner (unless ``cleaner``) and without its
-    datasets callback (unless ``datasets_callback``); None where Ray moved what it needs."""
-    from ray.train.torch import TorchTrainer
+    """:func:`trainer_class` without Ray Train's placement-group cleaner (unless ``cleaner``) and without
+    its datasets callback (unless ``datasets_callback``); None where Ray moved what it needs."""
+    TorchTrainer = trainer_class()
 
     try:
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
@@ -81,8 +122,6 @@ def torch_trainer(train_fn: Any, *, datasets_callback: bool = True, **kwargs: An
     one-worker run's, get the datasets and the context in their plan). Besides starting the
     ``DatasetManager`` it sets the driver's ``DataContext`` in every worker, which a worker that builds
     its own stream (``data.stream: run``) relies on."""
-    from ray.train.torch import TorchTrainer
-
     from orchestrator.training import loopback_ddp
 
     if not datasets_callback and kwargs.get("datasets"):
@@ -90,4 +129,4 @@ def torch_trainer(train_fn: Any, *, datasets_callback: bool = True, **kwargs: An
     kwargs.setdefault("torch_config", loopback_ddp.torch_config())
     cleaner = dashboard_url() is not None
     lean = None if cleaner and datasets_callback else _lean_trainer(cleaner, datasets_callback)
-    return (lean or TorchTrainer)(train_fn, **kwargs)
+    return (lean or trainer_class())(train_fn, **kwargs)

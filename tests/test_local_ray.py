@@ -77,7 +77,8 @@ def test_the_trainer_leaves_out_the_cleaner_without_a_dashboard_and_the_datasets
 
     from orchestrator.training.trainer import dashboard_url, torch_trainer, trainer_class
 
-    base = trainer_class()  # Ray's TorchTrainer built torch-free (test_the_trainer_class_is_ray_s_torch_trainer)
+    # Ray's TorchTrainer built torch-free (test_imports.test_the_driver_hands_ray_train_the_run_without_torch)
+    base = trainer_class()
 
     assert dashboard_url() is None
     kwargs = {"run_config": RunConfig(name="cb", storage_path="/tmp")}

@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as F
 
+from data import tv_kernels
 from data.augment_ops import JITTER_OPS, apply_where, apply_where_params, gaussian_blur, resized_crops
 from data.config import DataConfig
 from data.images import clean_transform, decode_image, to_chw_uint8
@@ -148,12 +148,12 @@ class MultiCropAugment:
     def _views(self, imgs: list[torch.Tensor], p: ViewParams, sel: np.ndarray, size: int) -> torch.Tensor:
         """Stage 2: crop + photometric ops for the views ``sel`` (flat view ids, image-major) at one size."""
         x = resized_crops(imgs, p.boxes[sel], sel // self.num_views, size)
-        x = apply_where(x, p.flip[sel], lambda t: F.horizontal_flip(t))
+        x = apply_where(x, p.flip[sel], tv_kernels.horizontal_flip)
         x = self._color_jitter(x, p.jitter[sel], p.factors[sel], p.order[sel])
         if self.channels == 3:
-            x = apply_where(x, p.gray[sel], lambda t: F.rgb_to_grayscale(t, num_output_channels=3))
+            x = apply_where(x, p.gray[sel], lambda t: tv_kernels.rgb_to_grayscale(t, 3))
         x = apply_where_params(x, p.blur[sel], p.sigma[sel], self._blur)
-        x = apply_where(x, p.solarize[sel], lambda t: F.solarize(t, threshold=SOLARIZE_THRESHOLD))
+        x = apply_where(x, p.solarize[sel], lambda t: tv_kernels.solarize(t, SOLARIZE_THRESHOLD))
         return x
 
     def _blur(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -14,13 +14,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as F
-from torchvision.ops import roi_align
 
-try:  # batched HSV conversion (element-wise); per-view F.adjust_hue is the fallback
-    from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
-except ImportError:  # pragma: no cover - depends on the torchvision version
-    _hsv_to_rgb = _rgb_to_hsv = None
+from data.tv_kernels import hsv_to_rgb, rgb_to_hsv, roi_align
 
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
@@ -121,12 +116,10 @@ def saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 def hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     if x.shape[1] == 1:
         return x
-    if _rgb_to_hsv is None:  # pragma: no cover - older/newer torchvision without the helpers
-        return torch.stack([F.adjust_hue(v, float(h)) for v, h in zip(x, f.view(-1))])
-    hsv = _rgb_to_hsv(x.to(torch.float32).div_(255.0))
+    hsv = rgb_to_hsv(x.to(torch.float32).div_(255.0))
     h, s, v = hsv.unbind(dim=-3)
     h = h.add(f.view(-1, 1, 1)).remainder_(1.0)
-    rgb = _hsv_to_rgb(torch.stack((h, s, v), dim=-3))
+    rgb = hsv_to_rgb(torch.stack((h, s, v), dim=-3))
     return to_uint8(rgb.mul_(255.0))
 
 

@@ -11,11 +11,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as F
 from PIL import Image
-from torchvision.io import ImageReadMode
-from torchvision.io import decode_image as _tv_decode_image
 
+from data import tv_kernels
 from data.bitdepth import HIGH_DEPTH_MODES, to_8bit
 
 
@@ -27,10 +25,10 @@ def decode_image(png_bytes: bytes | bytearray | memoryview | None, channels: int
     """
     if png_bytes is None or len(png_bytes) == 0:
         return None
-    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    mode = tv_kernels.READ_GRAY if channels == 1 else tv_kernels.READ_RGB
     try:
         data = torch.frombuffer(bytearray(png_bytes), dtype=torch.uint8)
-        image = _tv_decode_image(data, mode=mode)
+        image = tv_kernels.decode_image(data, mode)
     except (RuntimeError, ValueError):
         return None
     if image.ndim != 3 or image.shape[0] != channels or image.shape[1] == 0 or image.shape[2] == 0:
@@ -69,7 +67,7 @@ def to_chw_uint8(image: Any, channels: int | None = None) -> torch.Tensor:
     if t.shape[0] == 4:  # RGBA: drop alpha
         t = t[:3]
     if channels is not None and t.shape[0] != channels:
-        t = t.repeat(3, 1, 1) if channels == 3 else F.rgb_to_grayscale(t, num_output_channels=1)
+        t = t.repeat(3, 1, 1) if channels == 3 else tv_kernels.rgb_to_grayscale(t, 1)
     return t.contiguous()
 
 
@@ -80,7 +78,7 @@ def clean_transform(image: Any, size: int, channels: int | None = None) -> torch
     """
     t = to_chw_uint8(image, channels)
     if min(t.shape[-2:]) != size:
-        t = F.resize(t, size, antialias=True)
+        t = tv_kernels.resize_shorter(t, size)
     if tuple(t.shape[-2:]) != (size, size):
-        t = F.center_crop(t, [size, size])
+        t = tv_kernels.center_crop(t, size)
     return t.contiguous()

@@ -183,6 +183,18 @@ def write_unlabelled_tree(root: Path, src: Path, n: int) -> int:
     return len(images)
 
 
+def fresh_python(code: str, timeout: float = 120, env: dict[str, str] | None = None) -> list[str]:
+    """Run ``code`` in a new interpreter at the project root and return its stdout lines; the test fails
+    with the end of its stderr when it exits non-zero. For what a new process imports: the question the
+    import tests ask, which this process (torch and more already imported) cannot answer."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip().splitlines()
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now, on 127.0.0.1."""
     with socket.socket() as s:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import fresh_python
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,9 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 )
 def test_light_modules_do_not_import_torch(statement):
     code = f"import sys; {statement}; print(sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]", out.stdout
+    assert fresh_python(code, timeout=60) == ["[]"]
 
 
 def test_the_sweep_package_still_exposes_run_sweep():
@@ -59,9 +58,7 @@ def test_the_run_config_does_not_import_timm(statement):
     workers: importing timm and torchvision there cost about 1.2 s of CPU on the start-up's critical path
     (torch itself: see the test below)."""
     code = f"import sys; {statement}; print(sorted(m for m in ('torchvision', 'timm', 'mlflow') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]", out.stdout
+    assert fresh_python(code, timeout=60) == ["[]"]
 
 
 @pytest.mark.parametrize("method", ["bam", "byol", "dino", "mae", "simclr"])
@@ -97,11 +94,7 @@ def test_a_method_lookup_imports_its_own_module_only():
         "import sys; from trainers.methods import get_method, available_methods; get_method('bam'); "
         "print('trainers.methods.mae' in sys.modules, 'timm' in sys.modules); print(available_methods())"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[:2] == ["False False", "['bam', 'byol', 'dino', 'mae', 'simclr']"], (
-        out.stdout
-    )
+    assert fresh_python(code, timeout=60)[:2] == ["False False", "['bam', 'byol', 'dino', 'mae', 'simclr']"]
 
 
 def test_a_config_with_a_known_backbone_name_loads_without_timm(tmp_path):
@@ -145,8 +138,4 @@ def test_the_driver_hands_ray_train_the_run_without_torch(tmp_path):
         "fn is train_loop_per_worker, 'torch' in sys.modules); "
         "print(type(make(num_workers=0)._get_local_controller()).__name__)"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    first, second = out.stdout.strip().splitlines()[-2:]
-    assert first == "gloo nccl LoopbackTorchConfig True False", out.stdout
-    assert second == "LocalTorchController", out.stdout
+    assert fresh_python(code)[-2:] == ["gloo nccl LoopbackTorchConfig True False", "LocalTorchController"]

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as F
+from conftest import fresh_python
 from PIL import Image
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as tv_decode_image
@@ -18,8 +16,6 @@ from torchvision.ops import roi_align as tv_roi_align
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
 from data import tv_kernels
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _images(channels: int, shape: tuple[int, int], n: int = 3, seed: int = 0) -> torch.Tensor:
@@ -97,8 +93,4 @@ def test_a_map_tasks_imports_and_work_leave_torchvision_out():
         "print(tuple(clean_transform(img, 20).shape), tuple(g.shape), tuple(loc.shape)); "
         "print(sorted(m for m in ('torchvision', 'torch._dynamo', 'sympy') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    shapes, imported = out.stdout.strip().splitlines()[-2:]
-    assert shapes == "(3, 20, 20) (2, 2, 3, 28, 28) (2, 6, 3, 12, 12)", out.stdout
-    assert imported == "[]", out.stdout
+    assert fresh_python(code)[-2:] == ["(3, 20, 20) (2, 2, 3, 28, 28) (2, 6, 3, 12, 12)", "[]"]

@@ -167,6 +167,28 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return serve_ui(tracking.resolve_tracking_uri(args.tracking_uri), args.port)
 
 
+def cmd_ray(args: argparse.Namespace) -> int:
+    from orchestrator import kept_ray
+
+    if args.action == "up":
+        ray = kept_ray.up(args.cpus)
+        print(
+            f"local Ray kept at {ray.address} ({ray.cpus:g} logical CPUs, 127.0.0.1 only; process {ray.pid}): "
+            "`bamray train` joins it when given no address; `bamray ray down` stops it"
+        )
+    elif args.action == "down":
+        ray = kept_ray.down()
+        print(f"stopped the local Ray at {ray.address}" if ray else "no local Ray is kept")
+    else:
+        ray = kept_ray.kept()
+        print(
+            f"local Ray kept at {ray.address} ({ray.cpus:g} logical CPUs; process {ray.pid})"
+            if ray
+            else "no local Ray is kept"
+        )
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     import yaml
 
@@ -220,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_eval_parser,
         _add_ui_parser,
         _add_config_parser,
+        _add_ray_parser,
         add_sweep_parser,
         add_submit_parser,
         add_export_parser,
@@ -334,6 +357,20 @@ def _add_config_parser(sub: Any) -> None:
     show.set_defaults(func=cmd_config_show)
     lst = csub.add_parser("list", help="shipped configs")
     lst.set_defaults(func=cmd_config_list)
+
+
+def _add_ray_parser(sub: Any) -> None:
+    from orchestrator.kept_ray import DEFAULT_CPUS
+
+    r = sub.add_parser(
+        "ray",
+        help="keep a local Ray up between runs (loopback only): `bamray train` joins it and starts faster",
+    )
+    r.add_argument("action", choices=("up", "down", "status"))
+    r.add_argument(
+        "--cpus", type=int, default=DEFAULT_CPUS, help=f"its logical CPUs (up; default {DEFAULT_CPUS})"
+    )
+    r.set_defaults(func=cmd_ray)
 
 
 def main(argv: list[str] | None = None) -> int:

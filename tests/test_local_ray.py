@@ -108,6 +108,29 @@ def test_the_trainer_leaves_out_the_cleaner_without_a_dashboard_and_the_datasets
     assert kinds(told) == [c for c in theirs if c is not DatasetsCallback]
 
 
+def keep_local_ray(env: dict[str, str]) -> subprocess.Popen:
+    """A process holding a local Ray (bamray's: loopback only) until a line reaches its stdin; it prints
+    ``GCS <address>`` once Ray is up."""
+    script = (
+        "import shutil, sys, tempfile, ray\n"
+        "from orchestrator.local_ray import start_local_ray\n"
+        "d = tempfile.mkdtemp(prefix='bk', dir='/tmp')\n"
+        "c = start_local_ray(4, _temp_dir=d, log_to_driver=False)\n"
+        "print('GCS', c.address_info['gcs_address'], flush=True)\n"
+        "sys.stdin.readline()\n"
+        "ray.shutdown()\n"
+        "shutil.rmtree(d, ignore_errors=True)\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
+
+
 def test_another_process_joins_a_local_ray_by_its_address(tmp_path):
     """A Ray that bamray started listens on 127.0.0.1 only, with Ray's token authentication: a second
     process given its address (``train.address``) joins it on loopback and sends the token, where a plain
@@ -119,8 +142,6 @@ def test_another_process_joins_a_local_ray_by_its_address(tmp_path):
         print("JOINED", ray.cluster_resources()["CPU"], ray.nodes()[0]["NodeManagerAddress"], flush=True)
         ray.shutdown()
     """)
-    from bench.startup import keep_local_ray  # the bench's keeper, as a user's own process would keep one
-
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     kept = keep_local_ray(env)
     try:

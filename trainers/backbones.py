@@ -80,10 +80,9 @@ def _names_cache() -> Path | None:
         version = importlib.metadata.version("timm")
     except importlib.metadata.PackageNotFoundError:
         return None
-    root = os.environ.get("BAMRAY_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "bamray"
-    )
-    return Path(root) / f"timm-{version}-models.json"
+    from trainers.fileio import user_cache_dir
+
+    return user_cache_dir() / f"timm-{version}-models.json"
 
 
 def _cached_names() -> frozenset[str]:

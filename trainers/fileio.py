@@ -13,6 +13,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
+def user_cache_dir() -> Path:
+    """bamray's per-user cache: ``$BAMRAY_CACHE_DIR``, else ``$XDG_CACHE_HOME/bamray``, else
+    ``~/.cache/bamray`` (timm's model names, the kept local Ray's address)."""
+    root = os.environ.get("BAMRAY_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "bamray"
+    )
+    return Path(root)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` then ``os.replace`` it onto ``path`` (same directory, so same filesystem):
     a reader sees the old file or the new one, never half of one, and a failed write leaves no temp file."""

@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from data.sources import is_uri
-from orchestrator import console, fault_injection, preflight, tracking
+from orchestrator import console, fault_injection, kept_ray, preflight, tracking
 from orchestrator.config import ExperimentConfig
 from orchestrator.local_ray import connect_or_start
 from orchestrator.training import mlflow_run, shards, summary, warm_start
@@ -209,7 +209,8 @@ def _scaling(cfg: ExperimentConfig) -> Any:
 
 
 def connect_ray(cfg: ExperimentConfig) -> bool:
-    """Ray for one training run: ``train.address`` / ``RAY_ADDRESS``, else a local Ray with logical CPUs
+    """Ray for one training run: ``train.address`` / ``RAY_ADDRESS``, else the local Ray that ``bamray ray
+    up`` keeps when the run fits it (:mod:`orchestrator.kept_ray`), else a local Ray with logical CPUs
     oversubscribed (training workers, with ``data.stream: run`` their streams' map actors too, + at least
     2 for Ray Data, so Data never gets a zero budget on a 2-core machine). Returns True when this call
     started or connected Ray (the caller shuts it down). A cluster that refuses the connection is the
@@ -220,8 +221,20 @@ def connect_ray(cfg: ExperimentConfig) -> bool:
         import torch
 
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else None
+    cpus = max(4, math.ceil(train_cpus) + 2)
+    if not (cfg.train.address or os.environ.get("RAY_ADDRESS")):  # `bamray ray up`'s, when the run fits it
+        kept = kept_ray.address_for_run(cpus, cfg.train.gpus_per_worker > 0)
+        if kept:
+            try:
+                joined = connect_or_start(kept, cpus, gpus)
+                console.say(f"joined the local Ray kept by `bamray ray up` ({kept})")
+                return joined
+            except ConnectionError as err:
+                console.say(
+                    f"the Ray kept by `bamray ray up` did not answer ({err}): starting one for this run"
+                )
     try:
-        return connect_or_start(cfg.train.address, max(4, math.ceil(train_cpus) + 2), gpus)
+        return connect_or_start(cfg.train.address, cpus, gpus)
     except ConnectionError as err:
         address, field = preflight.ray_address(cfg)
         raise ConfigError(field or "train.address", f"cannot connect to Ray at {address!r}: {err}") from err

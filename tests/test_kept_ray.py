@@ -90,3 +90,26 @@ def test_bamray_ray_up_keeps_a_ray_that_train_joins_and_down_ends_it(tmp_path, t
         time.sleep(0.5)
     assert session_processes(state["session_dir"]) == []
     assert bamray("ray", "down").stdout.strip() == "no local Ray is kept"
+
+
+def test_a_kept_ray_whose_cpus_another_run_holds_is_left_for_a_ray_of_the_runs_own(ray_local, capsys):
+    """Joined, the kept Ray must have the run's CPUs free now: with another run holding them this one would
+    wait for them without a word, so it says why and starts a Ray of its own instead."""
+    from orchestrator.training.driver import _kept_ray_has_room
+
+    @ray_local.remote(num_cpus=3)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()
+    ray_local.get(holder.ready.remote())
+    deadline = time.monotonic() + 10  # the resource view follows the actor's placement
+    while ray_local.available_resources().get("CPU", 0.0) > 1.0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    try:
+        assert _kept_ray_has_room(1.0)
+        assert not _kept_ray_has_room(2.0)
+        assert "has 1 CPUs free and the run needs 2 (another run holds them)" in capsys.readouterr().out
+    finally:
+        ray_local.kill(holder)

@@ -25,6 +25,24 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 # noticed at start, at every report and at the end. Inherited by the Rays and drivers the tests start.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
+
+def _own_cache_dir() -> Path:
+    """The suite's own bamray cache, inherited by every process it starts: a developer's kept local Ray
+    (``bamray ray up``, whose address lives in the user's cache) must not be joined by the runs the tests
+    start. timm's model names are copied over, so that loading a config stays as light as it is for users."""
+    import atexit
+
+    from trainers.fileio import user_cache_dir
+
+    own = Path(tempfile.mkdtemp(prefix="bamray-cache-", dir="/tmp"))
+    for names in user_cache_dir().glob("timm-*-models.json"):
+        shutil.copy(names, own)
+    atexit.register(shutil.rmtree, own, True)
+    return own
+
+
+os.environ["BAMRAY_CACHE_DIR"] = str(_own_cache_dir())
+
 FMNIST_DIR = Path(os.environ.get("BAMRAY_FMNIST_SRC", "/usr/share/datasets/fashion-mnist"))
 
 #: Test files that start Ray (a local cluster, a ``bamray`` subprocess that starts one, or a benchmark

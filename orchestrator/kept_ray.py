@@ -89,6 +89,47 @@ def address_for_run(cpus_needed: float, gpus: bool) -> str | None:
     return ray.address
 
 
+def join_for_run(cpus: float, train_cpus: float, gpus: bool) -> bool:
+    """Connect this process to the kept Ray for a run that would give its own Ray ``cpus`` logical CPUs,
+    ``train_cpus`` of them for its workers; True once joined. False, and a line saying why where a Ray is
+    kept, when there is none, the run does not fit it, it does not answer, or another run holds the CPUs
+    now (this one would wait for them without a word): the caller starts a Ray of its own."""
+    address = address_for_run(cpus, gpus)
+    if address is None:
+        return False
+    import ray
+
+    from orchestrator import console
+    from orchestrator.local_ray import connect_or_start
+
+    try:
+        connect_or_start(address, int(cpus))
+    except ConnectionError as err:
+        console.say(f"the Ray kept by `bamray ray up` did not answer ({err}): starting one for this run")
+        return False
+    if has_room(train_cpus):
+        console.say(f"joined the local Ray kept by `bamray ray up` ({address})")
+        return True
+    ray.shutdown()
+    return False
+
+
+def has_room(train_cpus: float) -> bool:
+    """Whether the Ray this process is connected to has ``train_cpus`` CPUs free now; says so when not."""
+    import ray
+
+    free = float(ray.available_resources().get("CPU", 0.0))
+    if free >= train_cpus:
+        return True
+    from orchestrator import console
+
+    console.say(
+        f"the Ray kept by `bamray ray up` has {free:g} CPUs free and the run needs {train_cpus:g} (another run "
+        "holds them): starting one for this run"
+    )
+    return False
+
+
 def up(cpus: int = DEFAULT_CPUS) -> KeptRay:
     """Start the keeper (detached: its own session, its output in a log beside the state file) and wait
     until its Ray is up; the one already kept if there is one."""

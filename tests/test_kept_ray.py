@@ -95,7 +95,6 @@ def test_bamray_ray_up_keeps_a_ray_that_train_joins_and_down_ends_it(tmp_path, t
 def test_a_kept_ray_whose_cpus_another_run_holds_is_left_for_a_ray_of_the_runs_own(ray_local, capsys):
     """Joined, the kept Ray must have the run's CPUs free now: with another run holding them this one would
     wait for them without a word, so it says why and starts a Ray of its own instead."""
-    from orchestrator.training.driver import _kept_ray_has_room
 
     @ray_local.remote(num_cpus=3)
     class Holder:
@@ -108,8 +107,8 @@ def test_a_kept_ray_whose_cpus_another_run_holds_is_left_for_a_ray_of_the_runs_o
     while ray_local.available_resources().get("CPU", 0.0) > 1.0 and time.monotonic() < deadline:
         time.sleep(0.2)
     try:
-        assert _kept_ray_has_room(1.0)
-        assert not _kept_ray_has_room(2.0)
+        assert kept_ray.has_room(1.0)
+        assert not kept_ray.has_room(2.0)
         assert "has 1 CPUs free and the run needs 2 (another run holds them)" in capsys.readouterr().out
     finally:
         ray_local.kill(holder)

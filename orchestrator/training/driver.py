@@ -222,42 +222,15 @@ def connect_ray(cfg: ExperimentConfig) -> bool:
 
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else None
     cpus = max(4, math.ceil(train_cpus) + 2)
-    if not (cfg.train.address or os.environ.get("RAY_ADDRESS")):  # `bamray ray up`'s, when the run fits it
-        kept = kept_ray.address_for_run(cpus, cfg.train.gpus_per_worker > 0)
-        if kept:
-            try:
-                joined = connect_or_start(kept, cpus, gpus)
-            except ConnectionError as err:
-                console.say(
-                    f"the Ray kept by `bamray ray up` did not answer ({err}): starting one for this run"
-                )
-            else:
-                if _kept_ray_has_room(train_cpus):
-                    console.say(f"joined the local Ray kept by `bamray ray up` ({kept})")
-                    return joined
-                import ray
-
-                ray.shutdown()
+    if not (cfg.train.address or os.environ.get("RAY_ADDRESS")) and kept_ray.join_for_run(
+        cpus, train_cpus, cfg.train.gpus_per_worker > 0
+    ):
+        return True
     try:
         return connect_or_start(cfg.train.address, cpus, gpus)
     except ConnectionError as err:
         address, field = preflight.ray_address(cfg)
         raise ConfigError(field or "train.address", f"cannot connect to Ray at {address!r}: {err}") from err
-
-
-def _kept_ray_has_room(train_cpus: float) -> bool:
-    """Whether the kept Ray just joined has the run's CPUs free now: another run on it may hold them, and
-    this one would wait for them without a word. Says so when it has not."""
-    import ray
-
-    free = float(ray.available_resources().get("CPU", 0.0))
-    if free >= train_cpus:
-        return True
-    console.say(
-        f"the Ray kept by `bamray ray up` has {free:g} CPUs free and the run needs {train_cpus:g} (another run "
-        "holds them): starting one for this run"
-    )
-    return False
 
 
 def run_training(cfg: ExperimentConfig, *, resume: str | None = None) -> dict[str, Any]:

@@ -93,11 +93,16 @@ def join_for_run(cpus: float, train_cpus: float, gpus: bool) -> bool:
     """Connect this process to the kept Ray for a run that would give its own Ray ``cpus`` logical CPUs,
     ``train_cpus`` of them for its workers; True once joined. False, and a line saying why where a Ray is
     kept, when there is none, the run does not fit it, it does not answer, or another run holds the CPUs
-    now (this one would wait for them without a word): the caller starts a Ray of its own."""
+    now (this one would wait for them without a word): the caller starts a Ray of its own. False as well
+    when this process already holds a Ray (a notebook's, a test's): the run uses that one, and it is not
+    this call's to shut down."""
+    import ray
+
+    if ray.is_initialized():
+        return False
     address = address_for_run(cpus, gpus)
     if address is None:
         return False
-    import ray
 
     from orchestrator import console
     from orchestrator.local_ray import connect_or_start

@@ -112,3 +112,14 @@ def test_a_kept_ray_whose_cpus_another_run_holds_is_left_for_a_ray_of_the_runs_o
         assert "has 1 CPUs free and the run needs 2 (another run holds them)" in capsys.readouterr().out
     finally:
         ray_local.kill(holder)
+
+
+def test_a_process_that_already_holds_a_ray_keeps_it(ray_local, tmp_path, monkeypatch, capsys):
+    """A run in a process that holds a Ray (a notebook's, this test's) uses that one: it must not report
+    joining the kept Ray, nor claim the Ray as its own to shut down at the end (``join_for_run`` True)."""
+    monkeypatch.setenv("BAMRAY_CACHE_DIR", str(tmp_path))
+    _state(tmp_path)  # a kept Ray that would fit the run
+    assert kept_ray.address_for_run(4, False) == "127.0.0.1:1"
+    assert kept_ray.join_for_run(4, 1.0, False) is False
+    assert "joined" not in capsys.readouterr().out
+    assert ray_local.is_initialized()

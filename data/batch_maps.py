@@ -15,7 +15,11 @@ import numpy as np
 import ray
 
 from data.config import DataConfig
+from data.ray_budget import wait_for_first_reservation
 from data.run_actors import clock_view
+
+# every process that runs a bamray pipeline imports this module first (see data.ray_budget)
+wait_for_first_reservation()
 
 if TYPE_CHECKING:
     import torch

@@ -224,3 +224,28 @@ def test_local_shards_are_size_sampled_in_this_process_not_in_ray_tasks(cfg, mon
     assert rpq._fetch_file_infos.__name__ == "_fetch_file_infos"  # Ray's own function is back
     monkeypatch.setattr(rpq, "_fetch_parquet_file_info", real)
     assert ds.count() == N_TRAIN
+
+
+def test_an_execution_knows_its_cpu_budget_at_its_first_read(ray_local):
+    """Ray Data's coordinator client answers its first read with nothing (the question is only sent), so an
+    execution would start on a budget of 0 CPUs for a second; with :mod:`data.ray_budget` (applied by
+    importing the map callables) the first read waits for the coordinator's answer: this node's CPUs."""
+    import time
+
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        DefaultAutoscalingCoordinator,
+    )
+    from ray.data._internal.cluster_autoscaler.default_cluster_autoscaler_v2 import STANDARD_RESOURCE_TYPES
+
+    import data.batch_maps  # noqa: F401 - applies the patch, as in every process running a pipeline
+    from data.ray_budget import wait_for_first_reservation
+
+    assert wait_for_first_reservation()  # already applied: nothing changes
+    client = DefaultAutoscalingCoordinator(requester_id=f"test-first-read-{time.time_ns()}")
+    client.request_resources(resources=[], expire_after_s=60, request_remaining=STANDARD_RESOURCE_TYPES)
+    t0 = time.perf_counter()
+    first = client.get_reserved_resources()
+    assert sum(r.get("CPU", 0.0) for r in first.values()) > 0  # a share of them if other executions run
+    assert time.perf_counter() - t0 < 2.0
+    assert client.get_reserved_resources() == first  # later reads: Ray's own, the cached answer
+    client.cancel_request()

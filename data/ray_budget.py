@@ -22,6 +22,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import ray
+
 #: the longest the first read of an execution waits for the coordinator's answer (seconds)
 FIRST_READ_TIMEOUT_S = 2.0
 _PATCHED = "_bamray_first_read_waits"  # on the class: applied once per process
@@ -39,7 +41,7 @@ def wait_for_first_reservation() -> bool:
     if getattr(client, _PATCHED, False):
         return True
     original = getattr(client, "get_reserved_resources", None)
-    if original is None or not hasattr(client, "__init__"):  # pragma: no cover - another Ray
+    if original is None:  # pragma: no cover - another Ray
         return False
 
     @functools.wraps(original)
@@ -51,8 +53,6 @@ def wait_for_first_reservation() -> bool:
         pending = getattr(self, "_pending_reserved_resources", None)
         if pending is None:
             return reserved
-        import ray
-
         ray.wait([pending], timeout=FIRST_READ_TIMEOUT_S)
         return original(self)  # collects the answer, and sends the next question as Ray's own read does
 

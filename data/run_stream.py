@@ -2,8 +2,8 @@
 
 Why it exists (``README.md``, *Where the core goes*): :func:`data.pipeline.build_train_dataset` is
 re-executed every epoch, and each execution started with Ray Data 2.60's one-task first second (since
-2026-12-04 no longer: :mod:`data.ray_budget`), dispatches a task per block (its worker then idles 20-60 ms), and an actor pool would be new processes importing
-torch again. Here the whole plan of epochs is one execution: its map actors start once (each imports torch
+2026-12-04 no longer: :mod:`data.ray_budget`), dispatches a task per block (its worker then idles 20-60
+ms), and an actor pool would be new processes importing torch again. Here the whole plan of epochs is one execution: its map actors start once (each imports torch
 once), Ray keeps several chunks queued at each actor, and no epoch pays a start.
 
 The plan is deterministic given ``(seed, epoch, rank, world)`` and built from the ``index`` columns
